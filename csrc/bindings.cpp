@@ -1,0 +1,20 @@
+// Python bindings of datarater._C.
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "datarater C++ kernels (CPU; CUDA when built with it)";
+  m.def("ce_forward", &datarater::cpu::ce_forward, "weighted cross-entropy forward (CPU)",
+        py::arg("logits"), py::arg("targets"), py::arg("weights"), py::arg("ignore_index"));
+  m.def("ce_directional", &datarater::cpu::ce_directional,
+        "cross-entropy backward / tangent / forward-over-reverse (CPU)", py::arg("logits"),
+        py::arg("targets"), py::arg("lse"), py::arg("direction"), py::arg("coef_h"),
+        py::arg("coef_g"), py::arg("ignore_index"), py::arg("want_out"),
+        py::arg("out_buffer"));
+#ifdef DATARATER_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,108 @@
+"""Batches of token sequences, checked once, and the per-sequence language-model loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..kernels.reference import weighted_cross_entropy_reference
+
+
+@dataclass(frozen=True)
+class SeqBatch:
+    """A validated batch: ids [B, L], next-token targets and per-token weights [B, L].
+
+    Position j predicts ``input_ids[:, j + 1]``; the last position predicts nothing. A token's
+    weight is ``mask / (number of masked targets in its row)`` so that summing a row's weighted
+    token losses gives that sequence's mean next-token loss.
+    """
+
+    input_ids: Tensor
+    targets: Tensor
+    token_weights: Tensor
+    max_id: int
+
+    @classmethod
+    def from_dict(cls, batch: Mapping[str, Tensor], name: str) -> SeqBatch:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(f"{name} must be a dict with an 'input_ids' tensor, got {type(batch)}")
+        ids = batch["input_ids"]
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids)
+            dtype = ids.dtype if isinstance(ids, Tensor) else ""
+            raise ValueError(
+                f"{name}['input_ids'] must be a LongTensor [B, L], got {shape} {dtype}"
+            )
+        b, n = ids.shape
+        if b == 0:
+            raise ValueError(f"{name} is empty (batch size 0)")
+        if n < 2:
+            raise ValueError(f"{name}: sequences need at least 2 tokens to have a target, got {n}")
+        if int(ids.min()) < 0:
+            raise ValueError(f"{name}['input_ids'] contains negative token ids")
+        mask = batch.get("loss_mask")
+        if mask is None:
+            mask = torch.ones(b, n, device=ids.device, dtype=torch.float64)
+        elif not isinstance(mask, Tensor) or mask.shape != ids.shape:
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask)
+            raise ValueError(
+                f"{name}['loss_mask'] must have the shape of input_ids {(b, n)}, got {shape}"
+            )
+        mask = mask.to(device=ids.device, dtype=torch.float64)
+        target_mask = torch.cat([mask[:, 1:], mask.new_zeros(b, 1)], dim=1)
+        counts = target_mask.sum(dim=1)
+        if bool((counts == 0).any()):
+            rows = (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{name}['loss_mask'] masks every target of row(s) {rows[:8]}: the per-sequence "
+                "mean loss is undefined there (loss_mask[:, j] selects input_ids[:, j] as a "
+                "target, j >= 1)"
+            )
+        targets = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1)
+        weights = target_mask / counts[:, None]
+        return cls(ids, targets, weights, int(ids.max()))
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, dtype: torch.dtype) -> SeqBatch:
+        return SeqBatch(self.input_ids, self.targets, self.token_weights.to(dtype), self.max_id)
+
+    def split(self, micro_batch_size: int | None) -> list[SeqBatch]:
+        if micro_batch_size is None or micro_batch_size >= self.size:
+            return [self]
+        return [
+            SeqBatch(ids, t, w, self.max_id)
+            for ids, t, w in zip(
+                self.input_ids.split(micro_batch_size),
+                self.targets.split(micro_batch_size),
+                self.token_weights.split(micro_batch_size),
+            )
+        ]
+
+
+def logits_of(output) -> Tensor:
+    """Accept a logits tensor or any object with a ``.logits`` attribute (HF style)."""
+    return output if isinstance(output, Tensor) else output.logits
+
+
+def sequence_losses(logits: Tensor, batch: SeqBatch) -> Tensor:
+    """Mean next-token cross-entropy of each sequence over its masked targets: [B]."""
+    b, n = batch.input_ids.shape
+    if logits.dim() != 3 or logits.shape[:2] != (b, n):
+        raise ValueError(
+            f"the model must return logits [B, L, V] = [{b}, {n}, V], got {tuple(logits.shape)}"
+        )
+    v = logits.shape[-1]
+    if batch.max_id >= v:
+        raise ValueError(
+            f"token id {batch.max_id} is out of range for the model's vocabulary of {v}"
+        )
+    per_token = weighted_cross_entropy_reference(
+        logits.reshape(b * n, v), batch.targets.reshape(-1), batch.token_weights.reshape(-1)
+    )
+    return per_token.view(b, n).sum(dim=1)

@@ -1,0 +1,388 @@
+"""``meta_step``: the gradient of a held-out loss with respect to a rater's parameters, taken
+through T optimizer steps of an inner language model trained on rater-weighted batches.
+
+Two modes compute the same number:
+
+* ``mixed`` (default): one forward sweep keeps theta_t and s_t per step (never activations);
+  one backward sweep pulls the adjoints back through each update with a VJP and through each
+  inner gradient with ONE forward-over-reverse pass along a_g, which yields both the
+  Hessian-vector product (added to a_theta) and each example's directional derivative
+  c_i = grad l_i . a_g (pulled back through the softmax weights into the rater). Activations
+  live for one micro-batch at a time, so memory is flat in T.
+* ``reverse``: reverse-over-reverse through the unrolled steps (``create_graph=True``): the
+  oracle. Its memory grows with T.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
+
+from ..optim import InnerOptimizer, Params, State
+from .batch import SeqBatch, logits_of, sequence_losses
+from .state import InnerState
+
+MODES = ("mixed", "reverse")
+
+
+class NonFiniteMetaGradient(FloatingPointError):
+    """The outer loss or the meta-gradient is NaN or infinite."""
+
+
+@dataclass
+class MetaStepResult:
+    """What one ``meta_step`` did. ``.grad`` of the rater holds the meta-gradient itself."""
+
+    state: InnerState
+    outer_loss: float
+    inner_losses: list[float]
+    weights: list[Tensor]
+    meta_grad_norm: float
+    skipped: bool = False
+    reason: str | None = None
+    inner_grad_norms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Tape:
+    """What the forward sweep keeps of one inner step (no activations)."""
+
+    params: Tensor  # theta_t, flat
+    opt_state: State  # s_t, flat
+    grads: Tensor | None  # g_t, kept only when the optimizer cannot rebuild it
+    clip: Tensor | None
+    weights: Tensor
+    step: int
+
+
+class _Flat:
+    """One flat vector for all inner parameters.
+
+    The optimizer runs once on the whole vector instead of once per tensor (its maths is
+    elementwise plus one global norm, so this is exact), and the model sees views of it.
+    """
+
+    KEY = "flat"
+
+    def __init__(self, params: Params) -> None:
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) != 1:
+            raise TypeError(
+                f"inner parameters must share one dtype, got {sorted(map(str, dtypes))}"
+            )
+
+    def flat(self, tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
+        if isinstance(tensors, Mapping):
+            tensors = [tensors[k] for k in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def views(self, vec: Tensor) -> Params:
+        parts = vec.split(self.numels)
+        return {k: t.view(s) for k, t, s in zip(self.names, parts, self.shapes)}
+
+    def flat_state(self, state: State) -> State:
+        return {n: {self.KEY: self.flat(d)} for n, d in state.items()}
+
+    def state_views(self, state: State) -> State:
+        return {n: self.views(d[self.KEY]) for n, d in state.items()}
+
+    def wrap(self, vec: Tensor) -> Params:
+        return {self.KEY: vec}
+
+
+def _flat_state(state: State) -> list[Tensor]:
+    return [t for name in sorted(state) for _, t in sorted(state[name].items())]
+
+
+def _unflat_state(like: State, flat: Sequence[Tensor]) -> State:
+    it = iter(flat)
+    return {name: {k: next(it) for k, _ in sorted(like[name].items())} for name in sorted(like)}
+
+
+def _check_scores(scores, size: int) -> Tensor:
+    if not isinstance(scores, Tensor) or scores.shape != (size,):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores)
+        raise ValueError(f"the rater must return scores of shape [B] = [{size}], got {shape}")
+    return scores
+
+
+def _rater_scores(rater: nn.Module, batch: SeqBatch, micro: int | None) -> Tensor:
+    return torch.cat([_check_scores(rater(mb.input_ids), mb.size) for mb in batch.split(micro)])
+
+
+def _losses(model: nn.Module, params, buffers, batch: SeqBatch) -> Tensor:
+    out = functional_call(model, (params, buffers), (batch.input_ids,), strict=False)
+    return sequence_losses(logits_of(out), batch)
+
+
+def _declared_vocab(model: nn.Module) -> int | None:
+    """The vocabulary size a model declares in its config (ours, or Hugging Face style)."""
+    for name in ("cfg", "config"):
+        vocab = getattr(getattr(model, name, None), "vocab_size", None)
+        if isinstance(vocab, int):
+            return vocab
+    return None
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def _micro(batch: SeqBatch, w: Tensor, micro: int | None):
+    """Pairs (micro-batch, its slice of the batch-wide weights)."""
+    start = 0
+    for mb in batch.split(micro):
+        yield mb, w[start : start + mb.size]
+        start += mb.size
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+
+
+def meta_step(
+    rater: nn.Module,
+    model: nn.Module,
+    state: InnerState,
+    inner_batches: Sequence[Mapping[str, Tensor]],
+    outer_batch: Mapping[str, Tensor],
+    *,
+    optimizer: InnerOptimizer,
+    mode: str = "mixed",
+    tau: float = 1.0,
+    micro_batch_size: int | None = None,
+    on_nonfinite: str = "raise",
+) -> MetaStepResult:
+    """Accumulate d(outer loss)/d(rater parameters) into the rater's ``.grad``.
+
+    For each of the T = ``len(inner_batches)`` batches: weights = softmax(rater scores / tau)
+    over the batch, inner gradient of sum_i w_i * loss_i, one ``optimizer`` update of ``state``.
+    The outer loss is the mean per-sequence loss on ``outer_batch`` at the final parameters.
+    ``micro_batch_size`` splits every batch into chunks of at most that many rows; the
+    batch-wide softmax weights stay exact, and so does the result.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    if micro_batch_size is not None and (
+        not isinstance(micro_batch_size, int) or micro_batch_size < 1
+    ):
+        raise ValueError(
+            f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}"
+        )
+    if not isinstance(state, InnerState):
+        raise TypeError(
+            f"state must be an InnerState (InnerState.init(model, optimizer)), got {type(state)}"
+        )
+    if not isinstance(optimizer, InnerOptimizer):
+        raise TypeError(f"optimizer must be a datarater.optim optimizer, got {type(optimizer)}")
+    if isinstance(inner_batches, Mapping) or not isinstance(inner_batches, Sequence):
+        raise TypeError("inner_batches must be a list of batches (one per inner step)")
+    if len(inner_batches) == 0:
+        raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
+    dtype = next(iter(state.params.values())).dtype
+    inner = [
+        SeqBatch.from_dict(b, f"inner_batches[{t}]").to(dtype) for t, b in enumerate(inner_batches)
+    ]
+    outer = SeqBatch.from_dict(outer_batch, "outer_batch").to(dtype)
+    phi = [p for p in rater.parameters() if p.requires_grad]
+    if not phi:
+        raise ValueError("the rater has no parameters that require grad")
+
+    max_id = max(b.max_id for b in [*inner, outer])
+    vocab = _declared_vocab(model)
+    if vocab is not None and max_id >= vocab:
+        raise ValueError(f"token id {max_id} is out of range for the model's vocabulary of {vocab}")
+
+    run = _mixed if mode == "mixed" else _reverse
+    try:
+        new_state, outer_loss, inner_losses, gnorms, weights, meta = run(
+            rater, model, state, inner, outer, optimizer, tau, micro_batch_size, phi
+        )
+    except IndexError as e:  # an embedding lookup past the table, in a model we cannot inspect
+        raise ValueError(
+            f"the model or rater raised IndexError ({e}); the largest token id in the batches is "
+            f"{max_id}: is it out of range for the model's vocabulary?"
+        ) from e
+
+    reason = None
+    if not math.isfinite(outer_loss):
+        reason = f"outer loss is {outer_loss}"
+    elif not _all_finite(meta):
+        reason = "meta-gradient has NaN or inf entries"
+    norm = _norm(meta) if reason is None else float("nan")
+    if reason is not None:
+        if on_nonfinite == "raise":
+            raise NonFiniteMetaGradient(f"meta_step: {reason} (pass on_nonfinite='skip' to skip)")
+        if not _all_finite(new_state.params.values()):
+            new_state = state
+        return MetaStepResult(
+            new_state, outer_loss, inner_losses, weights, norm, True, reason, gnorms
+        )
+
+    for p, g in zip(phi, meta):
+        p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
+    return MetaStepResult(new_state, outer_loss, inner_losses, weights, norm, False, None, gnorms)
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed mode
+
+
+def _inner_grad(model, fl: _Flat, theta: Tensor, buffers, batch: SeqBatch, w: Tensor, micro):
+    """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value."""
+    total, loss = None, 0.0
+    for mb, wm in _micro(batch, w, micro):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in fl.views(theta).items()}
+        obj = (wm * _losses(model, leaves, buffers, mb)).sum()
+        g = torch.autograd.grad(
+            obj, list(leaves.values()), allow_unused=True, materialize_grads=True
+        )
+        g = fl.flat(g)
+        total = g if total is None else total + g
+        loss += float(obj.detach())
+    return total, loss
+
+
+def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi):
+    fl = _Flat(state.params)
+    theta, s = fl.flat(state.params), fl.flat_state(state.opt_state)
+    step, buffers, dtype = state.step, state.buffers, theta.dtype
+    keep_grads = not (opt.linear_in_grads or opt.recovers_grads)
+    tape: list[_Tape] = []
+    losses, gnorms, weights = [], [], []
+    for batch in inner:
+        with torch.no_grad():
+            w = torch.softmax(_rater_scores(rater, batch, micro).to(dtype) / tau, 0)
+        g, loss = _inner_grad(model, fl, theta, buffers, batch, w, micro)
+        with torch.no_grad():
+            clipped, f, gnorm = opt.clip(fl.wrap(g))
+            new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
+        tape.append(_Tape(theta, s, g if keep_grads else None, f, w, step + 1))
+        theta, s, step = new_theta[fl.KEY], new_s, step + 1
+        losses.append(loss)
+        gnorms.append(float(gnorm))
+        weights.append(w)
+
+    # The outer loss and its gradient at theta_T start the backward sweep.
+    mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype)
+    a_theta, outer_loss = _inner_grad(model, fl, theta, buffers, outer, mean, micro)
+    final = InnerState(fl.views(theta), buffers, fl.state_views(s), step)
+    meta = [torch.zeros_like(p) for p in phi]
+    if not math.isfinite(outer_loss):
+        return final, outer_loss, losses, gnorms, weights, meta
+
+    a_s = {n: {k: torch.zeros_like(v) for k, v in d.items()} for n, d in s.items()}
+    s_next = s
+    for t in reversed(range(len(inner))):
+        rec = tape[t]
+        g = rec.grads
+        if g is None:
+            g = opt.grads_for_vjp(rec.opt_state, s_next, fl.wrap(rec.params), rec.clip)[fl.KEY]
+        a_theta, a_s, a_g = _update_vjp(opt, rec, g, a_theta, a_s)
+        hv, c = _hvp_and_tangents(model, fl, rec.params, buffers, inner[t], rec.weights, a_g, micro)
+        a_theta = a_theta + hv
+        _rater_vjp(rater, inner[t], rec.weights, c, tau, micro, phi, meta)
+        s_next = rec.opt_state
+    return final, outer_loss, losses, gnorms, weights, meta
+
+
+def _update_vjp(opt: InnerOptimizer, rec: _Tape, g: Tensor, a_theta: Tensor, a_s: State):
+    """Pull (a_theta, a_s) back through U(theta_t, s_t, g_t): elementwise, so cheap."""
+    th = rec.params.detach().requires_grad_(True)
+    gg = g.detach().requires_grad_(True)
+    flat_s = [t.detach().requires_grad_(True) for t in _flat_state(rec.opt_state)]
+    with torch.enable_grad():
+        new_th, new_s = opt.update(
+            {_Flat.KEY: th}, {_Flat.KEY: gg}, _unflat_state(rec.opt_state, flat_s), rec.step
+        )
+    outs = [new_th[_Flat.KEY], *_flat_state(new_s)]
+    cots = [a_theta, *_flat_state(a_s)]
+    grads = torch.autograd.grad(
+        outs, [th, *flat_s, gg], cots, allow_unused=True, materialize_grads=True
+    )
+    return grads[0], _unflat_state(rec.opt_state, grads[1:-1]), grads[-1]
+
+
+def _hvp_and_tangents(model, fl: _Flat, theta: Tensor, buffers, batch, w: Tensor, v: Tensor, micro):
+    """One forward-over-reverse pass along v per micro-batch: (H v, c = [grad l_i . v]_i)."""
+    hv_total, cs = None, []
+    primals, tangents = fl.views(theta), fl.views(v)
+    for mb, wm in _micro(batch, w, micro):
+
+        def objective(p, mb=mb, wm=wm):
+            l = _losses(model, p, buffers, mb)
+            return (wm * l).sum(), l
+
+        _, (hv, c) = jvp(grad(objective, has_aux=True), (primals,), (tangents,))
+        hv = fl.flat(hv)
+        hv_total = hv if hv_total is None else hv_total + hv
+        cs.append(c)
+    return hv_total, torch.cat(cs)
+
+
+def _rater_vjp(rater, batch: SeqBatch, w: Tensor, c: Tensor, tau: float, micro, phi, meta):
+    """meta += d/dphi of sum_i c_i w_i(phi), through the batch-wide softmax."""
+    a_scores = w * (c - (w * c).sum()) / tau
+    for mb, a in _micro(batch, a_scores, micro):
+        with torch.enable_grad():
+            scores = _check_scores(rater(mb.input_ids), mb.size)
+            gs = torch.autograd.grad(
+                scores, phi, a.to(scores.dtype), allow_unused=True, materialize_grads=True
+            )
+        for acc, gi in zip(meta, gs):
+            acc.add_(gi)
+
+
+# ----------------------------------------------------------------------------------------------
+# reverse mode (the oracle)
+
+
+def _reverse(rater, model, state, inner, outer, opt, tau, micro, phi):
+    fl = _Flat(state.params)
+    buffers = state.buffers
+    theta = fl.flat(state.params).requires_grad_(True)
+    s, step = fl.flat_state(state.opt_state), state.step
+    losses, gnorms, weights = [], [], []
+    with torch.enable_grad():
+        for batch in inner:
+            w = torch.softmax(_rater_scores(rater, batch, micro).to(theta.dtype) / tau, 0)
+            views = fl.views(theta)
+            g, loss = None, 0.0
+            for mb, wm in _micro(batch, w, micro):
+                obj = (wm * _losses(model, views, buffers, mb)).sum()
+                gm = torch.autograd.grad(obj, theta, create_graph=True)[0]
+                g = gm if g is None else g + gm
+                loss += float(obj.detach())
+            gnorms.append(float(opt.clip(fl.wrap(g))[2].detach()))
+            new_theta, s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
+            theta, step = new_theta[fl.KEY], step + 1
+            losses.append(loss)
+            weights.append(w.detach())
+        views = fl.views(theta)
+        outer_obj = sum(_losses(model, views, buffers, mb).sum() for mb in outer.split(micro))
+        outer_obj = outer_obj / outer.size
+        outer_loss = float(outer_obj.detach())
+        if math.isfinite(outer_loss):
+            meta = torch.autograd.grad(outer_obj, phi, allow_unused=True, materialize_grads=True)
+        else:
+            meta = [torch.zeros_like(p) for p in phi]
+    theta = theta.detach()
+    s = {n: {k: v.detach() for k, v in d.items()} for n, d in s.items()}
+    final = InnerState(fl.views(theta), buffers, fl.state_views(s), step)
+    return final, outer_loss, losses, gnorms, weights, list(meta)

@@ -1,0 +1,5 @@
+"""Transformers usable as inner language models and as raters."""
+
+from .transformer import PRESETS, CausalLM, Rater, TransformerConfig, preset
+
+__all__ = ["PRESETS", "CausalLM", "Rater", "TransformerConfig", "preset"]

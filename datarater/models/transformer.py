@@ -1,0 +1,210 @@
+"""Small transformers: a causal language model (the inner model) and a non-causal rater.
+
+Everything in the forward pass is made of ops that PyTorch can differentiate in forward mode
+and twice in reverse mode, so both models work under ``torch.func.jvp`` of ``torch.func.grad``
+(mixed-mode meta-gradients) and under ``create_graph=True`` (the reverse-over-reverse oracle).
+Attention is therefore written out explicitly: PyTorch's fused SDPA kernels have neither a
+forward-mode rule nor a double backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of a transformer; the same config describes an inner LM or a rater."""
+
+    vocab_size: int = 256
+    max_seq_len: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    mlp_ratio: int = 4
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"TransformerConfig.d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_parameters(self, with_lm_head: bool = True) -> int:
+        """Parameter count without building the model (for sizing presets)."""
+        d, h = self.d_model, self.d_model * self.mlp_ratio
+        block = 4 * d * d + 4 * d + 2 * d * h + h + d + 4 * d
+        n = self.vocab_size * d + self.max_seq_len * d + self.n_layers * block + 2 * d
+        if with_lm_head and not self.tie_embeddings:
+            n += self.vocab_size * d
+        return n
+
+
+# Presets from a CPU toy up to hundreds of millions of parameters. The "17m" preset is the
+# design card's benchmark model; "435m" is its scale anchor.
+PRESETS: dict[str, TransformerConfig] = {
+    "toy": TransformerConfig(vocab_size=256, max_seq_len=128, d_model=32, n_layers=2, n_heads=2),
+    "tiny": TransformerConfig(vocab_size=256, max_seq_len=256, d_model=64, n_layers=2, n_heads=2),
+    "small": TransformerConfig(
+        vocab_size=8192, max_seq_len=512, d_model=256, n_layers=4, n_heads=4
+    ),
+    "17m": TransformerConfig(vocab_size=8192, max_seq_len=256, d_model=512, n_layers=4, n_heads=8),
+    "50m": TransformerConfig(
+        vocab_size=32768, max_seq_len=2048, d_model=512, n_layers=8, n_heads=8
+    ),
+    "125m": TransformerConfig(
+        vocab_size=32768, max_seq_len=2048, d_model=768, n_layers=12, n_heads=12
+    ),
+    "435m": TransformerConfig(
+        vocab_size=32768, max_seq_len=2048, d_model=1280, n_layers=20, n_heads=20
+    ),
+}
+
+
+def preset(name: str, **overrides) -> TransformerConfig:
+    """A named size, optionally with fields overridden (``preset("tiny", vocab_size=512)``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[name].to_dict(), **overrides})
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, written out so that it has forward-mode AD."""
+
+    def __init__(self, cfg: TransformerConfig, causal: bool) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.causal = causal
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d // h))
+        if self.causal:
+            future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if key_padding is not None:
+            scores = scores.masked_fill(key_padding[:, None, None, :], float("-inf"))
+        out = scores.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: TransformerConfig, causal: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, causal)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
+        self.out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), key_padding)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class _Trunk(nn.Module):
+    def __init__(self, cfg: TransformerConfig, causal: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(_init_weights)
+        # Scale the residual projections so that deep models start near the identity.
+        for blk in self.blocks:
+            for lin in (blk.attn.proj, blk.out):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def hidden(self, input_ids: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(
+                f"input_ids must be a LongTensor [batch, length], got {tuple(input_ids.shape)} "
+                f"{input_ids.dtype}"
+            )
+        n = input_ids.shape[1]
+        if n > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {n} exceeds the model's max_seq_len {self.cfg.max_seq_len}"
+            )
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.tok(input_ids) + self.pos(pos)
+        for blk in self.blocks:
+            x = blk(x, key_padding)
+        return self.ln_f(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+class CausalLM(_Trunk):
+    """GPT-style language model: ``model(input_ids) -> logits [B, L, V]``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__(cfg, causal=True)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.tok.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.hidden(input_ids) @ self.output_weight.T
+
+
+class Rater(_Trunk):
+    """Non-causal transformer with a score head: ``rater(input_ids) -> scores [B]``.
+
+    Mean-pools the final hidden states (over non-padding positions when ``pad_id`` is set) and
+    maps them to one real number per sequence.
+    """
+
+    def __init__(self, cfg: TransformerConfig, pad_id: int | None = None) -> None:
+        super().__init__(cfg, causal=False)
+        self.pad_id = pad_id
+        self.head = nn.Linear(cfg.d_model, 1)
+        # Small but non-zero: scores start near 0 (uniform weights) and every parameter gets a
+        # meta-gradient from the first step.
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        pad = None if self.pad_id is None else input_ids.eq(self.pad_id)
+        if pad is not None:
+            pad = pad & ~pad.all(dim=1, keepdim=True)  # an all-padding row attends to itself
+        h = self.hidden(input_ids, pad)
+        if pad is None:
+            pooled = h.mean(dim=1)
+        else:
+            keep = (~pad).unsqueeze(-1).to(h.dtype)
+            pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return self.head(pooled).squeeze(-1)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models and batches, made fresh from a seed (no downloads)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from datarater.models import CausalLM, Rater, TransformerConfig
+
+VOCAB = 29  # odd on purpose
+
+
+def tiny_lm(dtype=torch.float64, vocab=VOCAB, seed=0) -> CausalLM:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=vocab, max_seq_len=16, d_model=16, n_layers=2, n_heads=2)
+    return CausalLM(cfg).to(dtype)
+
+
+def tiny_rater(dtype=torch.float64, vocab=VOCAB, seed=1) -> Rater:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=vocab, max_seq_len=16, d_model=8, n_layers=1, n_heads=2)
+    rater = Rater(cfg).to(dtype)
+    with torch.no_grad():  # scores that differ noticeably, so that weights are far from uniform
+        rater.head.weight.normal_(0, 1.0)
+    return rater
+
+
+class UserLM(nn.Module):
+    """A language model a user might write: buffers, no attention, returns an object."""
+
+    def __init__(self, vocab=VOCAB, d=12, max_len=16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab)
+        self.register_buffer("pos", torch.randn(max_len, d) * 0.5)
+        causal = torch.tril(torch.ones(max_len, max_len))
+        self.register_buffer("avg", causal / causal.sum(1, keepdim=True))
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        h = self.emb(ids) + self.pos[:n]
+        h = h + self.avg[:n, :n] @ torch.tanh(self.mix(h))
+        return SimpleNamespace(logits=self.out(h))
+
+
+def user_lm(dtype=torch.float64, seed=0) -> UserLM:
+    torch.manual_seed(seed)
+    return UserLM().to(dtype)
+
+
+def make_batches(
+    steps: int,
+    batch: int = 5,
+    length: int = 9,
+    masked: bool = False,
+    seed: int = 3,
+    vocab: int = VOCAB,
+):
+    gen = torch.Generator().manual_seed(seed)
+
+    def one():
+        ids = torch.randint(0, vocab, (batch, length), generator=gen)
+        out = {"input_ids": ids}
+        if masked:
+            mask = (torch.rand(batch, length, generator=gen) > 0.3).float()
+            mask[:, 1] = 1.0  # every row keeps at least one target
+            out["loss_mask"] = mask
+        return out
+
+    return [one() for _ in range(steps)], one()
+
+
+@pytest.fixture
+def batches():
+    return make_batches(2)

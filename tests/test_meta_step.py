@@ -1,0 +1,342 @@
+"""meta_step: mixed mode equals the reverse-over-reverse oracle, and both equal finite
+differences of the whole unrolled computation, done independently with torch.optim."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import datarater as dr
+from datarater import optim
+
+from .conftest import VOCAB, make_batches, tiny_lm, tiny_rater, user_lm
+
+TAU = 0.7
+CLIP = 0.05  # small enough that clipping is active in every step
+
+OPTIMIZERS = {
+    "sgd": (optim.SGD(0.5), lambda p: torch.optim.SGD(p, lr=0.5), None),
+    "sgd_clip": (optim.SGD(0.5, clip_norm=CLIP), lambda p: torch.optim.SGD(p, lr=0.5), CLIP),
+    "momentum_clip": (
+        optim.SGD(0.3, momentum=0.9, nesterov=True, clip_norm=CLIP),
+        lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True),
+        CLIP,
+    ),
+    # Adam's first steps are close to sign descent: with eps = 1e-8, gradient entries near 1e-8
+    # make the unrolled loss too rough for finite differences, so these use a larger eps.
+    "adam": (optim.Adam(0.01, eps=1e-3), lambda p: torch.optim.Adam(p, lr=0.01, eps=1e-3), None),
+    "adamw_clip": (
+        optim.Adam(0.01, eps=1e-3, weight_decay=0.1, clip_norm=CLIP),
+        lambda p: torch.optim.AdamW(p, lr=0.01, eps=1e-3, weight_decay=0.1),
+        CLIP,
+    ),
+}
+MODELS = {"transformer": tiny_lm, "user_module": user_lm}
+
+
+def flat_grad(module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in module.parameters()])
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def seq_loss(logits, batch):
+    """Written independently of the library: per-sequence mean next-token CE over the mask."""
+    ids = batch["input_ids"]
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    mask = batch.get("loss_mask", torch.ones_like(ids, dtype=logits.dtype))[:, 1:].to(ce.dtype)
+    return (ce * mask).sum(1) / mask.sum(1)
+
+
+def logits_of(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def unrolled_outer_loss(rater, model, inner, outer, torch_opt, clip, tau) -> float:
+    """The whole computation with a real torch.optim optimizer on a copy of the model."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch_opt(params)
+    for batch in inner:
+        with torch.no_grad():
+            w = torch.softmax(rater(batch["input_ids"]) / tau, 0)
+        opt.zero_grad()
+        (w * seq_loss(logits_of(model(batch["input_ids"])), batch)).sum().backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+    with torch.no_grad():
+        return float(seq_loss(logits_of(model(outer["input_ids"])), outer).mean())
+
+
+def directional_fd(rater, fn, direction, eps=1e-6) -> float:
+    """Central differences along ``direction`` with one Richardson step (error O(eps^4)).
+
+    The step is small because the unrolled loss is sharply curved: Adam divides by |g| + eps,
+    and gradient entries far below eps make its second derivative of order 1/eps^2.
+    """
+    return (
+        4 * central_difference(rater, fn, direction, eps / 2)
+        - central_difference(rater, fn, direction, eps)
+    ) / 3
+
+
+def central_difference(rater, fn, direction, eps) -> float:
+    params = list(rater.parameters())
+
+    def shift(scale):
+        with torch.no_grad():
+            for p, u in zip(params, direction):
+                p.add_(scale * eps * u)
+
+    shift(1)
+    up = fn()
+    shift(-2)
+    down = fn()
+    shift(1)
+    return (up - down) / (2 * eps)
+
+
+def run(mode, rater, model, state, inner, outer, opt, **kw):
+    rater.zero_grad(set_to_none=True)
+    res = dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode, tau=TAU, **kw)
+    return res, flat_grad(rater)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_mixed_equals_reverse_equals_finite_differences(model_name, opt_name, steps):
+    opt, torch_opt, clip = OPTIMIZERS[opt_name]
+    model, rater = MODELS[model_name](), tiny_rater()
+    inner, outer = make_batches(steps, masked=True, seed=steps)
+    state = dr.InnerState.init(model, opt)
+
+    res_m, g_mixed = run("mixed", rater, model, state, inner, outer, opt)
+    res_r, g_rev = run("reverse", rater, model, state, inner, outer, opt)
+    assert rel(g_mixed, g_rev) < 1e-9
+    assert res_m.outer_loss == pytest.approx(res_r.outer_loss, rel=1e-12)
+    if clip is not None:
+        assert min(res_m.inner_grad_norms) > clip, "clipping must be active in this test"
+
+    def outer_loss():
+        return unrolled_outer_loss(rater, model, inner, outer, torch_opt, clip, TAU)
+
+    assert res_m.outer_loss == pytest.approx(outer_loss(), rel=1e-12)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in rater.parameters()]
+        analytic = float(g_mixed @ torch.cat([u.flatten() for u in direction]))
+        fd = directional_fd(rater, outer_loss, direction)
+        assert fd == pytest.approx(analytic, rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("opt_name", ["momentum_clip", "adamw_clip"])
+def test_mixed_equals_reverse_from_a_trained_state(opt_name):
+    """Step counts and non-zero optimizer moments carried in from earlier steps."""
+    opt = OPTIMIZERS[opt_name][0]
+    model, rater = tiny_lm(), tiny_rater()
+    state = dr.InnerState.init(model, opt)
+    warm, _ = make_batches(3, seed=9)
+    state = dr.meta_step(rater, model, state, warm, warm[0], optimizer=opt).state
+    assert state.step == 3
+    inner, outer = make_batches(3, seed=4)
+    _, g_m = run("mixed", rater, model, state, inner, outer, opt)
+    _, g_r = run("reverse", rater, model, state, inner, outer, opt)
+    assert rel(g_m, g_r) < 1e-9
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw_clip"])
+def test_float32_mixed_is_close_to_reverse(opt_name):
+    opt = OPTIMIZERS[opt_name][0]
+    model, rater = tiny_lm(torch.float32), tiny_rater(torch.float32)
+    inner, outer = make_batches(4, batch=8, masked=True)
+    state = dr.InnerState.init(model, opt)
+    _, g_m = run("mixed", rater, model, state, inner, outer, opt)
+    _, g_r = run("reverse", rater, model, state, inner, outer, opt)
+    assert g_m.dtype == torch.float32
+    assert rel(g_m, g_r) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["mixed", "reverse"])
+def test_micro_batches_equal_the_whole_batch(mode):
+    opt = OPTIMIZERS["adamw_clip"][0]
+    model, rater = tiny_lm(), tiny_rater()
+    inner, outer = make_batches(2, batch=7, masked=True)
+    state = dr.InnerState.init(model, opt)
+    res_full, g_full = run(mode, rater, model, state, inner, outer, opt)
+    res_mb, g_mb = run(mode, rater, model, state, inner, outer, opt, micro_batch_size=3)
+    assert rel(g_mb, g_full) < 1e-12
+    assert res_mb.outer_loss == pytest.approx(res_full.outer_loss, rel=1e-12)
+    for a, b in zip(res_mb.weights, res_full.weights):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    for k, v in res_full.state.params.items():
+        torch.testing.assert_close(res_mb.state.params[k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_result_and_accumulation():
+    opt = optim.Adam(1e-2)
+    model, rater = tiny_lm(), tiny_rater()
+    inner, outer = make_batches(2)
+    state = dr.InnerState.init(model, opt)
+    res, g1 = run("mixed", rater, model, state, inner, outer, opt)
+    assert res.state.step == 2 and state.step == 0
+    assert len(res.inner_losses) == 2 and all(isinstance(x, float) for x in res.inner_losses)
+    assert isinstance(res.outer_loss, float) and not res.skipped
+    for w in res.weights:
+        assert w.shape == (5,) and float(w.sum()) == pytest.approx(1.0)
+    assert all(not v.requires_grad for v in res.state.params.values())
+    assert res.meta_grad_norm == pytest.approx(float(g1.norm()))
+    # .grad accumulates like loss.backward()
+    dr.meta_step(rater, model, state, inner, outer, optimizer=opt, tau=TAU)
+    torch.testing.assert_close(flat_grad(rater), 2 * g1)
+    # the returned state feeds the next call, and the model module itself is untouched
+    before = [p.clone() for p in model.parameters()]
+    dr.meta_step(rater, model, res.state, inner, outer, optimizer=opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_weights_follow_the_rater_scores():
+    model, rater = tiny_lm(), tiny_rater()
+    inner, outer = make_batches(1)
+    state = dr.InnerState.init(model, optim.SGD(0.1))
+    res = dr.meta_step(rater, model, state, inner, outer, optimizer=optim.SGD(0.1), tau=TAU)
+    with torch.no_grad():
+        expected = torch.softmax(rater(inner[0]["input_ids"]) / TAU, 0)
+    torch.testing.assert_close(res.weights[0], expected)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+
+def _setup():
+    model, rater = tiny_lm(), tiny_rater()
+    opt = optim.SGD(0.1)
+    return model, rater, opt, dr.InnerState.init(model, opt)
+
+
+def test_empty_inner_batches():
+    model, rater, opt, state = _setup()
+    _, outer = make_batches(1)
+    with pytest.raises(ValueError, match="inner_batches is empty"):
+        dr.meta_step(rater, model, state, [], outer, optimizer=opt)
+
+
+def test_rater_output_of_the_wrong_shape():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = rater
+
+        def forward(self, ids):
+            return self.inner(ids)[:, None]
+
+    with pytest.raises(ValueError, match=r"scores of shape \[B\] = \[5\]"):
+        dr.meta_step(Bad(), model, state, inner, outer, optimizer=opt)
+
+
+def test_token_ids_out_of_the_model_vocabulary():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+    inner[0]["input_ids"][0, 3] = VOCAB + 4
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 4} is out of range"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt)
+    inner[0]["input_ids"][0, 3] = -2
+    with pytest.raises(ValueError, match="negative token ids"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt)
+
+
+def test_vocabulary_and_batch_size_mismatch_of_the_model():
+    _, rater, opt, _ = _setup()
+    small = tiny_lm(vocab=VOCAB - 5)
+    inner, outer = make_batches(1)
+    state = dr.InnerState.init(small, opt)
+    with pytest.raises(ValueError, match="out of range for the model's vocabulary"):
+        dr.meta_step(rater, small, state, inner, outer, optimizer=opt)
+
+    class Drops(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_lm()
+
+        def forward(self, ids):
+            return self.lm(ids)[:-1]
+
+    m = Drops()
+    with pytest.raises(ValueError, match=r"logits \[B, L, V\] = \[5, 9, V\]"):
+        dr.meta_step(rater, m, dr.InnerState.init(m, opt), inner, outer, optimizer=opt)
+
+
+def test_loss_mask_problems():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+    inner[0]["loss_mask"] = torch.ones(5, 9)
+    inner[0]["loss_mask"][2, 1:] = 0
+    with pytest.raises(ValueError, match=r"masks every target of row\(s\) \[2\]"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt)
+    inner[0]["loss_mask"] = torch.ones(5, 8)
+    with pytest.raises(ValueError, match="loss_mask"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"mode": "forward"}, "mode"),
+        ({"tau": 0.0}, "tau"),
+        ({"micro_batch_size": 0}, "micro_batch"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    ],
+)
+def test_bad_options(kw, match):
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+    with pytest.raises(ValueError, match=match):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, **kw)
+
+
+def test_bad_batch_structure():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+    with pytest.raises(TypeError, match="list of batches"):
+        dr.meta_step(rater, model, state, inner[0], outer, optimizer=opt)
+    with pytest.raises(ValueError, match="LongTensor"):
+        dr.meta_step(
+            rater,
+            model,
+            state,
+            [{"input_ids": inner[0]["input_ids"].float()}],
+            outer,
+            optimizer=opt,
+        )
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        dr.meta_step(
+            rater, model, state, [{"input_ids": inner[0]["input_ids"][:, :1]}], outer, optimizer=opt
+        )
+
+
+@pytest.mark.parametrize("mode", ["mixed", "reverse"])
+def test_non_finite_raises_or_skips(mode):
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(2)
+    bad = state.clone()
+    name = next(iter(bad.params))
+    bad.params[name][0] = float("nan")
+    with pytest.raises(dr.NonFiniteMetaGradient, match="outer loss"):
+        dr.meta_step(rater, model, bad, inner, outer, optimizer=opt, mode=mode)
+    rater.zero_grad(set_to_none=True)
+    res = dr.meta_step(
+        rater, model, bad, inner, outer, optimizer=opt, mode=mode, on_nonfinite="skip"
+    )
+    assert res.skipped and "outer loss" in res.reason
+    assert all(p.grad is None for p in rater.parameters())
+    assert res.state is bad  # the non-finite update is not handed on
