@@ -1,23 +1,21 @@
-"""Peak-memory and time measurement that works on the CPU as well as on a GPU.
+"""Peak memory and time of a workload, on the CPU as on a GPU.
 
-PyTorch keeps no peak-memory statistics for host memory, so on the CPU a workload runs in a
-fresh process whose allocator returns freed blocks to the system at once; the peak resident
-set size (reset just before the timed call) minus the resident size at that moment is the
-workload's peak. On a GPU, torch.cuda's own peak statistics are used in the same process.
-Figures are meant to be compared as ratios between runs of one session, never as absolutes.
+PyTorch keeps no peak-memory statistics for host memory, so on the CPU the profiler's
+allocation events (every tensor allocation and free, with its size) are replayed to find the
+peak of live tensor bytes above what was allocated when the workload started: the host
+counterpart of ``torch.cuda.max_memory_allocated``. On a GPU, torch.cuda's own statistics are
+used. Figures are meant to be compared as ratios within one run, never as absolutes.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 @dataclass(frozen=True)
@@ -27,69 +25,39 @@ class Measurement:
     info: dict
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    if m is None:
-        raise RuntimeError(f"/proc/self/status has no {field}: peak host memory needs Linux")
-    return int(m.group(1)) * 1024
-
-
-def _child(queue, builder, args, kwargs) -> None:
-    try:
-        run = builder(*args, **kwargs)
-        info = run() or {}  # warm-up: thread pools and lazy allocations are not the workload's
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size
-        base = _status("VmRSS")
-        t0 = time.perf_counter()
-        info = run() or info
-        seconds = time.perf_counter() - t0
-        queue.put(("ok", Measurement(_status("VmHWM") - base, seconds, dict(info))))
-    except BaseException as e:  # report to the parent rather than hang it
-        queue.put(("error", f"{type(e).__name__}: {e}"))
+def peak_tensor_bytes(run: Callable[[], Any]) -> tuple[int, Any]:
+    """Peak of live tensor bytes allocated by ``run()`` above those live before it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, out
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, out
 
 
 def measure(builder: Callable[..., Callable[[], Any]], *args, **kwargs) -> Measurement:
-    """Run ``builder(*args, **kwargs)()`` twice and measure the second call.
-
-    ``builder`` sets a workload up and returns a zero-argument callable; it must be importable
-    from a module (it runs in a spawned process on the CPU). On CUDA tensors, use
-    :func:`measure_cuda` instead.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    saved = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    # A fixed mmap threshold sends every block >= 64 KiB to mmap, so a free gives it back.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.environ["MALLOC_TRIM_THRESHOLD_"] = "0"
-    try:
-        proc = ctx.Process(target=_child, args=(queue, builder, args, kwargs))
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    status, payload = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"measured workload failed: {payload}")
-    return payload
-
-
-def measure_cuda(run: Callable[[], Any]) -> Measurement:
-    """Peak CUDA memory above the current allocation, and time, of one call after a warm-up."""
-    info = run() or {}
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    """Build a workload with ``builder(*args, **kwargs)``, warm it up, then time one call and
+    take the peak memory of another."""
+    run = builder(*args, **kwargs)
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    info = run() or info
-    torch.cuda.synchronize()
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return Measurement(torch.cuda.max_memory_allocated() - base, seconds, dict(info))
+    peak, info = peak_tensor_bytes(run)
+    return Measurement(peak, seconds, dict(info or {}))
 
 
 def meta_step_workload(

@@ -60,6 +60,22 @@ class _Tape:
     step: int
 
 
+class _Prepared:
+    """The inner batches as a sequence of SeqBatch, each built when it is used."""
+
+    def __init__(self, batches: Sequence[Mapping[str, Tensor]], dtype: torch.dtype) -> None:
+        self.batches, self.dtype = batches, dtype
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, t: int) -> SeqBatch:
+        return SeqBatch.from_dict(self.batches[t], f"inner_batches[{t}]").to(self.dtype)
+
+    def __iter__(self):
+        return (self[t] for t in range(len(self)))
+
+
 class _Flat:
     """One flat vector for all inner parameters.
 
@@ -164,6 +180,7 @@ def meta_step(
     tau: float = 1.0,
     micro_batch_size: int | None = None,
     on_nonfinite: str = "raise",
+    hvp: str = "auto",
 ) -> MetaStepResult:
     """Accumulate d(outer loss)/d(rater parameters) into the rater's ``.grad``.
 
@@ -171,10 +188,14 @@ def meta_step(
     over the batch, inner gradient of sum_i w_i * loss_i, one ``optimizer`` update of ``state``.
     The outer loss is the mean per-sequence loss on ``outer_batch`` at the final parameters.
     ``micro_batch_size`` splits every batch into chunks of at most that many rows; the
-    batch-wide softmax weights stay exact, and so does the result.
+    batch-wide softmax weights stay exact, and so does the result. ``hvp`` (mixed mode):
+    ``"auto"`` uses the model's hand-written forward-over-reverse pass when it has one (the
+    library's ``CausalLM`` does), ``"func"`` always uses ``torch.func``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if hvp not in ("auto", "func"):
+        raise ValueError(f"hvp must be 'auto' or 'func', got {hvp!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
@@ -196,15 +217,17 @@ def meta_step(
     if len(inner_batches) == 0:
         raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
     dtype = next(iter(state.params.values())).dtype
-    inner = [
-        SeqBatch.from_dict(b, f"inner_batches[{t}]").to(dtype) for t, b in enumerate(inner_batches)
-    ]
+    # Batches are checked now and prepared again where they are used, so that their derived
+    # targets and weights are not held for all T steps at once.
+    checked = [SeqBatch.from_dict(b, f"inner_batches[{t}]") for t, b in enumerate(inner_batches)]
     outer = SeqBatch.from_dict(outer_batch, "outer_batch").to(dtype)
+    max_id = max(b.max_id for b in [*checked, outer])
+    del checked
+    inner = _Prepared(inner_batches, dtype)
     phi = [p for p in rater.parameters() if p.requires_grad]
     if not phi:
         raise ValueError("the rater has no parameters that require grad")
 
-    max_id = max(b.max_id for b in [*inner, outer])
     vocab = _declared_vocab(model)
     if vocab is not None and max_id >= vocab:
         raise ValueError(f"token id {max_id} is out of range for the model's vocabulary of {vocab}")
@@ -212,7 +235,7 @@ def meta_step(
     run = _mixed if mode == "mixed" else _reverse
     try:
         new_state, outer_loss, inner_losses, gnorms, weights, meta = run(
-            rater, model, state, inner, outer, optimizer, tau, micro_batch_size, phi
+            rater, model, state, inner, outer, optimizer, tau, micro_batch_size, phi, hvp
         )
     except IndexError as e:  # an embedding lookup past the table, in a model we cannot inspect
         raise ValueError(
@@ -259,7 +282,7 @@ def _inner_grad(model, fl: _Flat, theta: Tensor, buffers, batch: SeqBatch, w: Te
     return total, loss
 
 
-def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi):
+def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
     fl = _Flat(state.params)
     theta, s = fl.flat(state.params), fl.flat_state(state.opt_state)
     step, buffers, dtype = state.step, state.buffers, theta.dtype
@@ -290,16 +313,44 @@ def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi):
     a_s = {n: {k: torch.zeros_like(v) for k, v in d.items()} for n, d in s.items()}
     s_next = s
     for t in reversed(range(len(inner))):
-        rec = tape[t]
-        g = rec.grads
-        if g is None:
-            g = opt.grads_for_vjp(rec.opt_state, s_next, fl.wrap(rec.params), rec.clip)[fl.KEY]
-        a_theta, a_s, a_g = _update_vjp(opt, rec, g, a_theta, a_s)
-        hv, c = _hvp_and_tangents(model, fl, rec.params, buffers, inner[t], rec.weights, a_g, micro)
-        a_theta = a_theta + hv
-        _rater_vjp(rater, inner[t], rec.weights, c, tau, micro, phi, meta)
+        rec = tape.pop()  # each step's record is dropped once it has been used
+        a_theta, a_s = _sweep_step(
+            rater,
+            model,
+            fl,
+            opt,
+            rec,
+            s_next,
+            buffers,
+            inner[t],
+            a_theta,
+            a_s,
+            tau,
+            micro,
+            phi,
+            meta,
+            hvp,
+        )
         s_next = rec.opt_state
     return final, outer_loss, losses, gnorms, weights, meta
+
+
+def _sweep_step(
+    rater, model, fl, opt, rec, s_next, buffers, batch, a_theta, a_s, tau, micro, phi, meta, hvp
+):
+    """Pull the adjoints back through one inner step; add its part of the meta-gradient.
+
+    A function of its own so that its temporaries (g_t, a_g, H v) are freed on return, before
+    the next step's forward-over-reverse pass allocates its activations.
+    """
+    g = rec.grads
+    if g is None:
+        g = opt.grads_for_vjp(rec.opt_state, s_next, fl.wrap(rec.params), rec.clip)[fl.KEY]
+    a_theta, a_s, a_g = _update_vjp(opt, rec, g, a_theta, a_s)
+    del g
+    hv, c = _hvp_and_tangents(model, fl, rec.params, buffers, batch, rec.weights, a_g, micro, hvp)
+    _rater_vjp(rater, batch, rec.weights, c, tau, micro, phi, meta)
+    return a_theta.add_(hv), a_s
 
 
 def _update_vjp(opt: InnerOptimizer, rec: _Tape, g: Tensor, a_theta: Tensor, a_s: State):
@@ -319,17 +370,29 @@ def _update_vjp(opt: InnerOptimizer, rec: _Tape, g: Tensor, a_theta: Tensor, a_s
     return grads[0], _unflat_state(rec.opt_state, grads[1:-1]), grads[-1]
 
 
-def _hvp_and_tangents(model, fl: _Flat, theta: Tensor, buffers, batch, w: Tensor, v: Tensor, micro):
-    """One forward-over-reverse pass along v per micro-batch: (H v, c = [grad l_i . v]_i)."""
+def _hvp_and_tangents(
+    model, fl: _Flat, theta: Tensor, buffers, batch, w: Tensor, v: Tensor, micro, hvp: str
+):
+    """One forward-over-reverse pass along v per micro-batch: (H v, c = [grad l_i . v]_i).
+
+    Uses the model's own hand-written pass when it has one (``hvp="auto"``), else
+    ``torch.func.jvp`` of ``torch.func.grad``.
+    """
     hv_total, cs = None, []
     primals, tangents = fl.views(theta), fl.views(v)
+    own = getattr(model, "hvp_and_tangents", None) if hvp == "auto" else None
     for mb, wm in _micro(batch, w, micro):
+        out = None
+        if own is not None and not buffers:
+            out = own(primals, tangents, mb.input_ids, mb.targets, mb.token_weights, wm)
+        if out is None:
 
-        def objective(p, mb=mb, wm=wm):
-            l = _losses(model, p, buffers, mb)
-            return (wm * l).sum(), l
+            def objective(p, mb=mb, wm=wm):
+                l = _losses(model, p, buffers, mb)
+                return (wm * l).sum(), l
 
-        _, (hv, c) = jvp(grad(objective, has_aux=True), (primals,), (tangents,))
+            _, out = jvp(grad(objective, has_aux=True), (primals,), (tangents,))
+        hv, c = out
         hv = fl.flat(hv)
         hv_total = hv if hv_total is None else hv_total + hv
         cs.append(c)
@@ -353,7 +416,7 @@ def _rater_vjp(rater, batch: SeqBatch, w: Tensor, c: Tensor, tau: float, micro, 
 # reverse mode (the oracle)
 
 
-def _reverse(rater, model, state, inner, outer, opt, tau, micro, phi):
+def _reverse(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
     fl = _Flat(state.params)
     buffers = state.buffers
     theta = fl.flat(state.params).requires_grad_(True)

@@ -180,6 +180,18 @@ class CausalLM(_Trunk):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.hidden(input_ids) @ self.output_weight.T
 
+    def hvp_and_tangents(self, params, tangents, input_ids, targets, token_weights, seq_weights):
+        """The forward-over-reverse pass of ``meta_step``, written out by hand for this model.
+
+        Returns None when a subclass changed the computation, so that the caller falls back to
+        ``torch.func``. See :mod:`datarater.models.forward_over_reverse`.
+        """
+        if type(self).forward is not CausalLM.forward or type(self).hidden is not _Trunk.hidden:
+            return None
+        from .forward_over_reverse import causal_lm_hvp
+
+        return causal_lm_hvp(self, params, tangents, input_ids, targets, token_weights, seq_weights)
+
 
 class Rater(_Trunk):
     """Non-causal transformer with a score head: ``rater(input_ids) -> scores [B]``.
