@@ -62,7 +62,9 @@ PRESETS: dict[str, TransformerConfig] = {
     "small": TransformerConfig(
         vocab_size=8192, max_seq_len=512, d_model=256, n_layers=4, n_heads=4
     ),
-    "17m": TransformerConfig(vocab_size=8192, max_seq_len=256, d_model=512, n_layers=4, n_heads=8),
+    "17m": TransformerConfig(
+        vocab_size=8192, max_seq_len=256, d_model=512, n_layers=4, n_heads=8, tie_embeddings=True
+    ),
     "50m": TransformerConfig(
         vocab_size=32768, max_seq_len=2048, d_model=512, n_layers=8, n_heads=8
     ),
@@ -70,7 +72,12 @@ PRESETS: dict[str, TransformerConfig] = {
         vocab_size=32768, max_seq_len=2048, d_model=768, n_layers=12, n_heads=12
     ),
     "435m": TransformerConfig(
-        vocab_size=32768, max_seq_len=2048, d_model=1280, n_layers=20, n_heads=20
+        vocab_size=32768,
+        max_seq_len=2048,
+        d_model=1280,
+        n_layers=20,
+        n_heads=20,
+        tie_embeddings=True,
     ),
 }
 
