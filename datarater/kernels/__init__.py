@@ -1,49 +1,125 @@
 """Loss-layer kernels behind one dispatch.
 
-``weighted_cross_entropy`` computes per-token weighted cross-entropy. Today the only backend is
-``torch`` (the plain-torch reference in :mod:`datarater.kernels.reference`); the fused C++,
-CUDA and Triton backends plug in behind the same ``backend=`` switch.
+``weighted_cross_entropy`` (given logits) and ``linear_weighted_cross_entropy`` (the output
+projection fused in, chunked so that no N x V tensor is written) compute per-token
+``w_n (lse(z_n) - z_n[y_n])``, differentiable in every AD mode PyTorch has.
+
+Backends (``backend=``): ``"torch"`` (the plain-torch reference, any device and dtype),
+``"cpu"`` (C++), ``"cuda"`` (CUDA C++), ``"triton"`` (GPU, or the CPU under
+``TRITON_INTERPRET=1``). ``backend=None`` picks the best one available for the input;
+``DATARATER_BACKEND`` in the environment overrides that choice.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from ._ext import extension, load_error
+from .cpu import CPU
+from .cross_entropy import cross_entropy_per_token
+from .primitives import TORCH, Primitives
 from .reference import weighted_cross_entropy_reference
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cpu", "cuda", "triton")
 _REDUCTIONS = ("none", "sum", "mean")
 
 
-def _validate(logits: Tensor, targets: Tensor, weights: Tensor | None, ignore_index: int) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+def _triton():
+    from .triton_ce import TRITON
+
+    return TRITON
+
+
+def _cuda():
+    from .cuda import CUDA
+
+    return CUDA
+
+
+def _primitives(name: str) -> Primitives:
+    if name == "torch":
+        return TORCH
+    if name == "cpu":
+        return CPU
+    if name == "cuda":
+        return _cuda()
+    if name == "triton":
+        return _triton()
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this installation."""
+    probe = torch.empty(1, 1, device=device)
+    return [b for b in BACKENDS if _primitives(b).reason_unsupported(probe) is None]
+
+
+def select_backend(logits: Tensor, backend: str | None = None) -> Primitives:
+    """The backend named (checked), or the best one for these logits."""
+    backend = backend or os.environ.get("DATARATER_BACKEND") or None
+    if backend is not None:
+        prim = _primitives(backend)
+        reason = prim.reason_unsupported(logits)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot run this input: {reason}")
+        return prim
+    order = ("triton", "cuda", "torch") if logits.is_cuda else ("cpu", "torch")
+    for name in order:
+        prim = _primitives(name)
+        if prim.reason_unsupported(logits) is None:
+            return prim
+    return TORCH
+
+
+def validate(logits: Tensor, targets: Tensor, weights: Tensor | None, ignore_index: int) -> None:
+    """Shape, dtype, device and range checks shared by every backend."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
+        raise ValueError(f"logits must be a tensor [N, V], got {shape}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     n, v = logits.shape
-    if targets.shape != (n,):
-        raise ValueError(f"targets must be [N] = [{n}], got shape {tuple(targets.shape)}")
+    if not isinstance(targets, Tensor) or targets.shape != (n,):
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets)
+        raise ValueError(f"targets must be [N] = [{n}], got {shape}")
     if targets.dtype != torch.long:
         raise TypeError(f"targets must be int64, got {targets.dtype}")
     if targets.device != logits.device:
-        raise ValueError(f"targets on {targets.device} but logits on {logits.device}")
+        raise ValueError(f"targets are on {targets.device} but logits on {logits.device}")
     if weights is not None:
-        if weights.shape != (n,):
-            raise ValueError(f"weights must be [N] = [{n}], got shape {tuple(weights.shape)}")
+        if not isinstance(weights, Tensor) or weights.shape != (n,):
+            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights)
+            raise ValueError(f"weights must be [N] = [{n}], got {shape}")
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be floating point, got {weights.dtype}")
         if weights.device != logits.device:
-            raise ValueError(f"weights on {weights.device} but logits on {logits.device}")
-        if not torch.isfinite(weights).all():
+            raise ValueError(f"weights are on {weights.device} but logits on {logits.device}")
+        if n and not bool(torch.isfinite(weights).all()):
             raise ValueError("weights contain NaN or inf")
     if n:
         valid = targets != ignore_index
         bad = valid & ((targets < 0) | (targets >= v))
-        if bad.any():
+        if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"target id {int(targets[i])} at position {i} is out of range for a vocabulary "
-                f"of {v} (ignore_index={ignore_index})"
+                f"target {int(targets[i])} at position {i} is out of range for a vocabulary of "
+                f"{v} (ignore_index={ignore_index})"
             )
+
+
+def _reduce(
+    loss: Tensor, targets: Tensor, weights: Tensor | None, ignore_index: int, reduction: str
+) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    valid = (targets != ignore_index).to(loss.dtype)
+    denom = valid.sum() if weights is None else (weights.to(loss.dtype) * valid).sum()
+    return loss.sum() / denom
 
 
 def weighted_cross_entropy(
@@ -55,25 +131,34 @@ def weighted_cross_entropy(
     reduction: str = "none",
     backend: str | None = None,
 ) -> Tensor:
-    """Weighted per-token cross-entropy ``w_n (lse(z_n) - z_n[y_n])``.
+    """Weighted per-token cross-entropy ``w_n (lse(z_n) - z_n[y_n])`` from logits [N, V].
 
-    ``reduction``: ``"none"`` (per-token float32, or float64 for float64 logits), ``"sum"``, or
-    ``"mean"`` (the weighted mean: sum of losses over the sum of weights of non-ignored tokens).
+    Returns float32 per-token losses (float64 for float64 logits), or their ``"sum"``, or
+    their weighted ``"mean"`` (sum over the weights of non-ignored tokens). Differentiable in
+    ``logits`` and ``weights`` in reverse and forward mode, to second order.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    backend = backend or "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown or unavailable backend {backend!r}; available: {BACKENDS}")
-    _validate(logits, targets, weights, ignore_index)
-    loss = weighted_cross_entropy_reference(logits, targets, weights, ignore_index)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    valid = (targets != ignore_index).to(loss.dtype)
-    denom = valid.sum() if weights is None else (weights.to(loss.dtype) * valid).sum()
-    return loss.sum() / denom
+    validate(logits, targets, weights, ignore_index)
+    prim = select_backend(logits, backend)
+    loss = cross_entropy_per_token(logits, targets, weights, ignore_index, prim)
+    return _reduce(loss, targets, weights, ignore_index, reduction)
 
 
-__all__ = ["BACKENDS", "weighted_cross_entropy", "weighted_cross_entropy_reference"]
+def extension_status() -> str:
+    """``"built"`` or why the compiled extension is missing."""
+    return "built" if extension() is not None else f"missing: {load_error()}"
+
+
+from .linear_cross_entropy import linear_weighted_cross_entropy  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "extension_status",
+    "linear_weighted_cross_entropy",
+    "select_backend",
+    "validate",
+    "weighted_cross_entropy",
+    "weighted_cross_entropy_reference",
+]

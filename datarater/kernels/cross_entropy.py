@@ -1,0 +1,153 @@
+"""Weighted per-token cross-entropy as autograd Functions that every AD mode can use.
+
+Three Functions, all written in the ``forward`` + ``setup_context`` style with a ``jvp``, so that
+they work under ``loss.backward()``, ``torch.func.grad/vjp/jvp``, forward-over-reverse
+(``jvp`` of ``grad``), ``gradcheck`` and ``gradgradcheck``:
+
+* ``_CrossEntropy(z, w) = w * nll(z)``: the loss;
+* ``_Grad(z, c) = c * (p - e_y)``: its gradient in z, a Function of its own so that the
+  backward pass can itself be differentiated (forward mode for meta-gradients, reverse mode
+  for double backward);
+* ``_NLL(z) = nll(z)``: the gradient in the weights, for the same reason.
+
+Each is two streaming passes of a backend's primitives (see ``primitives.py``); none of them
+builds an N x V temporary beyond the gradient it returns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from .primitives import Primitives, directional
+
+
+def _scaled(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
+class _CrossEntropy(Function):
+    @staticmethod
+    def forward(logits, weights, targets, prim: Primitives, ignore_index: int):
+        return prim.forward(logits, targets, weights, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        logits, weights, targets, prim, ignore_index = inputs
+        _, lse, nll = output
+        ctx.mark_non_differentiable(lse, nll)
+        ctx.prim, ctx.ignore_index = prim, ignore_index
+        ctx.has_weights = weights is not None
+        ctx.save_for_backward(logits, weights, targets, lse, nll)
+        ctx.save_for_forward(logits, weights, targets, lse, nll)
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lse, _g_nll):
+        logits, weights, targets, lse, nll = ctx.saved_tensors
+        g_logits = g_weights = None
+        if ctx.needs_input_grad[0]:
+            coef = _scaled(g_loss, weights.to(g_loss.dtype) if ctx.has_weights else None)
+            g_logits = _Grad.apply(logits, lse, coef, targets, ctx.prim, ctx.ignore_index)
+        if ctx.has_weights and ctx.needs_input_grad[1]:
+            nll_z = _NLL.apply(logits, lse, nll, targets, ctx.prim, ctx.ignore_index)
+            g_weights = (g_loss * nll_z).to(weights.dtype)
+        return g_logits, g_weights, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_logits, d_weights, *_):
+        logits, weights, targets, lse, nll = ctx.saved_tensors
+        d_loss = torch.zeros_like(nll)
+        if d_logits is not None:
+            dot, _ = directional(
+                ctx.prim, logits, targets, lse, d_logits, None, None, ctx.ignore_index, False
+            )
+            d_loss = dot if not ctx.has_weights else dot * weights.to(dot.dtype)
+        if ctx.has_weights and d_weights is not None:
+            d_loss = d_loss + d_weights.to(nll.dtype) * nll
+        return d_loss, None, None
+
+
+class _NLL(Function):
+    """nll(z) = lse(z) - z_y, returning the value saved by the forward pass."""
+
+    @staticmethod
+    def forward(logits, lse, nll, targets, prim: Primitives, ignore_index: int):
+        return nll.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        logits, lse, _, targets, prim, ignore_index = inputs
+        ctx.prim, ctx.ignore_index = prim, ignore_index
+        ctx.save_for_backward(logits, lse, targets)
+        ctx.save_for_forward(logits, lse, targets)
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, lse, targets = ctx.saved_tensors
+        g_logits = _Grad.apply(logits, lse, g, targets, ctx.prim, ctx.ignore_index)
+        return g_logits, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_logits, *_):
+        logits, lse, targets = ctx.saved_tensors
+        if d_logits is None:
+            return torch.zeros_like(lse)
+        dot, _ = directional(
+            ctx.prim, logits, targets, lse, d_logits, None, None, ctx.ignore_index, False
+        )
+        return dot
+
+
+class _Grad(Function):
+    """c * (softmax(z) - e_y) per row: the gradient of sum_n c_n nll_n(z) in z."""
+
+    @staticmethod
+    def forward(logits, lse, coef, targets, prim: Primitives, ignore_index: int):
+        return prim.directional(logits, targets, lse, None, None, coef, ignore_index, True)[1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        logits, lse, coef, targets, prim, ignore_index = inputs
+        ctx.prim, ctx.ignore_index = prim, ignore_index
+        ctx.save_for_backward(logits, lse, coef, targets)
+        ctx.save_for_forward(logits, lse, coef, targets)
+
+    @staticmethod
+    def jvp(ctx, d_logits, _d_lse, d_coef, *_):
+        logits, lse, coef, targets = ctx.saved_tensors
+        return directional(
+            ctx.prim,
+            logits,
+            targets,
+            lse,
+            d_logits,
+            coef if d_logits is not None else None,
+            d_coef,
+            ctx.ignore_index,
+            True,
+        )[1]
+
+    @staticmethod
+    def backward(ctx, u):
+        # out = c (p - e_y): d/dz = c (p*u - p (p.u)) (the softmax Hessian, symmetric),
+        # d/dc = p.u - u_y.
+        logits, lse, coef, targets = ctx.saved_tensors
+        need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if not (need_z or need_c):
+            return None, None, None, None, None, None
+        dot, g_logits = directional(
+            ctx.prim, logits, targets, lse, u, coef, None, ctx.ignore_index, need_z
+        )
+        g_coef = dot.to(coef.dtype) if need_c else None
+        return g_logits, None, g_coef, None, None, None
+
+
+def cross_entropy_per_token(
+    logits: Tensor, targets: Tensor, weights: Tensor | None, ignore_index: int, prim: Primitives
+) -> Tensor:
+    """Per-token ``w * nll`` through the Functions above (inputs already validated)."""
+    loss, _, _ = _CrossEntropy.apply(logits, weights, targets, prim, ignore_index)
+    return loss

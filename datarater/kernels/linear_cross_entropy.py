@@ -1,0 +1,282 @@
+"""The output projection fused with weighted cross-entropy, in row chunks.
+
+``z = h W^T + b`` is never held whole: each chunk of rows is projected, reduced by the
+backend's primitives, and dropped. Derivatives follow design.md section 3.1 chunk by chunk:
+tangents ``dz = dh W^T + h dW^T + db``; gradients ``gz W``, ``gz^T h``; their tangents
+``dgz W + gz dW`` and ``dgz^T h + gz^T dh``. As in ``cross_entropy.py`` the gradient is a
+Function of its own (``_LinearGrad``) with a jvp and a backward, so meta-gradients and double
+backward work through it, and ``_LinearNLL`` gives the gradient in the weights.
+
+Peak extra memory: a few chunk x V buffers (set by ``chunk_bytes``) and float32 accumulators
+for the weight gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from .primitives import Primitives, directional
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+def _rows_per_chunk(n: int, v: int, elem: int, chunk_bytes: int) -> int:
+    return max(1, min(max(n, 1), chunk_bytes // max(1, v * elem)))
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _project(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return h @ w.T if b is None else torch.addmm(b, h, w.T)
+
+
+def _tangent(h, dh, w, dw, db) -> Tensor:
+    """dz = dh W^T + h dW^T + db for one chunk (any of the tangents may be None)."""
+    dz = None
+    if dh is not None:
+        dz = dh @ w.T
+    if dw is not None:
+        dz = h @ dw.T if dz is None else torch.addmm(dz, h, dw.T)
+    if db is not None:
+        dz = db.expand(h.shape[0], -1).clone() if dz is None else dz + db
+    return dz
+
+
+class _Ctx:
+    """Non-tensor settings shared by the three Functions."""
+
+    def __init__(self, targets: Tensor, prim: Primitives, ignore_index: int, rows: int):
+        self.targets, self.prim, self.ignore_index, self.rows = targets, prim, ignore_index, rows
+
+
+class _LinearCE(Function):
+    @staticmethod
+    def forward(h, w, b, weights, cfg: _Ctx):
+        n = h.shape[0]
+        loss = h.new_empty(n, dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
+        lse, nll = torch.empty_like(loss), torch.empty_like(loss)
+        for sl in _chunks(n, cfg.rows):
+            z = _project(h[sl], w, b)
+            wc = None if weights is None else weights[sl]
+            loss[sl], lse[sl], nll[sl] = cfg.prim.forward(z, cfg.targets[sl], wc, cfg.ignore_index)
+        return loss, lse, nll
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, w, b, weights, cfg = inputs
+        _, lse, nll = output
+        ctx.mark_non_differentiable(lse, nll)
+        ctx.cfg, ctx.has_b, ctx.has_weights = cfg, b is not None, weights is not None
+        ctx.save_for_backward(h, w, b, weights, lse, nll)
+        ctx.save_for_forward(h, w, b, weights, lse, nll)
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lse, _g_nll):
+        h, w, b, weights, lse, nll = ctx.saved_tensors
+        cfg = ctx.cfg
+        gh = gw = gb = g_weights = None
+        if any(ctx.needs_input_grad[:3]):
+            coef = g_loss if not ctx.has_weights else g_loss * weights.to(g_loss.dtype)
+            gh, gw, gb = _LinearGrad.apply(h, w, b, coef, lse, cfg)
+        if ctx.has_weights and ctx.needs_input_grad[3]:
+            g_weights = (g_loss * _LinearNLL.apply(h, w, b, lse, nll, cfg)).to(weights.dtype)
+        return gh, gw, gb, g_weights, None
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db, d_weights, _):
+        h, w, b, weights, lse, nll = ctx.saved_tensors
+        cfg = ctx.cfg
+        d_loss = torch.zeros_like(nll)
+        if dh is not None or dw is not None or db is not None:
+            dot = _directional_dot(h, dh, w, dw, b, db, lse, cfg)
+            d_loss = dot if not ctx.has_weights else dot * weights.to(dot.dtype)
+        if ctx.has_weights and d_weights is not None:
+            d_loss = d_loss + d_weights.to(nll.dtype) * nll
+        return d_loss, None, None
+
+
+def _directional_dot(h, dh, w, dw, b, db, lse, cfg: _Ctx) -> Tensor:
+    """p . dz - dz_y per row, chunk by chunk."""
+    out = torch.zeros_like(lse)
+    for sl in _chunks(h.shape[0], cfg.rows):
+        hc = h[sl]
+        z = _project(hc, w, b)
+        dz = _tangent(hc, None if dh is None else dh[sl], w, dw, db)
+        if dz is None:
+            continue
+        out[sl] = directional(
+            cfg.prim, z, cfg.targets[sl], lse[sl], dz, None, None, cfg.ignore_index, False
+        )[0].to(out.dtype)
+    return out
+
+
+class _LinearNLL(Function):
+    """nll per row as a function of (h, W, b); returns the value the forward pass saved."""
+
+    @staticmethod
+    def forward(h, w, b, lse, nll, cfg: _Ctx):
+        return nll.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, w, b, lse, _, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(h, w, b, lse)
+        ctx.save_for_forward(h, w, b, lse)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, b, lse = ctx.saved_tensors
+        gh, gw, gb = _LinearGrad.apply(h, w, b, g, lse, ctx.cfg)
+        return gh, gw, gb, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db, *_):
+        h, w, b, lse = ctx.saved_tensors
+        return _directional_dot(h, dh, w, dw, b, db, lse, ctx.cfg)
+
+
+class _LinearGrad(Function):
+    """(h, W, b, c) -> gradients of sum_n c_n nll_n(h W^T + b) in h, W and b."""
+
+    @staticmethod
+    def forward(h, w, b, coef, lse, cfg: _Ctx):
+        gh = torch.empty_like(h)
+        gw = torch.zeros(
+            w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device
+        )
+        gb = None if b is None else torch.zeros(b.shape, dtype=gw.dtype, device=b.device)
+        for sl in _chunks(h.shape[0], cfg.rows):
+            hc = h[sl]
+            z = _project(hc, w, b)
+            gz = cfg.prim.directional(
+                z, cfg.targets[sl], lse[sl], None, None, coef[sl], cfg.ignore_index, True, out=z
+            )[1]
+            gh[sl] = gz @ w
+            gw += (gz.T @ hc).to(gw.dtype)
+            if gb is not None:
+                gb += gz.sum(0).to(gb.dtype)
+        return gh, gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, w, b, coef, lse, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(h, w, b, coef, lse)
+        ctx.save_for_forward(h, w, b, coef, lse)
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db, dcoef, *_):
+        h, w, b, coef, lse = ctx.saved_tensors
+        cfg = ctx.cfg
+        dgh = torch.zeros_like(h)
+        dgw = torch.zeros(
+            w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device
+        )
+        dgb = None if b is None else torch.zeros(b.shape, dtype=dgw.dtype, device=b.device)
+        for sl in _chunks(h.shape[0], cfg.rows):
+            hc, t, lc = h[sl], cfg.targets[sl], lse[sl]
+            dhc = None if dh is None else dh[sl]
+            z = _project(hc, w, b)
+            dz = _tangent(hc, dhc, w, dw, db)
+            dcc = None if dcoef is None else dcoef[sl]
+            dgz = directional(
+                cfg.prim,
+                z,
+                t,
+                lc,
+                dz,
+                coef[sl] if dz is not None else None,
+                dcc,
+                cfg.ignore_index,
+                True,
+            )[1]
+            gz = directional(cfg.prim, z, t, lc, None, None, coef[sl], cfg.ignore_index, True)[1]
+            dgh[sl] = dgz @ w if dw is None else torch.addmm(dgz @ w, gz, dw)
+            dgw += (dgz.T @ hc).to(dgw.dtype)
+            if dhc is not None:
+                dgw += (gz.T @ dhc).to(dgw.dtype)
+            if dgb is not None:
+                dgb += dgz.sum(0).to(dgb.dtype)
+        return dgh, dgw.to(w.dtype), None if dgb is None else dgb.to(b.dtype)
+
+    @staticmethod
+    def backward(ctx, uh, uw, ub):
+        h, w, b, coef, lse = ctx.saved_tensors
+        cfg = ctx.cfg
+        acc = torch.promote_types(w.dtype, torch.float32)
+        g_h = torch.zeros_like(h)
+        g_w = torch.zeros(w.shape, dtype=acc, device=w.device)
+        g_b = None if b is None else torch.zeros(b.shape, dtype=acc, device=b.device)
+        g_coef = torch.zeros_like(coef)
+        for sl in _chunks(h.shape[0], cfg.rows):
+            hc, t, lc = h[sl], cfg.targets[sl], lse[sl]
+            z = _project(hc, w, b)
+            gz = directional(cfg.prim, z, t, lc, None, None, coef[sl], cfg.ignore_index, True)[1]
+            # cotangent of gz, from gh = gz W, gW = gz^T h and gb = sum gz
+            u = _tangent(hc, None if uh is None else uh[sl], w, uw, ub)
+            if uh is not None:
+                g_w += (gz.T @ uh[sl]).to(acc)
+            if uw is not None:
+                g_h[sl] += gz @ uw
+            if u is None:
+                continue
+            dot, gzz = directional(cfg.prim, z, t, lc, u, coef[sl], None, cfg.ignore_index, True)
+            g_coef[sl] = dot.to(coef.dtype)
+            g_h[sl] += gzz @ w
+            g_w += (gzz.T @ hc).to(acc)
+            if g_b is not None:
+                g_b += gzz.sum(0).to(acc)
+        return (g_h, g_w.to(w.dtype), None if g_b is None else g_b.to(b.dtype), g_coef, None, None)
+
+
+def linear_weighted_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    weights: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "none",
+    backend: str | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """``weighted_cross_entropy(hidden @ weight.T + bias, ...)`` without an N x V tensor.
+
+    ``hidden`` [N, D], ``weight`` [V, D], ``bias`` [V] or None. Rows are processed in chunks
+    whose logits take at most ``chunk_bytes``.
+    """
+    from . import _REDUCTIONS, _reduce, select_backend, validate
+
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, D], got {getattr(hidden, 'shape', type(hidden))}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be [V, D] with D = {hidden.shape[1]}, got "
+            f"{tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(
+            f"weight ({weight.dtype}, {weight.device}) must match hidden "
+            f"({hidden.dtype}, {hidden.device})"
+        )
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] of {hidden.dtype}")
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    n, v = hidden.shape[0], weight.shape[0]
+    probe = hidden.new_empty(1, v)  # the logits' dtype and device, without making them
+    validate(probe.expand(n, v), targets, weights, ignore_index)
+    prim = select_backend(probe, backend)
+    rows = _rows_per_chunk(n, v, hidden.element_size(), chunk_bytes)
+    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows)
+    loss, _, _ = _LinearCE.apply(hidden, weight, bias, weights, cfg)
+    return _reduce(loss, targets, weights, ignore_index, reduction)

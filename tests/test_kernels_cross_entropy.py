@@ -1,0 +1,161 @@
+"""weighted_cross_entropy: every backend here against float64 references, in every AD mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import vjp
+
+from datarater.kernels import available_backends, weighted_cross_entropy
+from datarater.profiling import peak_tensor_bytes
+
+from .kernel_cases import IGNORE, make_inputs, ours_all, reference_all, rel
+
+CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
+SHAPES = [(37, 50257), (129, 300), (5, 1), (1, 7), (0, 13)]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def wce(backend):
+    def fn(z, t, w):
+        return weighted_cross_entropy(z, t, w, ignore_index=IGNORE, backend=backend)
+
+    return fn
+
+
+def test_the_cpu_backend_is_built():
+    assert "cpu" in CPU_BACKENDS, "the C++ extension should build wherever a compiler exists"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_all_derivatives_match_float64(backend, dtype, shape):
+    z, t, w, dz, dw, c = make_inputs(*shape, dtype=dtype)
+    ref = reference_all(z, t, w, dz, dw, c)
+    ours = ours_all(wce(backend), z, t, w, dz, dw, c)
+    assert ours["loss"].dtype == torch.float32 and ours["gz"].dtype == dtype
+    for key, r in ref.items():
+        assert torch.isfinite(ours[key].double()).all(), key
+        assert rel(ours[key], r) <= TOL[dtype], (key, rel(ours[key], r))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ignored_and_zero_weight_rows_get_exact_zeros(backend):
+    z, t, w, *_ = make_inputs(40, 33)
+    z.requires_grad_(True)
+    loss = weighted_cross_entropy(z, t, w, backend=backend)
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    dead = (t == IGNORE) | (w == 0)
+    assert dead.any() and (loss[dead] == 0).all() and (g[dead] == 0).all()
+    assert (loss[~dead] > 0).all()
+
+
+def test_gradcheck_and_gradgradcheck_in_float64():
+    z, t, w, *_ = make_inputs(6, 9, dtype=torch.float64)
+    z.requires_grad_(True)
+    w = w.double().requires_grad_(True)
+
+    def f(z_, w_):
+        return weighted_cross_entropy(z_, t, w_, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (z, w))
+    assert torch.autograd.gradgradcheck(f, (z, w))
+    assert torch.autograd.gradcheck(
+        f,
+        (z, w),
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_in_float32_against_finite_differences(backend):
+    z, t, w, *_ = make_inputs(4, 6, dtype=torch.float32)
+    z.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def f(z_, w_):
+        return weighted_cross_entropy(z_, t, w_, backend=backend)
+
+    assert torch.autograd.gradcheck(
+        f, (z, w), eps=1e-2, atol=1e-2, rtol=1e-2, nondet_tol=1e-6, fast_mode=True
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vjp_and_reductions(backend):
+    z, t, w, _, _, c = make_inputs(50, 21)
+    out, pull = vjp(lambda a: weighted_cross_entropy(a, t, w, backend=backend), z)
+    (gz,) = pull(c)
+    ref = reference_all(z, t, w, z, c, c)
+    assert rel(gz, ref["gz"]) < 1e-5
+    total = weighted_cross_entropy(z, t, w, reduction="sum", backend=backend)
+    mean = weighted_cross_entropy(z, t, w, reduction="mean", backend=backend)
+    valid = (t != IGNORE).double()
+    assert float(total) == pytest.approx(float(ref["loss"].sum()), rel=1e-5)
+    assert float(mean) == pytest.approx(
+        float(ref["loss"].sum() / (w.double() * valid).sum()), rel=1e-5
+    )
+    unweighted = weighted_cross_entropy(z, t, backend=backend)
+    expected = torch.nn.functional.cross_entropy(z.double(), t, reduction="none")
+    assert rel(unweighted, expected) < 1e-6
+
+
+def test_the_cpu_kernel_writes_no_n_by_v_temporary():
+    n, v = 256, 4096
+    z, t, w, *_ = make_inputs(n, v)
+    z.requires_grad_(True)
+    grad_bytes = n * v * 4
+
+    def step(backend):
+        def run():
+            loss = weighted_cross_entropy(z, t, w, backend=backend)
+            return torch.autograd.grad(loss.sum(), z)
+
+        return run
+
+    ours, _ = peak_tensor_bytes(step("cpu"))
+    plain, _ = peak_tensor_bytes(step("torch"))
+    assert ours <= grad_bytes + 64 * n  # the gradient itself and O(N) vectors
+    assert plain >= 2 * grad_bytes
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_input_is_named(backend):
+    z, t, w, *_ = make_inputs(8, 5)
+    f = weighted_cross_entropy
+    with pytest.raises(ValueError, match=r"logits must be a tensor \[N, V\]"):
+        f(z[None], t, w, backend=backend)
+    with pytest.raises(ValueError, match=r"targets must be \[N\] = \[8\]"):
+        f(z, t[:-1], w, backend=backend)
+    with pytest.raises(TypeError, match="targets must be int64"):
+        f(z, t.int(), w, backend=backend)
+    with pytest.raises(ValueError, match="out of range for a vocabulary of 5"):
+        f(z, torch.full_like(t, 5), w, backend=backend)
+    with pytest.raises(ValueError, match="out of range"):
+        f(z, torch.full_like(t, -3), w, backend=backend)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        f(z, t, torch.full_like(w, float("nan")), backend=backend)
+    with pytest.raises(ValueError, match=r"weights must be \[N\]"):
+        f(z, t, w[:3], backend=backend)
+    with pytest.raises(TypeError, match="floating point"):
+        f(z.long(), t, w, backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        f(z, t, w, reduction="avg", backend=backend)
+
+
+def test_unknown_or_unusable_backends_are_refused():
+    z, t, w, *_ = make_inputs(8, 5)
+    with pytest.raises(ValueError, match="unknown backend"):
+        weighted_cross_entropy(z, t, w, backend="metal")
+    with pytest.raises(ValueError, match="contiguous"):
+        weighted_cross_entropy(z.T.contiguous().T, t, w, backend="cpu")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        weighted_cross_entropy(z.double(), t, w, backend="cpu")
+    with pytest.raises(ValueError, match="CUDA|cuda"):
+        weighted_cross_entropy(z, t, w, backend="cuda")
+    assert torch.isfinite(weighted_cross_entropy(z.double(), t, w)).all()  # falls back to torch

@@ -1,0 +1,53 @@
+"""The Triton backend, run by the Triton interpreter on the CPU at small shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
+
+from .kernel_cases import IGNORE, make_inputs, ours_all, reference_all, rel
+
+triton = pytest.importorskip("triton", reason="triton is part of the test extras")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def wce(z, t, w):
+    return weighted_cross_entropy(z, t, w, ignore_index=IGNORE, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(19, 3001), (6, 1), (3, 64), (0, 9)], ids=str)
+def test_triton_derivatives_match_float64(dtype, shape):
+    z, t, w, dz, dw, c = make_inputs(*shape, dtype=dtype, seed=2)
+    ref = reference_all(z, t, w, dz, dw, c)
+    ours = ours_all(wce, z, t, w, dz, dw, c)
+    for key, r in ref.items():
+        assert rel(ours[key], r) <= TOL[dtype], (key, rel(ours[key], r))
+
+
+def test_triton_matches_the_cpu_kernel_and_writes_in_place():
+    from datarater.kernels.triton_ce import TRITON
+
+    z, t, w, *_ = make_inputs(11, 700, seed=5)
+    loss, lse, nll = TRITON.forward(z, t, w, IGNORE)
+    buf = z.clone()
+    _, g = TRITON.directional(buf, t, lse, None, None, w, IGNORE, True, out=buf)
+    assert g is buf
+    zz = z.double().requires_grad_(True)
+    ref = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(zz, t, reduction="none").mul(w.double()).sum(), zz
+    )[0]
+    assert rel(g, ref) < 1e-5
+
+
+def test_triton_linear_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 8, generator=gen)
+    wt = torch.randn(50, 8, generator=gen)
+    t = torch.randint(0, 50, (13,), generator=gen)
+    w = torch.rand(13, generator=gen)
+    ours = linear_weighted_cross_entropy(h, wt, t, w, backend="triton", chunk_bytes=600)
+    ref = weighted_cross_entropy((h @ wt.T).double(), t, w.double(), backend="torch")
+    assert rel(ours, ref) < 1e-5
