@@ -13,6 +13,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("coef_g"), py::arg("ignore_index"), py::arg("want_out"),
         py::arg("out_buffer"));
 #ifdef DATARATER_WITH_CUDA
+  m.def("ce_forward_cuda", &datarater::gpu::ce_forward_cuda, "weighted cross-entropy forward (CUDA)",
+        py::arg("logits"), py::arg("targets"), py::arg("weights"), py::arg("ignore_index"));
+  m.def("ce_directional_cuda", &datarater::gpu::ce_directional_cuda,
+        "cross-entropy backward / tangent / forward-over-reverse (CUDA)", py::arg("logits"),
+        py::arg("targets"), py::arg("lse"), py::arg("direction"), py::arg("coef_h"),
+        py::arg("coef_g"), py::arg("ignore_index"), py::arg("want_out"),
+        py::arg("out_buffer"));
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -27,4 +27,21 @@ std::vector<at::Tensor> ce_directional(const at::Tensor& logits, const at::Tenso
                                        const c10::optional<at::Tensor>& out_buffer);
 
 }  // namespace cpu
+
+#ifdef DATARATER_WITH_CUDA
+namespace gpu {
+// The same two primitives on CUDA tensors (csrc/cuda/).
+std::vector<at::Tensor> ce_forward_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                        const c10::optional<at::Tensor>& weights,
+                                        int64_t ignore_index);
+std::vector<at::Tensor> ce_directional_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                            const at::Tensor& lse,
+                                            const c10::optional<at::Tensor>& direction,
+                                            const c10::optional<at::Tensor>& coef_h,
+                                            const c10::optional<at::Tensor>& coef_g,
+                                            int64_t ignore_index, bool want_out,
+                                            const c10::optional<at::Tensor>& out_buffer);
+}  // namespace gpu
+#endif
+
 }  // namespace datarater

@@ -73,6 +73,8 @@ def meta_step_workload(
     dtype: str = "float32",
     threads: int | None = None,
     seed: int = 0,
+    loss_backend: str | None = None,
+    hvp: str = "auto",
 ) -> Callable[[], dict]:
     """A meta-step on the library's transformer where activations dominate memory.
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.reference import weighted_cross_entropy_reference
+from ..kernels import select_backend
+from ..kernels.cross_entropy import cross_entropy_per_token
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,12 @@ def logits_of(output) -> Tensor:
     return output if isinstance(output, Tensor) else output.logits
 
 
-def sequence_losses(logits: Tensor, batch: SeqBatch) -> Tensor:
-    """Mean next-token cross-entropy of each sequence over its masked targets: [B]."""
+def sequence_losses(logits: Tensor, batch: SeqBatch, backend: str | None = None) -> Tensor:
+    """Mean next-token cross-entropy of each sequence over its masked targets: [B].
+
+    The loss layer runs on :mod:`datarater.kernels` (``backend=None``: the best available for
+    these logits), differentiable in every mode meta_step needs.
+    """
     b, n = batch.input_ids.shape
     if logits.dim() != 3 or logits.shape[:2] != (b, n):
         raise ValueError(
@@ -102,7 +107,12 @@ def sequence_losses(logits: Tensor, batch: SeqBatch) -> Tensor:
         raise ValueError(
             f"token id {batch.max_id} is out of range for the model's vocabulary of {v}"
         )
-    per_token = weighted_cross_entropy_reference(
-        logits.reshape(b * n, v), batch.targets.reshape(-1), batch.token_weights.reshape(-1)
+    flat = logits.reshape(b * n, v)
+    per_token = cross_entropy_per_token(
+        flat,
+        batch.targets.reshape(-1),
+        batch.token_weights.reshape(-1),
+        -100,
+        select_backend(flat, backend),
     )
     return per_token.view(b, n).sum(dim=1)

@@ -49,6 +49,38 @@ class MetaStepResult:
 
 
 @dataclass
+class _Run:
+    """Everything one meta_step call holds fixed."""
+
+    rater: nn.Module
+    model: nn.Module
+    opt: InnerOptimizer
+    tau: float
+    micro: int | None
+    hvp: str
+    loss_backend: str | None
+    phi: list[Tensor]
+    buffers: dict[str, Tensor]
+    fl: _Flat
+
+    def scores(self, batch: SeqBatch) -> Tensor:
+        return torch.cat(
+            [_check_scores(self.rater(mb.input_ids), mb.size) for mb in batch.split(self.micro)]
+        )
+
+    def losses(self, params, batch: SeqBatch) -> Tensor:
+        out = functional_call(self.model, (params, self.buffers), (batch.input_ids,), strict=False)
+        return sequence_losses(logits_of(out), batch, backend=self.loss_backend)
+
+    def micro_batches(self, batch: SeqBatch, w: Tensor):
+        """Pairs (micro-batch, its slice of the batch-wide weights)."""
+        start = 0
+        for mb in batch.split(self.micro):
+            yield mb, w[start : start + mb.size]
+            start += mb.size
+
+
+@dataclass
 class _Tape:
     """What the forward sweep keeps of one inner step (no activations)."""
 
@@ -130,15 +162,6 @@ def _check_scores(scores, size: int) -> Tensor:
     return scores
 
 
-def _rater_scores(rater: nn.Module, batch: SeqBatch, micro: int | None) -> Tensor:
-    return torch.cat([_check_scores(rater(mb.input_ids), mb.size) for mb in batch.split(micro)])
-
-
-def _losses(model: nn.Module, params, buffers, batch: SeqBatch) -> Tensor:
-    out = functional_call(model, (params, buffers), (batch.input_ids,), strict=False)
-    return sequence_losses(logits_of(out), batch)
-
-
 def _declared_vocab(model: nn.Module) -> int | None:
     """The vocabulary size a model declares in its config (ours, or Hugging Face style)."""
     for name in ("cfg", "config"):
@@ -154,14 +177,6 @@ def _all_finite(tensors) -> bool:
 
 def _norm(tensors) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
-
-
-def _micro(batch: SeqBatch, w: Tensor, micro: int | None):
-    """Pairs (micro-batch, its slice of the batch-wide weights)."""
-    start = 0
-    for mb in batch.split(micro):
-        yield mb, w[start : start + mb.size]
-        start += mb.size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +196,7 @@ def meta_step(
     micro_batch_size: int | None = None,
     on_nonfinite: str = "raise",
     hvp: str = "auto",
+    loss_backend: str | None = None,
 ) -> MetaStepResult:
     """Accumulate d(outer loss)/d(rater parameters) into the rater's ``.grad``.
 
@@ -190,7 +206,8 @@ def meta_step(
     ``micro_batch_size`` splits every batch into chunks of at most that many rows; the
     batch-wide softmax weights stay exact, and so does the result. ``hvp`` (mixed mode):
     ``"auto"`` uses the model's hand-written forward-over-reverse pass when it has one (the
-    library's ``CausalLM`` does), ``"func"`` always uses ``torch.func``.
+    library's ``CausalLM`` does), ``"func"`` always uses ``torch.func``. ``loss_backend``
+    picks the cross-entropy kernel backend of the loss layer (default: the best available).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -232,11 +249,21 @@ def meta_step(
     if vocab is not None and max_id >= vocab:
         raise ValueError(f"token id {max_id} is out of range for the model's vocabulary of {vocab}")
 
-    run = _mixed if mode == "mixed" else _reverse
+    run = _Run(
+        rater,
+        model,
+        optimizer,
+        float(tau),
+        micro_batch_size,
+        hvp,
+        loss_backend,
+        phi,
+        state.buffers,
+        _Flat(state.params),
+    )
+    sweep = _mixed if mode == "mixed" else _reverse
     try:
-        new_state, outer_loss, inner_losses, gnorms, weights, meta = run(
-            rater, model, state, inner, outer, optimizer, tau, micro_batch_size, phi, hvp
-        )
+        new_state, outer_loss, inner_losses, gnorms, weights, meta = sweep(run, state, inner, outer)
     except IndexError as e:  # an embedding lookup past the table, in a model we cannot inspect
         raise ValueError(
             f"the model or rater raised IndexError ({e}); the largest token id in the batches is "
@@ -267,32 +294,32 @@ def meta_step(
 # mixed mode
 
 
-def _inner_grad(model, fl: _Flat, theta: Tensor, buffers, batch: SeqBatch, w: Tensor, micro):
+def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor):
     """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value."""
     total, loss = None, 0.0
-    for mb, wm in _micro(batch, w, micro):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in fl.views(theta).items()}
-        obj = (wm * _losses(model, leaves, buffers, mb)).sum()
+    for mb, wm in run.micro_batches(batch, w):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in run.fl.views(theta).items()}
+        obj = (wm * run.losses(leaves, mb)).sum()
         g = torch.autograd.grad(
             obj, list(leaves.values()), allow_unused=True, materialize_grads=True
         )
-        g = fl.flat(g)
+        g = run.fl.flat(g)
         total = g if total is None else total + g
         loss += float(obj.detach())
     return total, loss
 
 
-def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
-    fl = _Flat(state.params)
+def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
+    fl, opt = run.fl, run.opt
     theta, s = fl.flat(state.params), fl.flat_state(state.opt_state)
-    step, buffers, dtype = state.step, state.buffers, theta.dtype
+    step, dtype = state.step, theta.dtype
     keep_grads = not (opt.linear_in_grads or opt.recovers_grads)
     tape: list[_Tape] = []
     losses, gnorms, weights = [], [], []
     for batch in inner:
         with torch.no_grad():
-            w = torch.softmax(_rater_scores(rater, batch, micro).to(dtype) / tau, 0)
-        g, loss = _inner_grad(model, fl, theta, buffers, batch, w, micro)
+            w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
+        g, loss = _inner_grad(run, theta, batch, w)
         with torch.no_grad():
             clipped, f, gnorm = opt.clip(fl.wrap(g))
             new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
@@ -304,9 +331,9 @@ def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
 
     # The outer loss and its gradient at theta_T start the backward sweep.
     mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype)
-    a_theta, outer_loss = _inner_grad(model, fl, theta, buffers, outer, mean, micro)
-    final = InnerState(fl.views(theta), buffers, fl.state_views(s), step)
-    meta = [torch.zeros_like(p) for p in phi]
+    a_theta, outer_loss = _inner_grad(run, theta, outer, mean)
+    final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
+    meta = [torch.zeros_like(p) for p in run.phi]
     if not math.isfinite(outer_loss):
         return final, outer_loss, losses, gnorms, weights, meta
 
@@ -314,42 +341,25 @@ def _mixed(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
     s_next = s
     for t in reversed(range(len(inner))):
         rec = tape.pop()  # each step's record is dropped once it has been used
-        a_theta, a_s = _sweep_step(
-            rater,
-            model,
-            fl,
-            opt,
-            rec,
-            s_next,
-            buffers,
-            inner[t],
-            a_theta,
-            a_s,
-            tau,
-            micro,
-            phi,
-            meta,
-            hvp,
-        )
+        a_theta, a_s = _sweep_step(run, rec, s_next, inner[t], a_theta, a_s, meta)
         s_next = rec.opt_state
     return final, outer_loss, losses, gnorms, weights, meta
 
 
-def _sweep_step(
-    rater, model, fl, opt, rec, s_next, buffers, batch, a_theta, a_s, tau, micro, phi, meta, hvp
-):
+def _sweep_step(run: _Run, rec: _Tape, s_next: State, batch: SeqBatch, a_theta, a_s, meta):
     """Pull the adjoints back through one inner step; add its part of the meta-gradient.
 
     A function of its own so that its temporaries (g_t, a_g, H v) are freed on return, before
     the next step's forward-over-reverse pass allocates its activations.
     """
+    fl = run.fl
     g = rec.grads
     if g is None:
-        g = opt.grads_for_vjp(rec.opt_state, s_next, fl.wrap(rec.params), rec.clip)[fl.KEY]
-    a_theta, a_s, a_g = _update_vjp(opt, rec, g, a_theta, a_s)
+        g = run.opt.grads_for_vjp(rec.opt_state, s_next, fl.wrap(rec.params), rec.clip)[fl.KEY]
+    a_theta, a_s, a_g = _update_vjp(run.opt, rec, g, a_theta, a_s)
     del g
-    hv, c = _hvp_and_tangents(model, fl, rec.params, buffers, batch, rec.weights, a_g, micro, hvp)
-    _rater_vjp(rater, batch, rec.weights, c, tau, micro, phi, meta)
+    hv, c = _hvp_and_tangents(run, rec.params, batch, rec.weights, a_g)
+    _rater_vjp(run, batch, rec.weights, c, meta)
     return a_theta.add_(hv), a_s
 
 
@@ -370,43 +380,49 @@ def _update_vjp(opt: InnerOptimizer, rec: _Tape, g: Tensor, a_theta: Tensor, a_s
     return grads[0], _unflat_state(rec.opt_state, grads[1:-1]), grads[-1]
 
 
-def _hvp_and_tangents(
-    model, fl: _Flat, theta: Tensor, buffers, batch, w: Tensor, v: Tensor, micro, hvp: str
-):
+def _hvp_and_tangents(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, v: Tensor):
     """One forward-over-reverse pass along v per micro-batch: (H v, c = [grad l_i . v]_i).
 
     Uses the model's own hand-written pass when it has one (``hvp="auto"``), else
     ``torch.func.jvp`` of ``torch.func.grad``.
     """
     hv_total, cs = None, []
-    primals, tangents = fl.views(theta), fl.views(v)
-    own = getattr(model, "hvp_and_tangents", None) if hvp == "auto" else None
-    for mb, wm in _micro(batch, w, micro):
+    primals, tangents = run.fl.views(theta), run.fl.views(v)
+    own = getattr(run.model, "hvp_and_tangents", None) if run.hvp == "auto" else None
+    for mb, wm in run.micro_batches(batch, w):
         out = None
-        if own is not None and not buffers:
-            out = own(primals, tangents, mb.input_ids, mb.targets, mb.token_weights, wm)
+        if own is not None and not run.buffers:
+            out = own(
+                primals,
+                tangents,
+                mb.input_ids,
+                mb.targets,
+                mb.token_weights,
+                wm,
+                loss_backend=run.loss_backend,
+            )
         if out is None:
 
             def objective(p, mb=mb, wm=wm):
-                l = _losses(model, p, buffers, mb)
+                l = run.losses(p, mb)
                 return (wm * l).sum(), l
 
             _, out = jvp(grad(objective, has_aux=True), (primals,), (tangents,))
         hv, c = out
-        hv = fl.flat(hv)
+        hv = run.fl.flat(hv)
         hv_total = hv if hv_total is None else hv_total + hv
         cs.append(c)
     return hv_total, torch.cat(cs)
 
 
-def _rater_vjp(rater, batch: SeqBatch, w: Tensor, c: Tensor, tau: float, micro, phi, meta):
+def _rater_vjp(run: _Run, batch: SeqBatch, w: Tensor, c: Tensor, meta: list[Tensor]):
     """meta += d/dphi of sum_i c_i w_i(phi), through the batch-wide softmax."""
-    a_scores = w * (c - (w * c).sum()) / tau
-    for mb, a in _micro(batch, a_scores, micro):
+    a_scores = w * (c - (w * c).sum()) / run.tau
+    for mb, a in run.micro_batches(batch, a_scores):
         with torch.enable_grad():
-            scores = _check_scores(rater(mb.input_ids), mb.size)
+            scores = _check_scores(run.rater(mb.input_ids), mb.size)
             gs = torch.autograd.grad(
-                scores, phi, a.to(scores.dtype), allow_unused=True, materialize_grads=True
+                scores, run.phi, a.to(scores.dtype), allow_unused=True, materialize_grads=True
             )
         for acc, gi in zip(meta, gs):
             acc.add_(gi)
@@ -416,19 +432,18 @@ def _rater_vjp(rater, batch: SeqBatch, w: Tensor, c: Tensor, tau: float, micro, 
 # reverse mode (the oracle)
 
 
-def _reverse(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
-    fl = _Flat(state.params)
-    buffers = state.buffers
+def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
+    fl, opt = run.fl, run.opt
     theta = fl.flat(state.params).requires_grad_(True)
     s, step = fl.flat_state(state.opt_state), state.step
     losses, gnorms, weights = [], [], []
     with torch.enable_grad():
         for batch in inner:
-            w = torch.softmax(_rater_scores(rater, batch, micro).to(theta.dtype) / tau, 0)
+            w = torch.softmax(run.scores(batch).to(theta.dtype) / run.tau, 0)
             views = fl.views(theta)
             g, loss = None, 0.0
-            for mb, wm in _micro(batch, w, micro):
-                obj = (wm * _losses(model, views, buffers, mb)).sum()
+            for mb, wm in run.micro_batches(batch, w):
+                obj = (wm * run.losses(views, mb)).sum()
                 gm = torch.autograd.grad(obj, theta, create_graph=True)[0]
                 g = gm if g is None else g + gm
                 loss += float(obj.detach())
@@ -438,14 +453,16 @@ def _reverse(rater, model, state, inner, outer, opt, tau, micro, phi, hvp):
             losses.append(loss)
             weights.append(w.detach())
         views = fl.views(theta)
-        outer_obj = sum(_losses(model, views, buffers, mb).sum() for mb in outer.split(micro))
+        outer_obj = sum(run.losses(views, mb).sum() for mb in outer.split(run.micro))
         outer_obj = outer_obj / outer.size
         outer_loss = float(outer_obj.detach())
         if math.isfinite(outer_loss):
-            meta = torch.autograd.grad(outer_obj, phi, allow_unused=True, materialize_grads=True)
+            meta = torch.autograd.grad(
+                outer_obj, run.phi, allow_unused=True, materialize_grads=True
+            )
         else:
-            meta = [torch.zeros_like(p) for p in phi]
+            meta = [torch.zeros_like(p) for p in run.phi]
     theta = theta.detach()
     s = {n: {k: v.detach() for k, v in d.items()} for n, d in s.items()}
-    final = InnerState(fl.views(theta), buffers, fl.state_views(s), step)
+    final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
     return final, outer_loss, losses, gnorms, weights, list(meta)

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels.reference import weighted_cross_entropy_reference  # noqa: F401  (the definition)
+from ..kernels import select_backend
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -126,6 +126,7 @@ def causal_lm_hvp(
     targets: Tensor,
     token_weights: Tensor,
     seq_weights: Tensor,
+    loss_backend: str | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """H v of J = sum_i w_i l_i and c_i = grad l_i . v for a :class:`CausalLM`.
 
@@ -251,20 +252,21 @@ def causal_lm_hvp(
     z, dz = _linear(hf, dhf, w_out, dw_out, None, None)
 
     # ---- loss: tangents of per-token losses, gradient of J and its tangent -------------------
-    y_t = targets.reshape(-1, 1)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    prob = torch.exp(z - lse)
-    pdz = (prob * dz).sum(-1, keepdim=True)
-    dce = (pdz - dz.gather(1, y_t)).view(b, n)
-    c = (token_weights * dce).sum(1)
-    tw = (token_weights * seq_weights[:, None]).reshape(-1, 1)
-    gz = tw * prob
-    gz.scatter_add_(1, y_t, -tw)
-    dgz = tw * prob * (dz - pdz)
+    # Three streaming passes of the loss kernels over z (design.md 3.1), no N x V temporaries
+    # beyond the two gradients: lse; gz = tw (p - e_y); dgz = tw (p dz - p (p . dz)) and
+    # dce = p . dz - dz_y.
+    prim = select_backend(z, loss_backend)
+    y_flat = targets.reshape(-1)
+    tw = (token_weights * seq_weights[:, None]).reshape(-1)
+    _, lse, _ = prim.forward(z, y_flat, None, -100)
+    dce, dgz = prim.directional(z, y_flat, lse, dz, tw, None, -100, True)
+    _, gz = prim.directional(z, y_flat, lse, None, None, tw, -100, True, out=z)
+    c = (token_weights * dce.to(token_weights.dtype).view(b, n)).sum(1)
 
     # ---- backward, primal and tangent ---------------------------------------------------------
     hv: dict[str, Tensor] = {}
     ghf, dghf, dgw_out, _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
+    del z, dz, gz, dgz
     hv[out_name] = dgw_out
     gx, dgx, hv["ln_f.weight"], hv["ln_f.bias"] = _layer_norm_back(
         ghf, dghf, lnf, p("ln_f.weight"), t("ln_f.weight")

@@ -187,7 +187,9 @@ class CausalLM(_Trunk):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.hidden(input_ids) @ self.output_weight.T
 
-    def hvp_and_tangents(self, params, tangents, input_ids, targets, token_weights, seq_weights):
+    def hvp_and_tangents(
+        self, params, tangents, input_ids, targets, token_weights, seq_weights, loss_backend=None
+    ):
         """The forward-over-reverse pass of ``meta_step``, written out by hand for this model.
 
         Returns None when a subclass changed the computation, so that the caller falls back to
@@ -197,7 +199,9 @@ class CausalLM(_Trunk):
             return None
         from .forward_over_reverse import causal_lm_hvp
 
-        return causal_lm_hvp(self, params, tangents, input_ids, targets, token_weights, seq_weights)
+        return causal_lm_hvp(
+            self, params, tangents, input_ids, targets, token_weights, seq_weights, loss_backend
+        )
 
 
 class Rater(_Trunk):

@@ -1,0 +1,276 @@
+// Weighted per-token cross-entropy on NVIDIA GPUs: the two primitives of
+// datarater/kernels/primitives.py (forward, directional) in plain CUDA.
+//
+// Plain CUDA headers only, no torch: CI compile-checks this file with nvcc on machines without a
+// GPU (or torch's CUDA headers). The torch glue lives in cross_entropy_launch.cpp.
+//
+// One thread block per row. A row is streamed with 16-byte vector loads when its length and
+// address allow, else element by element. The forward keeps a running (max, sum) per thread
+// (online softmax, one exponential per element plus one per vector), reduced across the block;
+// the directional pass reads the row (and the direction) once for p . D and once more to write.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cross_entropy_cuda.h"
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Elements per 16-byte vector.
+template <typename T>
+struct Vec {
+  static constexpr int n = 16 / sizeof(T);
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::n]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Vec<T>::n; ++k) out[k] = to_f(v[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[Vec<T>::n]) {
+  uint4 raw;
+  T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Vec<T>::n; ++k) v[k] = from_f<T>(in[k]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Merge two (max, sum-of-exp) pairs.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+  const float mm = fmaxf(m, m2);
+  if (mm == -INFINITY) return;  // both empty
+  s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
+  m = mm;
+}
+
+__device__ __forceinline__ void block_max_sum(float& m, float& s) {
+  __shared__ float sm[kWarps], ss[kWarps];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    merge(m, s, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, s, off));
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kWarps ? sm[lane] : -INFINITY;
+    s = lane < kWarps ? ss[lane] : 0.0f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      merge(m, s, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, s, off));
+    }
+    if (lane == 0) {
+      sm[0] = m;
+      ss[0] = s;
+    }
+  }
+  __syncthreads();
+  m = sm[0];
+  s = ss[0];
+}
+
+__device__ __forceinline__ float block_sum(float x) {
+  __shared__ float sh[kWarps];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sh[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < kWarps ? sh[lane] : 0.0f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    if (lane == 0) sh[0] = x;
+  }
+  __syncthreads();
+  x = sh[0];
+  __syncthreads();  // sh is reused by the next call
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ bool vectorizable(const T* row, int64_t v) {
+  return (v % Vec<T>::n) == 0 && (reinterpret_cast<uintptr_t>(row) % 16) == 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
+                      const float* __restrict__ weights, int64_t v, int64_t ignore_index,
+                      float* __restrict__ loss, float* __restrict__ lse_out,
+                      float* __restrict__ nll_out) {
+  const int64_t row = blockIdx.x;
+  const T* z = logits + row * v;
+  float m = -INFINITY, s = 0.0f;
+  if (vectorizable(z, v)) {
+    constexpr int n = Vec<T>::n;
+    for (int64_t j = static_cast<int64_t>(threadIdx.x) * n; j < v; j += kThreads * n) {
+      float x[n];
+      load_vec(z + j, x);
+      float mx = x[0];
+#pragma unroll
+      for (int k = 1; k < n; ++k) mx = fmaxf(mx, x[k]);
+      float part = 0.0f;
+#pragma unroll
+      for (int k = 0; k < n; ++k) part += __expf(x[k] - mx);
+      merge(m, s, mx, part);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < v; j += kThreads) merge(m, s, to_f(z[j]), 1.0f);
+  }
+  block_max_sum(m, s);
+  if (threadIdx.x == 0) {
+    const float lse = v > 0 ? m + __logf(s) : 0.0f;
+    const int64_t y = targets[row];
+    const bool valid = y != ignore_index && v > 0;
+    const float nll = valid ? lse - to_f(z[y]) : 0.0f;
+    lse_out[row] = lse;
+    nll_out[row] = nll;
+    loss[row] = weights ? weights[row] * nll : nll;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_directional_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
+                          const float* __restrict__ lse_in, const T* __restrict__ direction,
+                          const float* __restrict__ coef_h, const float* __restrict__ coef_g,
+                          int64_t v, int64_t ignore_index, float* __restrict__ dot,
+                          T* out) {  // out may alias logits: each element is read, then written
+  const int64_t row = blockIdx.x;
+  const int64_t y = targets[row];
+  const bool valid = y != ignore_index;
+  const T* z = logits + row * v;
+  const T* d = direction ? direction + row * v : nullptr;
+  const float lse = lse_in[row];
+  const bool vec = vectorizable(z, v) && (!d || vectorizable(d, v)) &&
+                   (!out || vectorizable(out + row * v, v));
+  constexpr int n = Vec<T>::n;
+
+  float pd = 0.0f;
+  if (d) {
+    float acc = 0.0f;
+    if (vec) {
+      for (int64_t j = static_cast<int64_t>(threadIdx.x) * n; j < v; j += kThreads * n) {
+        float x[n], dd[n];
+        load_vec(z + j, x);
+        load_vec(d + j, dd);
+#pragma unroll
+        for (int k = 0; k < n; ++k) acc += __expf(x[k] - lse) * dd[k];
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < v; j += kThreads) acc += __expf(to_f(z[j]) - lse) * to_f(d[j]);
+    }
+    pd = block_sum(acc);
+    if (threadIdx.x == 0) dot[row] = valid ? pd - to_f(d[y]) : 0.0f;
+  }
+  if (!out) return;
+  const float a = valid && coef_h ? coef_h[row] : 0.0f;
+  const float b = valid && coef_g ? coef_g[row] : 0.0f;
+  T* o = out + row * v;
+  if (vec) {
+    for (int64_t j = static_cast<int64_t>(threadIdx.x) * n; j < v; j += kThreads * n) {
+      float x[n], dd[n], r[n];
+      load_vec(z + j, x);
+      if (d) load_vec(d + j, dd);
+#pragma unroll
+      for (int k = 0; k < n; ++k) {
+        const float p = __expf(x[k] - lse);
+        r[k] = d ? p * (a * (dd[k] - pd) + b) : b * p;
+        if (j + k == y) r[k] -= b;
+      }
+      store_vec(o + j, r);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < v; j += kThreads) {
+      const float p = __expf(to_f(z[j]) - lse);
+      float r = d ? p * (a * (to_f(d[j]) - pd) + b) : b * p;
+      if (j == y) r -= b;
+      o[j] = from_f<T>(r);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward(const void* logits, const int64_t* targets, const float* weights,
+                           int64_t n, int64_t v, int64_t ignore_index, float* loss, float* lse,
+                           float* nll, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  ce_forward_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+      static_cast<const T*>(logits), targets, weights, v, ignore_index, loss, lse, nll);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_directional(const void* logits, const int64_t* targets, const float* lse,
+                               const void* direction, const float* coef_h, const float* coef_g,
+                               int64_t n, int64_t v, int64_t ignore_index, float* dot,
+                               void* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  ce_directional_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+      static_cast<const T*>(logits), targets, lse, static_cast<const T*>(direction), coef_h,
+      coef_g, v, ignore_index, dot, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+namespace datarater {
+namespace cuda {
+
+cudaError_t ce_forward(DType dtype, const void* logits, const int64_t* targets,
+                       const float* weights, int64_t n, int64_t v, int64_t ignore_index,
+                       float* loss, float* lse, float* nll, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_forward<float>(logits, targets, weights, n, v, ignore_index, loss, lse, nll, stream);
+    case DType::kBFloat16:
+      return launch_forward<__nv_bfloat16>(logits, targets, weights, n, v, ignore_index, loss, lse, nll, stream);
+    case DType::kFloat16:
+      return launch_forward<__half>(logits, targets, weights, n, v, ignore_index, loss, lse, nll, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t ce_directional(DType dtype, const void* logits, const int64_t* targets,
+                           const float* lse, const void* direction, const float* coef_h,
+                           const float* coef_g, int64_t n, int64_t v, int64_t ignore_index,
+                           float* dot, void* out, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_directional<float>(logits, targets, lse, direction, coef_h, coef_g, n, v, ignore_index, dot, out, stream);
+    case DType::kBFloat16:
+      return launch_directional<__nv_bfloat16>(logits, targets, lse, direction, coef_h, coef_g, n, v, ignore_index, dot, out, stream);
+    case DType::kFloat16:
+      return launch_directional<__half>(logits, targets, lse, direction, coef_h, coef_g, n, v, ignore_index, dot, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace datarater
