@@ -22,7 +22,9 @@ def test_mixed_mode_keeps_only_parameters_and_optimizer_state_per_extra_step():
     m4 = measure(meta_step_workload, "mixed", 4, **CFG)
     r4 = measure(meta_step_workload, "reverse", 4, **CFG)
     kept = m1.info["state_bytes"]  # theta_t and Adam's two moments
-    weights = 4 * CFG["batch"] + 64  # the step's softmax weights and clip factor, rounded up
-    one_batch = CFG["batch"] * CFG["seq_len"] * (8 + 4)  # targets and token weights in flight
-    assert m4.peak_bytes - m1.peak_bytes <= 3 * (kept + weights) + one_batch
+    # Allocation events of worker threads interleave differently from run to run, which moves
+    # the measured peak by up to ~0.1 %; 1 % of the peak is far below one step's activations.
+    noise = 0.01 * m1.peak_bytes
+    assert m4.peak_bytes - m1.peak_bytes <= 3 * kept + noise
+    assert m4.peak_bytes - m1.peak_bytes >= 3 * kept - noise  # the tape really is kept
     assert m4.peak_bytes < 0.5 * r4.peak_bytes
