@@ -12,6 +12,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("targets"), py::arg("lse"), py::arg("direction"), py::arg("coef_h"),
         py::arg("coef_g"), py::arg("ignore_index"), py::arg("want_out"),
         py::arg("out_buffer"));
+  m.def("gelu_fwd_tangent", &datarater::cpu::gelu_fwd_tangent, "GELU with tangent (CPU)");
+  m.def("gelu_bwd_tangent", &datarater::cpu::gelu_bwd_tangent, "GELU backward with tangent");
+  m.def("softmax_fwd_tangent", &datarater::cpu::softmax_fwd_tangent,
+        "attention softmax with tangent (CPU)");
+  m.def("softmax_bwd_tangent", &datarater::cpu::softmax_bwd_tangent,
+        "attention softmax backward with tangent (CPU)");
+  m.def("layer_norm_fwd_tangent", &datarater::cpu::layer_norm_fwd_tangent,
+        "LayerNorm with tangent (CPU)");
+  m.def("layer_norm_bwd_tangent", &datarater::cpu::layer_norm_bwd_tangent,
+        "LayerNorm backward with tangent (CPU)");
 #ifdef DATARATER_WITH_CUDA
   m.def("ce_forward_cuda", &datarater::gpu::ce_forward_cuda, "weighted cross-entropy forward (CUDA)",
         py::arg("logits"), py::arg("targets"), py::arg("weights"), py::arg("ignore_index"));

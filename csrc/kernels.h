@@ -26,6 +26,26 @@ std::vector<at::Tensor> ce_directional(const at::Tensor& logits, const at::Tenso
                                        int64_t ignore_index, bool want_out,
                                        const c10::optional<at::Tensor>& out_buffer);
 
+// Fused forward-over-reverse blocks of the transformer (float32; csrc/cpu/tangent_ops.cpp).
+std::vector<at::Tensor> gelu_fwd_tangent(const at::Tensor& u, const at::Tensor& du);
+std::vector<at::Tensor> gelu_bwd_tangent(const at::Tensor& ga, const at::Tensor& dga,
+                                         const at::Tensor& g1, const at::Tensor& g2,
+                                         const at::Tensor& du);
+std::vector<at::Tensor> softmax_fwd_tangent(const at::Tensor& s, const at::Tensor& ds,
+                                            double scale, bool causal);
+std::vector<at::Tensor> softmax_bwd_tangent(const at::Tensor& a, const at::Tensor& da,
+                                            const at::Tensor& ga, const at::Tensor& dga,
+                                            double scale);
+std::vector<at::Tensor> layer_norm_fwd_tangent(const at::Tensor& x, const at::Tensor& dx,
+                                               const at::Tensor& gamma, const at::Tensor& dgamma,
+                                               const at::Tensor& beta, const at::Tensor& dbeta,
+                                               double eps);
+std::vector<at::Tensor> layer_norm_bwd_tangent(const at::Tensor& gy, const at::Tensor& dgy,
+                                               const at::Tensor& xh, const at::Tensor& dxh,
+                                               const at::Tensor& r, const at::Tensor& m,
+                                               const at::Tensor& gamma,
+                                               const at::Tensor& dgamma);
+
 }  // namespace cpu
 
 #ifdef DATARATER_WITH_CUDA

@@ -69,3 +69,25 @@ def test_meta_step_is_the_same_with_either_pass(opt):
         dr.meta_step(rater, model, state, inner, outer, optimizer=opt, hvp=hvp, micro_batch_size=2)
         grads.append(torch.cat([p.grad.flatten() for p in rater.parameters()]))
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-10
+
+
+def test_float32_pass_with_fused_kernels_matches_float64():
+    torch.manual_seed(3)
+    cfg = TransformerConfig(vocab_size=61, max_seq_len=16, d_model=16, n_layers=2, n_heads=2)
+    model = CausalLM(cfg)
+    params = {k: v.detach() + 0.2 * torch.randn_like(v) for k, v in model.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    ids = torch.randint(0, 61, (4, 13))
+    batch = SeqBatch.from_dict({"input_ids": ids}, "b")
+    w = torch.softmax(torch.randn(4), 0)
+    hv, c = model.hvp_and_tangents(
+        params, tangents, ids, batch.targets, batch.token_weights.float(), w
+    )
+    model64 = CausalLM(cfg).double()
+    p64 = {k: v.double() for k, v in params.items()}
+    t64 = {k: v.double() for k, v in tangents.items()}
+    hv_ref, c_ref = _reference(model64, p64, t64, batch.to(torch.float64), w.double())
+    assert float((c.double() - c_ref).norm() / c_ref.norm()) < 1e-4
+    for k in params:
+        err = float((hv[k].double() - hv_ref[k]).norm() / hv_ref[k].norm().clamp_min(1e-12))
+        assert err < 1e-4, (k, err)

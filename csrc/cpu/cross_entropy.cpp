@@ -17,38 +17,11 @@
 #include <vector>
 
 #include "../kernels.h"
+#include "vec_math.h"
 
 namespace datarater {
 namespace cpu {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define DR_CLONES
-#endif
-
-// exp(x) to about 2 ulp, branch-free so that loops over it vectorise. exp(-inf) = 0.
-inline float exp_fast(float x) {
-  const float lo = -87.3365f, hi = 88.7228f;
-  const bool underflow = !(x >= lo);  // also catches -inf and NaN... NaN handled below
-  float xc = x < lo ? lo : (x > hi ? hi : x);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
-  float r = xc - n * 0.693145751953125f;  // ln2 split in a high part ...
-  r = r - n * 1.428606765330187e-06f;     // ... and a low part (Cody-Waite)
-  float p = 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  float y = p * scale;
-  y = underflow ? 0.0f : y;
-  return x != x ? x : y;  // propagate NaN
-}
 
 DR_CLONES float row_max(const float* z, int64_t v) {
   float m = -std::numeric_limits<float>::infinity();

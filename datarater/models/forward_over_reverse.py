@@ -21,95 +21,71 @@ import torch
 from torch import Tensor
 
 from ..kernels import select_backend
-
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
+from ..kernels.tangent_ops import (
+    gelu_bwd_tangent,
+    gelu_fwd_tangent,
+    layer_norm_bwd_tangent,
+    layer_norm_fwd_tangent,
+    softmax_bwd_tangent,
+    softmax_fwd_tangent,
+)
 
 # ---------------------------------------------------------------------------------------------
 # building blocks: forward with tangent, backward with tangent
 
 
 def _linear(h: Tensor, dh: Tensor, w: Tensor, dw: Tensor, b: Tensor | None, db: Tensor | None):
-    y = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    dy = torch.addmm(dh @ w.T, h, dw.T)
+    y = h @ w.T
+    if b is not None:
+        y += b
+    dy = (dh @ w.T).addmm_(h, dw.T)
     if db is not None:
-        dy = dy + db
+        dy += db
     return y, dy
 
 
 def _linear_back(gy: Tensor, dgy: Tensor, h: Tensor, dh: Tensor, w: Tensor, dw: Tensor):
     """Input gradient and its tangent, and the tangent of the weight and bias gradients."""
     gh = gy @ w
-    dgh = torch.addmm(dgy @ w, gy, dw)
-    dgw = torch.addmm(dgy.T @ h, gy.T, dh)
+    dgh = (dgy @ w).addmm_(gy, dw)
+    dgw = (dgy.T @ h).addmm_(gy.T, dh)
     return gh, dgh, dgw, dgy.sum(0)
 
 
-def _layer_norm(x: Tensor, dx: Tensor, gamma, dgamma, beta, dbeta, eps: float):
-    mu = x.mean(-1, keepdim=True)
-    xc = x - mu
-    r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-    xh = xc * r
-    m_xdx = (xh * dx).mean(-1, keepdim=True)
-    dxh = r * (dx - dx.mean(-1, keepdim=True) - xh * m_xdx)
-    y = torch.addcmul(beta, xh, gamma)
-    dy = dxh * gamma + xh * dgamma + dbeta
-    return y, dy, (xh, dxh, r, m_xdx)
+def _bmm2(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    """a @ b + c @ d over the leading (batch, head) dimensions, accumulated in place."""
+    lead = a.shape[:-2]
+    out = torch.bmm(a.flatten(0, -3), b.flatten(0, -3))
+    out.baddbmm_(c.flatten(0, -3), d.flatten(0, -3))
+    return out.view(*lead, *out.shape[-2:])
 
 
-def _layer_norm_back(gy: Tensor, dgy: Tensor, saved, gamma: Tensor, dgamma: Tensor):
-    xh, dxh, r, m_xdx = saved
-    a = gy * gamma
-    da = dgy * gamma + gy * dgamma
-    m_a = a.mean(-1, keepdim=True)
-    m_axh = (a * xh).mean(-1, keepdim=True)
-    inner = a - m_a - xh * m_axh
-    gx = r * inner
-    d_inner = (
-        da
-        - da.mean(-1, keepdim=True)
-        - dxh * m_axh
-        - xh * ((da * xh).mean(-1, keepdim=True) + (a * dxh).mean(-1, keepdim=True))
-    )
-    dgx = r * (d_inner - r * m_xdx * inner)  # dr = -r^2 m_xdx
-    dgamma_g = (dgy * xh + gy * dxh).sum(0)
-    dbeta_g = dgy.sum(0)
-    return gx, dgx, dgamma_g, dbeta_g
-
-
-def _gelu_derivatives(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """gelu(u), gelu'(u), gelu''(u) for the exact (erf) GELU."""
-    cdf = 0.5 * (1.0 + torch.erf(u * _INV_SQRT2))
-    pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
-    return u * cdf, cdf + u * pdf, pdf * (2.0 - u * u)
-
-
-def _attention(q, dq, k, dk, v, dv, scale: float, causal: Tensor):
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(causal, float("-inf"))
-    a = s.softmax(-1)
-    ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale
-    da = a * (ds - (a * ds).sum(-1, keepdim=True))
-    o = a @ v
-    do = da @ v + a @ dv
-    return o, do, (a, da)
+def _attention(q, dq, k, dk, v, dv, scale: float):
+    kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)
+    s = q @ kt
+    ds = _bmm2(dq, kt, q, dkt)
+    a, da = softmax_fwd_tangent(s, ds, scale, causal=True)
+    return a @ v, _bmm2(da, v, a, dv), (a, da)
 
 
 def _attention_back(go, dgo, saved, q, dq, k, dk, v, dv, scale: float):
     a, da = saved
-    ga = go @ v.transpose(-1, -2)
-    dga = dgo @ v.transpose(-1, -2) + go @ dv.transpose(-1, -2)
-    gv = a.transpose(-1, -2) @ go
-    dgv = da.transpose(-1, -2) @ go + a.transpose(-1, -2) @ dgo
-    rho = (a * ga).sum(-1, keepdim=True)
-    drho = (da * ga + a * dga).sum(-1, keepdim=True)
-    gs = a * (ga - rho)
-    dgs = da * (ga - rho) + a * (dga - drho)
-    gq = (gs @ k) * scale
-    dgq = (dgs @ k + gs @ dk) * scale
-    gk = (gs.transpose(-1, -2) @ q) * scale
-    dgk = (dgs.transpose(-1, -2) @ q + gs.transpose(-1, -2) @ dq) * scale
+    vt, dvt, at, dat = (
+        v.transpose(-1, -2),
+        dv.transpose(-1, -2),
+        a.transpose(-1, -2),
+        da.transpose(-1, -2),
+    )
+    ga = go @ vt
+    dga = _bmm2(dgo, vt, go, dvt)
+    gv = at @ go
+    dgv = _bmm2(dat, go, at, dgo)
+    gs, dgs = softmax_bwd_tangent(a, da, ga, dga, scale)  # scale folded in
+    gst, dgst = gs.transpose(-1, -2), dgs.transpose(-1, -2)
+    gq = gs @ k
+    dgq = _bmm2(dgs, k, gs, dk)
+    gk = gst @ q
+    dgk = _bmm2(dgst, q, gst, dq)
     return gq, dgq, gk, dgk, gv, dgv
 
 
@@ -148,7 +124,6 @@ def causal_lm_hvp(
     d, h = cfg.d_model, cfg.n_heads
     dh_ = d // h
     scale = 1.0 / math.sqrt(dh_)
-    causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).triu(1)
     ids = input_ids.reshape(-1)
     out_name = "tok.weight" if model.lm_head is None else "lm_head.weight"
 
@@ -158,7 +133,7 @@ def causal_lm_hvp(
     saved = []
     for i in range(cfg.n_layers):
         pre = f"blocks.{i}."
-        h1, dh1, ln1 = _layer_norm(
+        h1, dh1, ln1 = layer_norm_fwd_tangent(
             x,
             dx,
             p(pre + "ln1.weight"),
@@ -177,10 +152,11 @@ def causal_lm_hvp(
         )
 
         def heads(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            return y.view(b, n, 3, h, dh_).permute(2, 0, 3, 1, 4).unbind(0)
+            # one copy per tensor here saves several inside the batched matmuls
+            return tuple(t.contiguous() for t in y.view(b, n, 3, h, dh_).permute(2, 0, 3, 1, 4))
 
         (q, k, v), (dq, dk, dv) = heads(qkv), heads(dqkv)
-        o, do, att = _attention(q, dq, k, dk, v, dv, scale, causal)
+        o, do, att = _attention(q, dq, k, dk, v, dv, scale)
         om = o.transpose(1, 2).reshape(b * n, d)
         dom = do.transpose(1, 2).reshape(b * n, d)
         y, dy = _linear(
@@ -192,7 +168,7 @@ def causal_lm_hvp(
             t(pre + "attn.proj.bias"),
         )
         x, dx = x + y, dx + dy
-        h2, dh2, ln2 = _layer_norm(
+        h2, dh2, ln2 = layer_norm_fwd_tangent(
             x,
             dx,
             p(pre + "ln2.weight"),
@@ -209,8 +185,7 @@ def causal_lm_hvp(
             p(pre + "fc.bias"),
             t(pre + "fc.bias"),
         )
-        act, g1, g2 = _gelu_derivatives(u)
-        dact = g1 * du
+        act, dact, g1, g2 = gelu_fwd_tangent(u, du)
         y, dy = _linear(
             act,
             dact,
@@ -245,7 +220,7 @@ def causal_lm_hvp(
                 g2,
             )
         )
-    hf, dhf, lnf = _layer_norm(
+    hf, dhf, lnf = layer_norm_fwd_tangent(
         x, dx, p("ln_f.weight"), t("ln_f.weight"), p("ln_f.bias"), t("ln_f.bias"), 1e-5
     )
     w_out, dw_out = p(out_name), t(out_name)
@@ -268,7 +243,7 @@ def causal_lm_hvp(
     ghf, dghf, dgw_out, _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
     del z, dz, gz, dgz
     hv[out_name] = dgw_out
-    gx, dgx, hv["ln_f.weight"], hv["ln_f.bias"] = _layer_norm_back(
+    gx, dgx, hv["ln_f.weight"], hv["ln_f.bias"] = layer_norm_bwd_tangent(
         ghf, dghf, lnf, p("ln_f.weight"), t("ln_f.weight")
     )
     for i in reversed(range(cfg.n_layers)):
@@ -300,12 +275,11 @@ def causal_lm_hvp(
         gact, dgact, hv[pre + "out.weight"], hv[pre + "out.bias"] = _linear_back(
             gx, dgx, act, dact, p(pre + "out.weight"), t(pre + "out.weight")
         )
-        gu = gact * g1
-        dgu = dgact * g1 + gact * g2 * du
+        gu, dgu = gelu_bwd_tangent(gact, dgact, g1, g2, du)
         gh2, dgh2, hv[pre + "fc.weight"], hv[pre + "fc.bias"] = _linear_back(
             gu, dgu, h2, dh2, p(pre + "fc.weight"), t(pre + "fc.weight")
         )
-        gl, dgl, hv[pre + "ln2.weight"], hv[pre + "ln2.bias"] = _layer_norm_back(
+        gl, dgl, hv[pre + "ln2.weight"], hv[pre + "ln2.bias"] = layer_norm_bwd_tangent(
             gh2, dgh2, ln2, p(pre + "ln2.weight"), t(pre + "ln2.weight")
         )
         gx, dgx = gx + gl, dgx + dgl
@@ -315,7 +289,7 @@ def causal_lm_hvp(
         )
 
         def split(y: Tensor) -> Tensor:
-            return y.view(b, n, h, dh_).transpose(1, 2)
+            return y.view(b, n, h, dh_).transpose(1, 2).contiguous()
 
         gq, dgq, gk, dgk, gv, dgv = _attention_back(
             split(gom), split(dgom), att, q, dq, k, dk, v, dv, scale
@@ -328,7 +302,7 @@ def causal_lm_hvp(
         gh1, dgh1, hv[pre + "attn.qkv.weight"], hv[pre + "attn.qkv.bias"] = _linear_back(
             gqkv, dgqkv, h1, dh1, p(pre + "attn.qkv.weight"), t(pre + "attn.qkv.weight")
         )
-        gl, dgl, hv[pre + "ln1.weight"], hv[pre + "ln1.bias"] = _layer_norm_back(
+        gl, dgl, hv[pre + "ln1.weight"], hv[pre + "ln1.bias"] = layer_norm_bwd_tangent(
             gh1, dgh1, ln1, p(pre + "ln1.weight"), t(pre + "ln1.weight")
         )
         gx, dgx = gx + gl, dgx + dgl
