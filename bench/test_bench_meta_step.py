@@ -34,7 +34,7 @@ def test_meta_step(benchmark, record, summarize, variant, steps):
         kw["mode"], steps, **CFG, **{k: v for k, v in kw.items() if k != "mode"}
     )
     benchmark.extra_info.update(variant=variant, steps=steps, peak_mib=mem.peak_bytes / 2**20)
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     row = dict(
         variant=variant,
         T=steps,

@@ -130,3 +130,28 @@ def test_linear_bad_input():
         f(h, w, torch.full_like(t, 9), sw)
     with pytest.raises(ValueError, match="chunk_bytes"):
         f(h, w, t, sw, chunk_bytes=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("upstream", ["sum", "mean", "per-token"])
+def test_eager_gradients_equal_recomputed_ones(backend, upstream):
+    h, w, b, t, sw, _, c = inputs(19, 8, 101)
+    results = []
+    for eager in (True, False):
+        args = [x.detach().requires_grad_(True) for x in (h, w, b, sw)]
+        reduction = "none" if upstream == "per-token" else upstream
+        loss = linear_weighted_cross_entropy(
+            args[0],
+            args[1],
+            t,
+            args[3],
+            bias=args[2],
+            backend=backend,
+            chunk_bytes=1000,
+            reduction=reduction,
+            eager_grad=eager,
+        )
+        (loss * c).sum().backward() if upstream == "per-token" else loss.backward()
+        results.append([x.grad for x in args])
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)

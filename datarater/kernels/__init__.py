@@ -130,18 +130,24 @@ def weighted_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "none",
     backend: str | None = None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Weighted per-token cross-entropy ``w_n (lse(z_n) - z_n[y_n])`` from logits [N, V].
 
     Returns float32 per-token losses (float64 for float64 logits), or their ``"sum"``, or
     their weighted ``"mean"`` (sum over the weights of non-ignored tokens). Differentiable in
     ``logits`` and ``weights`` in reverse and forward mode, to second order.
+
+    ``inplace_backward=True`` writes the gradient into the logits' memory during a plain
+    (first-order) backward, saving an N x V allocation: the logits are destroyed, so use it
+    only when nothing reads them after the backward. Double backward and torch.func
+    transforms ignore it and take the regular path.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     validate(logits, targets, weights, ignore_index)
     prim = select_backend(logits, backend)
-    loss = cross_entropy_per_token(logits, targets, weights, ignore_index, prim)
+    loss = cross_entropy_per_token(logits, targets, weights, ignore_index, prim, inplace_backward)
     return _reduce(loss, targets, weights, ignore_index, reduction)
 
 

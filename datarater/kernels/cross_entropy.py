@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from .primitives import Primitives, directional
+from .primitives import Primitives, _wrapped, directional
 
 
 def _scaled(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -31,15 +31,15 @@ def _scaled(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 class _CrossEntropy(Function):
     @staticmethod
-    def forward(logits, weights, targets, prim: Primitives, ignore_index: int):
+    def forward(logits, weights, targets, prim: Primitives, ignore_index: int, inplace: bool):
         return prim.forward(logits, targets, weights, ignore_index)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        logits, weights, targets, prim, ignore_index = inputs
+        logits, weights, targets, prim, ignore_index, inplace = inputs
         _, lse, nll = output
         ctx.mark_non_differentiable(lse, nll)
-        ctx.prim, ctx.ignore_index = prim, ignore_index
+        ctx.prim, ctx.ignore_index, ctx.inplace = prim, ignore_index, inplace
         ctx.has_weights = weights is not None
         ctx.save_for_backward(logits, weights, targets, lse, nll)
         ctx.save_for_forward(logits, weights, targets, lse, nll)
@@ -50,11 +50,17 @@ class _CrossEntropy(Function):
         g_logits = g_weights = None
         if ctx.needs_input_grad[0]:
             coef = _scaled(g_loss, weights.to(g_loss.dtype) if ctx.has_weights else None)
-            g_logits = _Grad.apply(logits, lse, coef, targets, ctx.prim, ctx.ignore_index)
+            if ctx.inplace and not torch.is_grad_enabled() and not _wrapped(logits, coef):
+                # First-order training only: the gradient overwrites the logits' memory.
+                g_logits = ctx.prim.directional(
+                    logits, targets, lse, None, None, coef, ctx.ignore_index, True, out=logits
+                )[1]
+            else:
+                g_logits = _Grad.apply(logits, lse, coef, targets, ctx.prim, ctx.ignore_index)
         if ctx.has_weights and ctx.needs_input_grad[1]:
             nll_z = _NLL.apply(logits, lse, nll, targets, ctx.prim, ctx.ignore_index)
             g_weights = (g_loss * nll_z).to(weights.dtype)
-        return g_logits, g_weights, None, None, None
+        return g_logits, g_weights, None, None, None, None
 
     @staticmethod
     def jvp(ctx, d_logits, d_weights, *_):
@@ -146,8 +152,13 @@ class _Grad(Function):
 
 
 def cross_entropy_per_token(
-    logits: Tensor, targets: Tensor, weights: Tensor | None, ignore_index: int, prim: Primitives
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor | None,
+    ignore_index: int,
+    prim: Primitives,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Per-token ``w * nll`` through the Functions above (inputs already validated)."""
-    loss, _, _ = _CrossEntropy.apply(logits, weights, targets, prim, ignore_index)
+    loss, _, _ = _CrossEntropy.apply(logits, weights, targets, prim, ignore_index, inplace_backward)
     return loss

@@ -50,39 +50,82 @@ def _tangent(h, dh, w, dw, db) -> Tensor:
 class _Ctx:
     """Non-tensor settings shared by the three Functions."""
 
-    def __init__(self, targets: Tensor, prim: Primitives, ignore_index: int, rows: int):
+    def __init__(
+        self,
+        targets: Tensor,
+        prim: Primitives,
+        ignore_index: int,
+        rows: int,
+        eager_grad: bool = False,
+    ):
         self.targets, self.prim, self.ignore_index, self.rows = targets, prim, ignore_index, rows
+        self.eager_grad = eager_grad
 
 
 class _LinearCE(Function):
+    """Per-token loss. With ``cfg.eager_grad`` the forward also computes the gradients for an
+    upstream gradient of ones (the logits chunk is at hand: no second projection later); the
+    backward rescales them when the upstream gradient is uniform, as after ``.sum()`` or a mean,
+    and recomputes otherwise."""
+
     @staticmethod
     def forward(h, w, b, weights, cfg: _Ctx):
         n = h.shape[0]
         loss = h.new_empty(n, dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
         lse, nll = torch.empty_like(loss), torch.empty_like(loss)
+        eager = cfg.eager_grad
+        if eager:
+            gh = torch.empty_like(h)
+            gw = torch.zeros(
+                w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device
+            )
+            gb = None if b is None else torch.zeros(b.shape, dtype=gw.dtype, device=b.device)
         for sl in _chunks(n, cfg.rows):
-            z = _project(h[sl], w, b)
+            hc, t = h[sl], cfg.targets[sl]
+            z = _project(hc, w, b)
             wc = None if weights is None else weights[sl]
-            loss[sl], lse[sl], nll[sl] = cfg.prim.forward(z, cfg.targets[sl], wc, cfg.ignore_index)
-        return loss, lse, nll
+            loss[sl], lse[sl], nll[sl] = cfg.prim.forward(z, t, wc, cfg.ignore_index)
+            if eager:
+                coef = torch.ones_like(lse[sl]) if wc is None else wc.to(lse.dtype)
+                gz = cfg.prim.directional(
+                    z, t, lse[sl], None, None, coef, cfg.ignore_index, True, out=z
+                )[1]
+                gh[sl] = gz @ w
+                gw += (gz.T @ hc).to(gw.dtype)
+                if gb is not None:
+                    gb += gz.sum(0).to(gb.dtype)
+        if not eager:
+            return loss, lse, nll, None, None, None
+        return loss, lse, nll, gh, gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         h, w, b, weights, cfg = inputs
-        _, lse, nll = output
-        ctx.mark_non_differentiable(lse, nll)
+        _, lse, nll, gh, gw, gb = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.cfg, ctx.has_b, ctx.has_weights = cfg, b is not None, weights is not None
+        ctx.eager = (gh, gw, gb) if gh is not None else None
         ctx.save_for_backward(h, w, b, weights, lse, nll)
         ctx.save_for_forward(h, w, b, weights, lse, nll)
 
     @staticmethod
-    def backward(ctx, g_loss, _g_lse, _g_nll):
+    def backward(ctx, g_loss, *_):
         h, w, b, weights, lse, nll = ctx.saved_tensors
         cfg = ctx.cfg
         gh = gw = gb = g_weights = None
+        eager, ctx.eager = ctx.eager, None
         if any(ctx.needs_input_grad[:3]):
-            coef = g_loss if not ctx.has_weights else g_loss * weights.to(g_loss.dtype)
-            gh, gw, gb = _LinearGrad.apply(h, w, b, coef, lse, cfg)
+            if (
+                eager is not None
+                and not torch.is_grad_enabled()
+                and g_loss.numel()
+                and bool((g_loss == g_loss[0]).all())
+            ):
+                scale = g_loss[0]
+                gh, gw, gb = (None if x is None else x.mul_(scale.to(x.dtype)) for x in eager)
+            else:
+                coef = g_loss if not ctx.has_weights else g_loss * weights.to(g_loss.dtype)
+                gh, gw, gb = _LinearGrad.apply(h, w, b, coef, lse, cfg)
         if ctx.has_weights and ctx.needs_input_grad[3]:
             g_weights = (g_loss * _LinearNLL.apply(h, w, b, lse, nll, cfg)).to(weights.dtype)
         return gh, gw, gb, g_weights, None
@@ -97,7 +140,7 @@ class _LinearCE(Function):
             d_loss = dot if not ctx.has_weights else dot * weights.to(dot.dtype)
         if ctx.has_weights and d_weights is not None:
             d_loss = d_loss + d_weights.to(nll.dtype) * nll
-        return d_loss, None, None
+        return d_loss, None, None, None, None, None
 
 
 def _directional_dot(h, dh, w, dw, b, db, lse, cfg: _Ctx) -> Tensor:
@@ -246,13 +289,17 @@ def linear_weighted_cross_entropy(
     reduction: str = "none",
     backend: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    eager_grad: bool | None = None,
 ) -> Tensor:
     """``weighted_cross_entropy(hidden @ weight.T + bias, ...)`` without an N x V tensor.
 
     ``hidden`` [N, D], ``weight`` [V, D], ``bias`` [V] or None. Rows are processed in chunks
-    whose logits take at most ``chunk_bytes``.
+    whose logits take at most ``chunk_bytes``. ``eager_grad`` (default: when a plain backward
+    is likely) computes the gradients in the forward pass while each logits chunk is at hand,
+    saving the second projection; higher-order uses recompute as usual.
     """
     from . import _REDUCTIONS, _reduce, select_backend, validate
+    from .primitives import _wrapped
 
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -277,6 +324,11 @@ def linear_weighted_cross_entropy(
     validate(probe.expand(n, v), targets, weights, ignore_index)
     prim = select_backend(probe, backend)
     rows = _rows_per_chunk(n, v, hidden.element_size(), chunk_bytes)
-    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows)
-    loss, _, _ = _LinearCE.apply(hidden, weight, bias, weights, cfg)
+    if eager_grad is None:
+        needs = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        eager_grad = (
+            torch.is_grad_enabled() and needs and not _wrapped(hidden, weight, bias, weights)
+        )
+    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad)
+    loss = _LinearCE.apply(hidden, weight, bias, weights, cfg)[0]
     return _reduce(loss, targets, weights, ignore_index, reduction)
