@@ -1,0 +1,219 @@
+"""GPU timings of the loss kernels and of meta_step, against torch eager and torch.compile.
+
+Run by bench/gpu/check.sh on a GPU machine; ``--smoke`` runs the same code paths on the CPU at
+tiny sizes (used by the test suite, so that the script cannot rot between GPU slots). Every
+case is isolated: one that fails prints its error and the others go on. Prints a table last
+and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import datarater as dr
+from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
+from datarater.models import CausalLM, Rater, preset
+
+ROWS: list[dict] = []
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, iters: int = 5, warmup: int = 2) -> tuple[float, int]:
+    """Median milliseconds of ``fn()`` and the peak bytes above what was allocated before."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
+    return sorted(times)[len(times) // 2], peak
+
+
+def case(group: str, name: str, fn, device, **extra) -> None:
+    try:
+        ms, peak = timed(fn, device)
+        ROWS.append(
+            dict(group=group, case=name, ms=round(ms, 3), peak_mb=round(peak / 1e6, 1), **extra)
+        )
+    except Exception as e:  # noqa: BLE001 - report and go on
+        ROWS.append(dict(group=group, case=name, error=f"{type(e).__name__}: {e}"[:200]))
+        traceback.print_exc()
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bench_weighted_ce(device, n: int, v: int, backends: list[str]) -> None:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z0 = torch.randn(n, v, generator=g).to(device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    w = torch.rand(n, generator=g).to(device)
+    zz = z0.double().requires_grad_(True)
+    ref = F.cross_entropy(zz, t, reduction="none") * w.double()
+    (ref_grad,) = torch.autograd.grad(ref.sum(), zz)
+    del zz
+
+    def run_with(loss_fn, inplace=False):
+        leaf = z0.clone().requires_grad_(True) if inplace else z0.detach().requires_grad_(True)
+
+        def run():
+            src = leaf.detach().clone().requires_grad_(True) if inplace else leaf
+            return torch.autograd.grad(loss_fn(src), src)[0]
+
+        return run
+
+    def eager_upcast(z):
+        return (F.cross_entropy(z.float(), t, reduction="none") * w).sum()
+
+    def eager_native(z):
+        return (F.cross_entropy(z, t, reduction="none") * w).sum()
+
+    tag = dict(N=n, V=v)
+    case(
+        "weighted CE bf16 fwd+bwd",
+        "torch eager (fp32 upcast)",
+        run_with(eager_upcast),
+        device,
+        **tag,
+    )
+    case("weighted CE bf16 fwd+bwd", "torch eager native", run_with(eager_native), device, **tag)
+    if torch.device(device).type == "cuda":
+        compiled = torch.compile(eager_upcast)
+        case("weighted CE bf16 fwd+bwd", "torch.compile", run_with(compiled), device, **tag)
+    for b in backends:
+
+        def ours(z, b=b):
+            return weighted_cross_entropy(z, t, w, backend=b).sum()
+
+        got = run_with(ours)()
+        err = rel_err(got, ref_grad)
+        case(
+            "weighted CE bf16 fwd+bwd",
+            f"datarater {b}",
+            run_with(ours),
+            device,
+            grad_rel_err=f"{err:.1e}",
+            **tag,
+        )
+
+
+def bench_linear_ce(device, n: int, d: int, v: int, backends: list[str]) -> None:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    h0 = torch.randn(n, d, generator=g).to(device=device, dtype=torch.bfloat16)
+    w0 = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    sw = torch.rand(n, generator=g).to(device)
+    h, wt = h0.requires_grad_(True), w0.requires_grad_(True)
+
+    def eager():
+        loss = (F.cross_entropy((h @ wt.T).float(), t, reduction="none") * sw).sum()
+        return torch.autograd.grad(loss, (h, wt))
+
+    tag = dict(N=n, D=d, V=v)
+    case("linear+CE bf16 fwd+bwd", "torch eager", eager, device, **tag)
+    for b in backends:
+
+        def ours(b=b):
+            loss = linear_weighted_cross_entropy(h, wt, t, sw, backend=b).sum()
+            return torch.autograd.grad(loss, (h, wt))
+
+        case("linear+CE bf16 fwd+bwd", f"datarater {b}", ours, device, **tag)
+
+
+def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]) -> None:
+    torch.manual_seed(0)
+    cfg = preset(size, max_seq_len=length)
+    lm = CausalLM(cfg).to(device)
+    rater = Rater(preset("toy", vocab_size=cfg.vocab_size, max_seq_len=length)).to(device)
+    opt = dr.optim.Adam(1e-3, weight_decay=0.1, clip_norm=1.0)
+    state = dr.InnerState.init(lm, opt)
+
+    def batch_of():
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (batch, length), device=device)}
+
+    outer = batch_of()
+    tag = dict(model=size, tokens=f"{batch}x{length}")
+
+    def plain():
+        lm.zero_grad(set_to_none=True)
+        logits = lm(outer["input_ids"])
+        F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), outer["input_ids"][:, 1:].flatten()
+        ).backward()
+
+    case("meta_step", "plain training step", plain, device, T=0, **tag)
+    for t_steps in steps:
+        inner = [batch_of() for _ in range(t_steps)]
+        for mode, hvp in (("reverse", "auto"), ("mixed", "auto"), ("mixed", "func")):
+
+            def run(mode=mode, hvp=hvp, inner=inner):
+                rater.zero_grad(set_to_none=True)
+                dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode, hvp=hvp)
+
+            name = mode if hvp == "auto" else "mixed (torch.func)"
+            case("meta_step", name, run, device, T=t_steps, **tag)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    backends = dr.kernels.available_backends(device)
+    backends = [b for b in backends if b != "torch"] or ["torch"]
+    if args.smoke:
+        bench_weighted_ce(device, 64, 515, backends)
+        bench_linear_ce(device, 48, 32, 300, backends)
+        bench_meta_step(device, "toy", 4, 32, [1, 2])
+    else:
+        print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+        bench_weighted_ce(device, 16384, 32768, backends)
+        bench_weighted_ce(device, 16384, 131072, backends)
+        bench_linear_ce(device, 8192, 4096, 131072, backends)
+        bench_meta_step(device, "17m", 16, 256, [1, 2, 4, 8])
+    keys = list(dict.fromkeys(k for r in ROWS for k in r))
+    print("\n| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in ROWS:
+        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {"device": device if args.smoke else torch.cuda.get_device_name(), "rows": ROWS},
+                indent=1,
+            )
+        )
+    return 1 if any("error" in r for r in ROWS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

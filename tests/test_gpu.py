@@ -1,0 +1,75 @@
+"""GPU checks: every GPU backend against float64, and meta_step on the GPU.
+
+Skipped on machines without CUDA; bench/gpu/check.sh runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import datarater as dr
+from datarater.kernels import (
+    available_backends,
+    linear_weighted_cross_entropy,
+    weighted_cross_entropy,
+)
+
+from .conftest import make_batches, tiny_lm, tiny_rater
+from .kernel_cases import IGNORE, make_inputs, ours_all, reference_all, rel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def test_the_cuda_extension_and_triton_are_there():
+    assert {"cuda", "triton"} <= set(GPU_BACKENDS), GPU_BACKENDS
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape", [(37, 50257), (129, 300), (5, 1), (1, 7), (0, 13), (300, 4096)], ids=str
+)
+def test_gpu_derivatives_match_float64(backend, dtype, shape):
+    z, t, w, dz, dw, c = (x.cuda() for x in make_inputs(*shape, dtype=dtype))
+
+    def fn(z_, t_, w_):
+        return weighted_cross_entropy(z_, t_, w_, ignore_index=IGNORE, backend=backend)
+
+    ref = reference_all(z, t, w, dz, dw, c)
+    ours = ours_all(fn, z, t, w, dz, dw, c)
+    for key, r in ref.items():
+        assert rel(ours[key], r) <= TOL[dtype], (key, rel(ours[key], r))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_linear_matches_float64(backend):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(301, 64, generator=g).cuda()
+    wt = (torch.randn(5003, 64, generator=g) / 8).cuda()
+    t = torch.randint(0, 5003, (301,), generator=g).cuda()
+    sw = torch.rand(301, generator=g).cuda()
+    hh, ww = h.requires_grad_(True), wt.requires_grad_(True)
+    loss = linear_weighted_cross_entropy(hh, ww, t, sw, backend=backend, chunk_bytes=1 << 20)
+    gh, gw = torch.autograd.grad(loss.sum(), (hh, ww))
+    h64, w64 = h.double().detach().requires_grad_(True), wt.double().detach().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, t, reduction="none") * sw.double()
+    rh, rw = torch.autograd.grad(ref.sum(), (h64, w64))
+    assert rel(loss, ref) < 1e-5 and rel(gh, rh) < 1e-5 and rel(gw, rw) < 1e-5
+
+
+def test_meta_step_on_the_gpu_mixed_equals_reverse():
+    model, rater = tiny_lm(torch.float32).cuda(), tiny_rater(torch.float32).cuda()
+    inner, outer = make_batches(3, batch=8, masked=True)
+    inner = [{k: v.cuda() for k, v in b.items()} for b in inner]
+    outer = {k: v.cuda() for k, v in outer.items()}
+    opt = dr.optim.Adam(1e-2, clip_norm=1.0)
+    state = dr.InnerState.init(model, opt)
+    grads = []
+    for mode in ("mixed", "reverse"):
+        rater.zero_grad(set_to_none=True)
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
+        grads.append(torch.cat([p.grad.flatten() for p in rater.parameters()]))
+    assert rel(grads[0], grads[1]) < 1e-4
