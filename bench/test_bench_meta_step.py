@@ -57,3 +57,34 @@ def test_meta_step(benchmark, record, summarize, variant, steps):
             f"vs 7 x state {7 * m1['state_mib']:.3f} MiB",
         )
         summarize("meta_step", f"time mixed/reverse at T=8: {m8['seconds'] / r8['seconds']:.3f}")
+
+
+def test_time_ratio_interleaved(benchmark, record, summarize):
+    """The T = 8 time ratio with the variants' rounds interleaved (A B C D A B C D ...), so that
+    drift of a shared, noisy machine hits all of them alike; medians of 7 rounds."""
+    import statistics
+    import time
+
+    runs = {
+        v: meta_step_workload(kw["mode"], 8, **CFG, **{k: x for k, x in kw.items() if k != "mode"})
+        for v, kw in VARIANTS.items()
+    }
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {v: [] for v in runs}
+
+    def round_robin():
+        for v, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[v].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(round_robin, rounds=7, warmup_rounds=0)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    base = min(med["reverse"], med["reverse/torch loss"])
+    for v, m in med.items():
+        record("meta_step_interleaved", variant=v, T=8, median_s=m, vs_best_reverse=m / base)
+    summarize(
+        "meta_step_interleaved",
+        f"time mixed/best reverse at T=8 (interleaved): {med['mixed'] / base:.3f}",
+    )
