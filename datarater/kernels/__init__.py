@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ._ext import extension, load_error
-from .cpu import CPU
 from .cross_entropy import cross_entropy_per_token
+from .native import CPU, CUDA
 from .primitives import TORCH, Primitives
 from .reference import weighted_cross_entropy_reference
 
@@ -33,19 +33,13 @@ def _triton():
     return TRITON
 
 
-def _cuda():
-    from .cuda import CUDA
-
-    return CUDA
-
-
 def _primitives(name: str) -> Primitives:
     if name == "torch":
         return TORCH
     if name == "cpu":
         return CPU
     if name == "cuda":
-        return _cuda()
+        return CUDA
     if name == "triton":
         return _triton()
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")

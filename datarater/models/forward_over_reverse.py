@@ -16,6 +16,7 @@ Notation: for every activation ``x`` its tangent is ``dx``; ``g*`` is a gradient
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -93,6 +94,46 @@ def _attention_back(go, dgo, saved, q, dq, k, dk, v, dv, scale: float):
 # the whole model
 
 
+class _Weights:
+    """Parameter and tangent lookup by name; names absent from ``params`` are frozen: the
+    module's own tensor, with a zero tangent (and no H v entry)."""
+
+    def __init__(self, model, params: dict[str, Tensor], tangents: dict[str, Tensor]) -> None:
+        self.own = dict(model.named_parameters())
+        self.params, self.tangents = params, tangents
+        self.hv: dict[str, Tensor] = {}
+
+    def p(self, name: str) -> Tensor:
+        return self.params[name] if name in self.params else self.own[name].detach()
+
+    def t(self, name: str) -> Tensor:
+        return self.tangents[name] if name in self.tangents else torch.zeros_like(self.p(name))
+
+    def linear(self, name: str, h: Tensor, dh: Tensor, bias: bool = True):
+        w, b = name + ".weight", name + ".bias"
+        return _linear(
+            h, dh, self.p(w), self.t(w), self.p(b) if bias else None, self.t(b) if bias else None
+        )
+
+    def linear_back(self, name: str, gy: Tensor, dgy: Tensor, h: Tensor, dh: Tensor):
+        w = name + ".weight"
+        gh, dgh, self.hv[w], self.hv[name + ".bias"] = _linear_back(
+            gy, dgy, h, dh, self.p(w), self.t(w)
+        )
+        return gh, dgh
+
+    def norm(self, name: str, x: Tensor, dx: Tensor):
+        w, b = name + ".weight", name + ".bias"
+        return layer_norm_fwd_tangent(x, dx, self.p(w), self.t(w), self.p(b), self.t(b), 1e-5)
+
+    def norm_back(self, name: str, gy: Tensor, dgy: Tensor, saved):
+        w = name + ".weight"
+        gx, dgx, self.hv[w], self.hv[name + ".bias"] = layer_norm_bwd_tangent(
+            gy, dgy, saved, self.p(w), self.t(w)
+        )
+        return gx, dgx
+
+
 @torch.no_grad()
 def causal_lm_hvp(
     model,
@@ -111,119 +152,46 @@ def causal_lm_hvp(
     (l_i = sum_t token_weights[i, t] * ce[i, t]); ``seq_weights`` is w [B].
     Returns ({name: H v} for the names in ``params``, c [B]).
     """
-    cfg = model.cfg
-    own = dict(model.named_parameters())
-
-    def p(name: str) -> Tensor:
-        return params[name] if name in params else own[name].detach()
-
-    def t(name: str) -> Tensor:
-        return tangents[name] if name in tangents else torch.zeros_like(p(name))
-
+    cfg, W = model.cfg, _Weights(model, params, tangents)
     b, n = input_ids.shape
     d, h = cfg.d_model, cfg.n_heads
-    dh_ = d // h
-    scale = 1.0 / math.sqrt(dh_)
+    scale = 1.0 / math.sqrt(d // h)
     ids = input_ids.reshape(-1)
     out_name = "tok.weight" if model.lm_head is None else "lm_head.weight"
 
+    def heads(y: Tensor) -> list[Tensor]:  # [N, 3d] -> q, k, v as [B, H, L, d/h], contiguous
+        return [t.contiguous() for t in y.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)]
+
+    def merge_heads(y: Tensor) -> Tensor:  # [B, H, L, d/h] -> [N, d]
+        return y.transpose(1, 2).reshape(b * n, d)
+
+    def split_heads(y: Tensor) -> Tensor:  # [N, d] -> [B, H, L, d/h], contiguous
+        return y.view(b, n, h, d // h).transpose(1, 2).contiguous()
+
+    def stack_heads(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # inverse of heads()
+        return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(b * n, 3 * d)
+
     # ---- forward, primal and tangent --------------------------------------------------------
-    x = (p("tok.weight")[ids].view(b, n, d) + p("pos.weight")[:n]).view(b * n, d)
-    dx = (t("tok.weight")[ids].view(b, n, d) + t("pos.weight")[:n]).view(b * n, d)
-    saved = []
+    x = (W.p("tok.weight")[ids].view(b, n, d) + W.p("pos.weight")[:n]).view(b * n, d)
+    dx = (W.t("tok.weight")[ids].view(b, n, d) + W.t("pos.weight")[:n]).view(b * n, d)
+    layers = []
     for i in range(cfg.n_layers):
-        pre = f"blocks.{i}."
-        h1, dh1, ln1 = layer_norm_fwd_tangent(
-            x,
-            dx,
-            p(pre + "ln1.weight"),
-            t(pre + "ln1.weight"),
-            p(pre + "ln1.bias"),
-            t(pre + "ln1.bias"),
-            1e-5,
-        )
-        qkv, dqkv = _linear(
-            h1,
-            dh1,
-            p(pre + "attn.qkv.weight"),
-            t(pre + "attn.qkv.weight"),
-            p(pre + "attn.qkv.bias"),
-            t(pre + "attn.qkv.bias"),
-        )
-
-        def heads(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            # one copy per tensor here saves several inside the batched matmuls
-            return tuple(t.contiguous() for t in y.view(b, n, 3, h, dh_).permute(2, 0, 3, 1, 4))
-
-        (q, k, v), (dq, dk, dv) = heads(qkv), heads(dqkv)
-        o, do, att = _attention(q, dq, k, dk, v, dv, scale)
-        om = o.transpose(1, 2).reshape(b * n, d)
-        dom = do.transpose(1, 2).reshape(b * n, d)
-        y, dy = _linear(
-            om,
-            dom,
-            p(pre + "attn.proj.weight"),
-            t(pre + "attn.proj.weight"),
-            p(pre + "attn.proj.bias"),
-            t(pre + "attn.proj.bias"),
-        )
+        L, pre = SimpleNamespace(), f"blocks.{i}."
+        L.h1, L.dh1, L.ln1 = W.norm(pre + "ln1", x, dx)
+        qkv, dqkv = W.linear(pre + "attn.qkv", L.h1, L.dh1)
+        (L.q, L.k, L.v), (L.dq, L.dk, L.dv) = heads(qkv), heads(dqkv)
+        o, do, L.att = _attention(L.q, L.dq, L.k, L.dk, L.v, L.dv, scale)
+        L.om, L.dom = merge_heads(o), merge_heads(do)
+        y, dy = W.linear(pre + "attn.proj", L.om, L.dom)
         x, dx = x + y, dx + dy
-        h2, dh2, ln2 = layer_norm_fwd_tangent(
-            x,
-            dx,
-            p(pre + "ln2.weight"),
-            t(pre + "ln2.weight"),
-            p(pre + "ln2.bias"),
-            t(pre + "ln2.bias"),
-            1e-5,
-        )
-        u, du = _linear(
-            h2,
-            dh2,
-            p(pre + "fc.weight"),
-            t(pre + "fc.weight"),
-            p(pre + "fc.bias"),
-            t(pre + "fc.bias"),
-        )
-        act, dact, g1, g2 = gelu_fwd_tangent(u, du)
-        y, dy = _linear(
-            act,
-            dact,
-            p(pre + "out.weight"),
-            t(pre + "out.weight"),
-            p(pre + "out.bias"),
-            t(pre + "out.bias"),
-        )
+        L.h2, L.dh2, L.ln2 = W.norm(pre + "ln2", x, dx)
+        L.u, L.du = W.linear(pre + "fc", L.h2, L.dh2)
+        L.act, L.dact, L.g1, L.g2 = gelu_fwd_tangent(L.u, L.du)
+        y, dy = W.linear(pre + "out", L.act, L.dact)
         x, dx = x + y, dx + dy
-        saved.append(
-            (
-                h1,
-                dh1,
-                ln1,
-                q,
-                dq,
-                k,
-                dk,
-                v,
-                dv,
-                att,
-                om,
-                dom,
-                h2,
-                dh2,
-                ln2,
-                u,
-                du,
-                act,
-                dact,
-                g1,
-                g2,
-            )
-        )
-    hf, dhf, lnf = layer_norm_fwd_tangent(
-        x, dx, p("ln_f.weight"), t("ln_f.weight"), p("ln_f.bias"), t("ln_f.bias"), 1e-5
-    )
-    w_out, dw_out = p(out_name), t(out_name)
+        layers.append(L)
+    hf, dhf, lnf = W.norm("ln_f", x, dx)
+    w_out, dw_out = W.p(out_name), W.t(out_name)
     z, dz = _linear(hf, dhf, w_out, dw_out, None, None)
 
     # ---- loss: tangents of per-token losses, gradient of J and its tangent -------------------
@@ -239,79 +207,29 @@ def causal_lm_hvp(
     c = (token_weights * dce.to(token_weights.dtype).view(b, n)).sum(1)
 
     # ---- backward, primal and tangent ---------------------------------------------------------
-    hv: dict[str, Tensor] = {}
-    ghf, dghf, dgw_out, _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
+    ghf, dghf, W.hv[out_name], _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
     del z, dz, gz, dgz
-    hv[out_name] = dgw_out
-    gx, dgx, hv["ln_f.weight"], hv["ln_f.bias"] = layer_norm_bwd_tangent(
-        ghf, dghf, lnf, p("ln_f.weight"), t("ln_f.weight")
-    )
+    gx, dgx = W.norm_back("ln_f", ghf, dghf, lnf)
     for i in reversed(range(cfg.n_layers)):
-        pre = f"blocks.{i}."
-        (
-            h1,
-            dh1,
-            ln1,
-            q,
-            dq,
-            k,
-            dk,
-            v,
-            dv,
-            att,
-            om,
-            dom,
-            h2,
-            dh2,
-            ln2,
-            u,
-            du,
-            act,
-            dact,
-            g1,
-            g2,
-        ) = saved[i]
-        # MLP
-        gact, dgact, hv[pre + "out.weight"], hv[pre + "out.bias"] = _linear_back(
-            gx, dgx, act, dact, p(pre + "out.weight"), t(pre + "out.weight")
-        )
-        gu, dgu = gelu_bwd_tangent(gact, dgact, g1, g2, du)
-        gh2, dgh2, hv[pre + "fc.weight"], hv[pre + "fc.bias"] = _linear_back(
-            gu, dgu, h2, dh2, p(pre + "fc.weight"), t(pre + "fc.weight")
-        )
-        gl, dgl, hv[pre + "ln2.weight"], hv[pre + "ln2.bias"] = layer_norm_bwd_tangent(
-            gh2, dgh2, ln2, p(pre + "ln2.weight"), t(pre + "ln2.weight")
-        )
+        L, pre = layers.pop(), f"blocks.{i}."
+        gact, dgact = W.linear_back(pre + "out", gx, dgx, L.act, L.dact)
+        gu, dgu = gelu_bwd_tangent(gact, dgact, L.g1, L.g2, L.du)
+        gh2, dgh2 = W.linear_back(pre + "fc", gu, dgu, L.h2, L.dh2)
+        gl, dgl = W.norm_back(pre + "ln2", gh2, dgh2, L.ln2)
         gx, dgx = gx + gl, dgx + dgl
-        # attention
-        gom, dgom, hv[pre + "attn.proj.weight"], hv[pre + "attn.proj.bias"] = _linear_back(
-            gx, dgx, om, dom, p(pre + "attn.proj.weight"), t(pre + "attn.proj.weight")
-        )
-
-        def split(y: Tensor) -> Tensor:
-            return y.view(b, n, h, dh_).transpose(1, 2).contiguous()
-
+        gom, dgom = W.linear_back(pre + "attn.proj", gx, dgx, L.om, L.dom)
         gq, dgq, gk, dgk, gv, dgv = _attention_back(
-            split(gom), split(dgom), att, q, dq, k, dk, v, dv, scale
+            split_heads(gom), split_heads(dgom), L.att, L.q, L.dq, L.k, L.dk, L.v, L.dv, scale
         )
-
-        def merge(a_: Tensor, b_: Tensor, c_: Tensor) -> Tensor:
-            return torch.stack([a_, b_, c_]).permute(1, 3, 0, 2, 4).reshape(b * n, 3 * d)
-
-        gqkv, dgqkv = merge(gq, gk, gv), merge(dgq, dgk, dgv)
-        gh1, dgh1, hv[pre + "attn.qkv.weight"], hv[pre + "attn.qkv.bias"] = _linear_back(
-            gqkv, dgqkv, h1, dh1, p(pre + "attn.qkv.weight"), t(pre + "attn.qkv.weight")
+        gh1, dgh1 = W.linear_back(
+            pre + "attn.qkv", stack_heads(gq, gk, gv), stack_heads(dgq, dgk, dgv), L.h1, L.dh1
         )
-        gl, dgl, hv[pre + "ln1.weight"], hv[pre + "ln1.bias"] = layer_norm_bwd_tangent(
-            gh1, dgh1, ln1, p(pre + "ln1.weight"), t(pre + "ln1.weight")
-        )
+        gl, dgl = W.norm_back(pre + "ln1", gh1, dgh1, L.ln1)
         gx, dgx = gx + gl, dgx + dgl
-    # embeddings
-    dg_tok = torch.zeros_like(p("tok.weight")).index_add_(0, ids, dgx)
-    if out_name == "tok.weight":
-        dg_tok = dg_tok + hv["tok.weight"]
-    hv["tok.weight"] = dg_tok
-    dg_pos = torch.zeros_like(p("pos.weight"))
+    # embeddings (and the tied output projection)
+    dg_tok = torch.zeros_like(W.p("tok.weight")).index_add_(0, ids, dgx)
+    W.hv["tok.weight"] = dg_tok + W.hv["tok.weight"] if out_name == "tok.weight" else dg_tok
+    dg_pos = torch.zeros_like(W.p("pos.weight"))
     dg_pos[:n] = dgx.view(b, n, d).sum(0)
-    hv["pos.weight"] = dg_pos
-    return {k: hv[k] for k in params}, c
+    W.hv["pos.weight"] = dg_pos
+    return {k: W.hv[k] for k in params}, c

@@ -1,0 +1,75 @@
+"""Backends compiled into ``datarater._C``: the C++ CPU kernels and the CUDA kernels.
+
+Both take float32/bf16/fp16 contiguous logits on their device, float32 weights and
+coefficients, and write no N x V temporaries. Inputs they cannot take raise a clear error when
+the backend is forced; nothing is copied behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._ext import extension, load_error
+from .primitives import Primitives
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+class NativePrimitives(Primitives):
+    """The two primitives as functions of the extension, for one device type."""
+
+    def __init__(self, name: str, device_type: str, suffix: str) -> None:
+        self.name, self.device_type, self.suffix = name, device_type, suffix
+
+    def _fn(self, what: str):
+        return getattr(extension(), what + self.suffix)
+
+    def reason_unsupported(self, logits: Tensor) -> str | None:
+        ext = extension()
+        if ext is None:
+            return f"the C++ extension is not built ({load_error()})"
+        if self.device_type == "cuda" and not getattr(ext, "with_cuda", False):
+            return "the extension was built without CUDA (torch without CUDA, or no nvcc)"
+        if logits.device.type != self.device_type:
+            return f"the {self.name} backend needs {self.device_type} tensors, got {logits.device}"
+        if logits.dtype not in _DTYPES:
+            return (
+                f"the {self.name} backend takes float32, bfloat16 or float16 logits, "
+                f"got {logits.dtype}"
+            )
+        if not logits.is_contiguous():
+            return f"the {self.name} backend needs contiguous logits (call .contiguous())"
+        return None
+
+    def forward(self, logits, targets, weights, ignore_index):
+        loss, lse, nll = self._fn("ce_forward")(
+            logits, targets.contiguous(), _f32(weights), ignore_index
+        )
+        return loss, lse, nll
+
+    def directional(
+        self, logits, targets, lse, direction, coef_h, coef_g, ignore_index, want_out, out=None
+    ):
+        if direction is not None:
+            direction = direction.to(logits.dtype).contiguous()
+        dot, res = self._fn("ce_directional")(
+            logits,
+            targets.contiguous(),
+            _f32(lse),
+            direction,
+            _f32(coef_h),
+            _f32(coef_g),
+            ignore_index,
+            want_out,
+            out,
+        )
+        return dot, (res if want_out else None)
+
+
+CPU = NativePrimitives("cpu", "cpu", "")
+CUDA = NativePrimitives("cuda", "cuda", "_cuda")
