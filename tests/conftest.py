@@ -81,3 +81,11 @@ def make_batches(
 @pytest.fixture
 def batches():
     return make_batches(2)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Show the CUDA compile report (registers, spills) in CI's output."""
+    from .test_cuda_sources import REPORT
+
+    for line in REPORT:
+        terminalreporter.write_line(line)
