@@ -1,112 +1,117 @@
-"""The ``datarater`` command line."""
+"""The ``datarater`` command line: ``demo`` and ``train``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
+import warnings
 from pathlib import Path
+
+SIZES = {  # inner LM and rater sizes; "cpu" finishes in minutes on 2 cores
+    "cpu": dict(d_model=48, n_layers=2, n_heads=2),
+    "small": dict(d_model=256, n_layers=4, n_heads=4),
+    "base": dict(d_model=512, n_layers=8, n_heads=8),
+}
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Meta-train a small rater on a synthetic corpus where half the sequences are noise.
+    from .demo import run_demo
 
-    Clean sequences follow simple rules a language model can learn (counting with a random
-    stride, repeated motifs); noisy ones are uniform random tokens. The held-out (outer) set is
-    clean. A rater that learns anything true puts more weight on clean sequences.
-    """
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet)
+    print(json.dumps(report, indent=1))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
-    import datarater as dr
-    from datarater.models import CausalLM, Rater, TransformerConfig
+    from .data import get_tokenizer, overlap, per_document, read_documents, split_heldout
+    from .training import TrainConfig, Trainer
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    vocab, length = 64, 32
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def clean(n: int) -> torch.Tensor:
-        start = torch.randint(0, vocab, (n, 1), generator=gen)
-        stride = torch.randint(1, 4, (n, 1), generator=gen)
-        return (start + stride * torch.arange(length)) % vocab
-
-    def noisy(n: int) -> torch.Tensor:
-        return torch.randint(0, vocab, (n, length), generator=gen)
-
-    def mixed_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        is_clean = torch.rand(n, generator=gen) < 0.5
-        ids = torch.where(is_clean[:, None], clean(n), noisy(n))
-        return ids, is_clean
-
-    lm_cfg = TransformerConfig(
-        vocab_size=vocab, max_seq_len=length, d_model=32, n_layers=1, n_heads=2
-    )
-    lm = CausalLM(lm_cfg)
-    rater = Rater(
-        TransformerConfig(vocab_size=vocab, max_seq_len=length, d_model=32, n_layers=1, n_heads=2)
-    )
-    inner_opt = dr.optim.Adam(3e-3)
-    meta_opt = torch.optim.AdamW(rater.parameters(), lr=3e-3, weight_decay=0.1)
-    state = dr.InnerState.init(lm, inner_opt)
-    history = []
-    t0 = time.time()
-    for step in tqdm(range(args.steps), desc="meta-training", disable=args.quiet):
-        if step % args.reset_every == 0:  # re-initialise the inner model periodically
-            state = dr.InnerState.init(CausalLM(lm_cfg), inner_opt)
-        inner = [{"input_ids": mixed_batch(32)[0]} for _ in range(args.inner_steps)]
-        outer = {"input_ids": clean(32)}
-        meta_opt.zero_grad()
-        res = dr.meta_step(rater, lm, state, inner, outer, optimizer=inner_opt)
-        torch.nn.utils.clip_grad_norm_(rater.parameters(), 1.0)
-        meta_opt.step()
-        state = res.state
-        history.append(
-            {"step": step, "outer_loss": res.outer_loss, "meta_grad_norm": res.meta_grad_norm}
-        )
-
-    ids, is_clean = mixed_batch(512)
-    with torch.no_grad():
-        scores = rater(ids)
-    clean_s, noisy_s = scores[is_clean], scores[~is_clean]
-    # Probability that a random clean sequence outscores a random noisy one (AUC).
-    auc = float((clean_s[:, None] > noisy_s[None, :]).float().mean())
-    w = torch.softmax(scores, 0)
-    report = {
-        "meta_steps": args.steps,
-        "auc_clean_vs_noise": auc,
-        "mean_weight_clean_x_batch": float(w[is_clean].mean() * len(w)),
-        "mean_weight_noise_x_batch": float(w[~is_clean].mean() * len(w)),
-        "first_outer_loss": history[0]["outer_loss"],
-        "last_outer_loss": history[-1]["outer_loss"],
-        "seconds": time.time() - t0,
-    }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        (out / "history.json").write_text(json.dumps(history))
+    config = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise SystemExit(f"datarater train: config file {path} does not exist")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"datarater train: {path} is not valid JSON ({e})") from e
+    size = SIZES[args.size]
+    config.setdefault("lm", size)
+    config.setdefault("rater", size)
+    for name in ("steps", "population", "inner_steps", "seed"):
+        if getattr(args, name) is not None:
+            config[name] = getattr(args, name)
+    if args.size == "cpu" and "steps" not in config:
+        config["steps"] = 300  # about 5 minutes on 2 cores at the cpu size
+    cfg = TrainConfig.from_dict(config)
+    tok = get_tokenizer(args.tokenizer)
+    docs, report = read_documents(args.data, args.text_column)
+    print(f"training corpus: {report.summary()}")
+    if args.heldout:
+        held_docs, held_report = read_documents(args.heldout, args.text_column)
+        print(f"held-out corpus: {held_report.summary()}")
+        dup = overlap(docs, held_docs)
+        if dup:
+            warnings.warn(f"{dup} held-out documents also occur in the training data", stacklevel=1)
+        train, held = (per_document(d, tok, args.seq_len) for d in (docs, held_docs))
+    else:
+        seqs = per_document(docs, tok, args.seq_len)
+        tr, ho = split_heldout(len(seqs), args.heldout_fraction, seed=cfg.seed)
+        train, held = seqs.subset(tr), seqs.subset(ho)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, train, held, tok.vocab_size, out, tok.pad_id)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.step}")
+    trainer.run(progress=not args.quiet)
+    print(f"rater written to {out / 'rater'}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="datarater", description=__doc__)
+    parser = argparse.ArgumentParser(prog="datarater", description="Meta-learned data curation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="meta-train a small rater on a built-in synthetic corpus")
-    demo.add_argument("--steps", type=int, default=150, help="meta-steps (default 150)")
-    demo.add_argument("--inner-steps", type=int, default=2, help="inner steps T per meta-step")
-    demo.add_argument("--reset-every", type=int, default=50, help="re-initialise the LM every N")
+
+    demo = sub.add_parser("demo", help="meta-train a rater on a built-in corrupted corpus")
+    demo.add_argument("--out", default="datarater-demo", help="output folder")
+    demo.add_argument("--quick", action="store_true", help="a < 1 minute variant")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", help="folder for report.json and history.json")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="meta-train a rater on your corpus")
+    train.add_argument(
+        "--data",
+        required=True,
+        help="jsonl/parquet/text file or folder, or a saved Hugging Face dataset",
+    )
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--heldout", help="the outer (target) corpus; default: a split of --data")
+    train.add_argument("--heldout-fraction", type=float, default=0.1)
+    train.add_argument("--out", required=True, help="output folder (rater, checkpoints, log)")
+    train.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--population", type=int)
+    train.add_argument("--inner-steps", type=int)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--tokenizer", help="a local tokenizers JSON file (default: bytes)")
+    train.add_argument("--config", help="JSON file of TrainConfig settings")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=_train)
+
     args = parser.parse_args(argv)
-    for name in ("steps", "inner_steps", "reset_every"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        print(f"datarater {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

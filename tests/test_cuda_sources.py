@@ -59,8 +59,9 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path):
     assert len(kernels) == 6, report  # 2 kernels x 3 dtypes
     assert spills and max(spills) == 0, report
     assert max(registers) <= 64, report  # 512-thread blocks need <= 128; keep occupancy high
-    REPORT.append(f"nvcc sm_90a: {len(kernels)} kernels, registers {registers}, "
-                  f"spill stores {spills} bytes")
+    REPORT.append(
+        f"nvcc sm_90a: {len(kernels)} kernels, registers {registers}, spill stores {spills} bytes"
+    )
 
 
 def test_torch_glue_compiles_against_torch_headers(tmp_path):

@@ -1,0 +1,328 @@
+"""Meta-training a rater with a population of inner language models (design.md section 1).
+
+Each meta-step, every inner model runs ``meta_step`` over a window of T inner steps (which also
+trains it on the rater-weighted loss) and proposes a rater update through its own meta-Adam
+(decoupled weight decay, linear warm-up, global-norm clipping); the proposals are averaged and
+applied. Inner models are re-initialised on staggered schedules so that the population always
+spans early and late training. The whole state is checkpointed atomically and a resumed run
+ends with the same rater, bit for bit on the CPU, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..data.tokens import Sequences
+from ..meta import InnerState, meta_step
+from ..models import CausalLM, Rater, TransformerConfig
+from ..optim import Adam
+from .checkpoint import atomic_write_text, flatten, load_checkpoint, save_checkpoint, unflatten
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved with every checkpoint."""
+
+    steps: int = 300
+    population: int = 2
+    inner_steps: int = 2
+    inner_batch: int = 16
+    outer_batch: int = 16
+    lifetime: int = 100
+    inner_lr: float = 3e-3
+    inner_weight_decay: float = 0.0
+    inner_clip: float | None = 1.0
+    meta_lr: float = 1e-3
+    meta_weight_decay: float = 0.1
+    meta_warmup: int = 100
+    meta_clip: float = 0.01
+    tau: float = 1.0
+    micro_batch_size: int | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+    lm: dict = field(default_factory=lambda: dict(d_model=64, n_layers=2, n_heads=2))
+    rater: dict = field(default_factory=lambda: dict(d_model=64, n_layers=2, n_heads=2))
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "population",
+            "inner_steps",
+            "inner_batch",
+            "outer_batch",
+            "lifetime",
+            "checkpoint_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_lr", "meta_lr", "tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _model_config(overrides: dict, vocab: int, seq_len: int) -> TransformerConfig:
+    return TransformerConfig(**{"vocab_size": vocab, "max_seq_len": seq_len, **overrides})
+
+
+class Trainer:
+    """Population meta-training of a rater on ``train`` with held-out (outer) data ``heldout``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train: Sequences,
+        heldout: Sequences,
+        vocab_size: int,
+        out: Path | str | None = None,
+        pad_id: int | None = None,
+    ):
+        if len(train) < config.inner_batch or len(heldout) < config.outer_batch:
+            raise ValueError(
+                f"not enough sequences: {len(train)} training (need >= inner_batch = "
+                f"{config.inner_batch}) and {len(heldout)} held-out (need >= outer_batch = "
+                f"{config.outer_batch})"
+            )
+        self.cfg, self.train, self.heldout = config, train, heldout
+        self.out = Path(out) if out is not None else None
+        seq_len = train.input_ids.shape[1]
+        self.lm_cfg = _model_config(config.lm, vocab_size, seq_len)
+        self.rater_cfg = _model_config(config.rater, vocab_size, seq_len)
+        self.pad_id = pad_id
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            self.rater = Rater(self.rater_cfg, pad_id=pad_id)
+        self.template = CausalLM(self.lm_cfg)
+        self.inner_opt = Adam(
+            config.inner_lr, weight_decay=config.inner_weight_decay, clip_norm=config.inner_clip
+        )
+        self.gen = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.resets = [0] * config.population
+        self.population = [self._fresh(p) for p in range(config.population)]
+        n = sum(p.numel() for p in self.rater.parameters())
+        self.meta_state = [
+            {"exp_avg": {"flat": torch.zeros(n)}, "exp_avg_sq": {"flat": torch.zeros(n)}}
+            for _ in range(config.population)
+        ]
+        self.history: list[dict] = []
+
+    # -- population ------------------------------------------------------------------------
+    def _fresh(self, p: int) -> InnerState:
+        """A newly initialised inner model; its seed depends only on (seed, p, reset count)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed * 1_000_003 + p * 10_007 + self.resets[p] + 17)
+            return InnerState.init(CausalLM(self.lm_cfg), self.inner_opt)
+
+    def _offset(self, p: int) -> int:
+        return p * self.cfg.lifetime // self.cfg.population
+
+    def _draw(self, data: Sequences, n: int) -> dict[str, Tensor]:
+        return data.batch(torch.randint(0, len(data), (n,), generator=self.gen))
+
+    def _meta_lr(self) -> float:
+        return self.cfg.meta_lr * min(1.0, (self.step + 1) / max(1, self.cfg.meta_warmup))
+
+    def _flat_rater(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.rater.parameters()])
+
+    def _set_rater(self, flat: Tensor) -> None:
+        with torch.no_grad():
+            i = 0
+            for p in self.rater.parameters():
+                p.copy_(flat[i : i + p.numel()].view_as(p))
+                i += p.numel()
+
+    # -- one meta-step ---------------------------------------------------------------------
+    def meta_update(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        phi = self._flat_rater()
+        meta_opt = Adam(
+            self._meta_lr(), weight_decay=cfg.meta_weight_decay, clip_norm=cfg.meta_clip
+        )
+        proposals, outer, inner, norms, entropy, skipped = [], [], [], [], [], 0
+        for p in range(cfg.population):
+            if (self.step + self._offset(p)) % cfg.lifetime == 0 and self.step > 0:
+                self.resets[p] += 1
+                self.population[p] = self._fresh(p)
+            batches = [self._draw(self.train, cfg.inner_batch) for _ in range(cfg.inner_steps)]
+            self.rater.zero_grad(set_to_none=True)
+            res = meta_step(
+                self.rater,
+                self.template,
+                self.population[p],
+                batches,
+                self._draw(self.heldout, cfg.outer_batch),
+                optimizer=self.inner_opt,
+                tau=cfg.tau,
+                micro_batch_size=cfg.micro_batch_size,
+                on_nonfinite="skip",
+            )
+            self.population[p] = res.state
+            if res.skipped:
+                skipped += 1
+                continue
+            grad = torch.cat(
+                [
+                    q.grad.reshape(-1) if q.grad is not None else torch.zeros(q.numel())
+                    for q in self.rater.parameters()
+                ]
+            )
+            new, self.meta_state[p] = meta_opt.update(
+                {"flat": phi}, {"flat": grad}, self.meta_state[p], self.step + 1
+            )
+            proposals.append(new["flat"] - phi)
+            outer.append(res.outer_loss)
+            inner.append(sum(res.inner_losses) / len(res.inner_losses))
+            norms.append(res.meta_grad_norm)
+            entropy.append(
+                float(sum(-(w * w.clamp_min(1e-30).log()).sum() for w in res.weights))
+                / len(res.weights)
+            )
+        if proposals:
+            self._set_rater(phi + torch.stack(proposals).mean(0))
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        tokens = (
+            cfg.population
+            * (cfg.inner_steps * cfg.inner_batch + cfg.outer_batch)
+            * self.train.input_ids.shape[1]
+        )
+        row = {
+            "step": self.step,
+            "outer_loss": _mean(outer),
+            "inner_loss": _mean(inner),
+            "weight_entropy": _mean(entropy),
+            "meta_grad_norms": norms,
+            "skipped": skipped,
+            "meta_lr": meta_opt.lr,
+            "tokens_per_s": tokens / seconds,
+        }
+        self.history.append(row)
+        return row
+
+    # -- the loop, checkpoints, export -------------------------------------------------------
+    def run(self, progress: bool = True, stop_after: int | None = None) -> Rater:
+        """Train up to ``cfg.steps`` (or ``stop_after`` more steps), checkpointing as it goes."""
+        from tqdm import tqdm
+
+        last = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
+        bar = tqdm(
+            total=self.cfg.steps, initial=self.step, desc="meta-training", disable=not progress
+        )
+        while self.step < last:
+            row = self.meta_update()
+            bar.set_postfix(
+                outer=f"{row['outer_loss']:.3f}", entropy=f"{row['weight_entropy']:.2f}"
+            )
+            bar.update(1)
+            if self.out is not None:
+                with open(self.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                    self.save()
+        bar.close()
+        if self.out is not None and self.step == self.cfg.steps:
+            self.export(self.out / "rater")
+        return self.rater
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        t = {f"rater.{k}": v for k, v in self.rater.state_dict().items()}
+        for p, st in enumerate(self.population):
+            t.update(flatten(f"pop.{p}.params", st.params))
+            t.update(flatten(f"pop.{p}.opt", st.opt_state))
+            t.update(flatten(f"meta.{p}", self.meta_state[p]))
+        t["rng"] = self.gen.get_state()
+        return t
+
+    def save(self) -> Path:
+        meta = {
+            "step": self.step,
+            "config": asdict(self.cfg),
+            "resets": self.resets,
+            "inner_steps_done": [st.step for st in self.population],
+            "lm": self.lm_cfg.to_dict(),
+            "rater": self.rater_cfg.to_dict(),
+            "pad_id": self.pad_id,
+            "history": self.history,
+        }
+        return save_checkpoint(self.out / "checkpoints", self.step, self.state_tensors(), meta)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint under ``out`` if there is one; True if it did."""
+        found = None if self.out is None else load_checkpoint(self.out / "checkpoints")
+        if found is None:
+            return False
+        tensors, meta = found
+        if meta["config"] != asdict(self.cfg):
+            raise ValueError(
+                f"{self.out}: the checkpoint was written with other settings; "
+                "resume with the same configuration or use a new --out"
+            )
+        self.rater.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("rater.")})
+        self.step, self.resets, self.history = meta["step"], meta["resets"], meta["history"]
+        for p, done in enumerate(meta["inner_steps_done"]):
+            like = self._fresh(p)
+            self.population[p] = InnerState(
+                unflatten(f"pop.{p}.params", tensors, like.params),
+                dict(like.buffers),
+                unflatten(f"pop.{p}.opt", tensors, like.opt_state),
+                done,
+            )
+            self.meta_state[p] = unflatten(f"meta.{p}", tensors, self.meta_state[p])
+        self.gen.set_state(tensors["rng"])
+        return True
+
+    def export(self, folder: Path) -> None:
+        """The rater alone: ``rater.safetensors`` + ``config.json`` (what scoring needs)."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "rater.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in self.rater.state_dict().items()}, str(tmp))
+        tmp.replace(folder / "rater.safetensors")
+        atomic_write_text(
+            folder / "config.json",
+            json.dumps(
+                {"rater": self.rater_cfg.to_dict(), "pad_id": self.pad_id, "step": self.step},
+                indent=1,
+            ),
+        )
+
+
+def load_rater(folder: Path | str) -> Rater:
+    """A rater written by ``Trainer.export`` (or ``datarater train``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(
+            f"{folder}: no config.json (is this a folder written by `datarater train`?)"
+        )
+    meta = json.loads(cfg_path.read_text())
+    rater = Rater(TransformerConfig(**meta["rater"]), pad_id=meta.get("pad_id"))
+    state = load_file(str(folder / "rater.safetensors"))
+    missing = set(rater.state_dict()) ^ set(state)
+    if missing:
+        raise ValueError(f"{folder}: weights do not match the config ({sorted(missing)[:4]})")
+    rater.load_state_dict(state)
+    return rater
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else math.nan

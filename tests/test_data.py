@@ -1,0 +1,104 @@
+"""Reading corpora and shaping sequences: formats, bad input, counts of what was skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from datarater.data import (
+    ByteTokenizer,
+    CorpusError,
+    overlap,
+    pack,
+    per_document,
+    read_documents,
+    split_heldout,
+)
+
+
+def _jsonl(path, rows):
+    path.write_bytes(
+        b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows)
+    )
+    return path
+
+
+def test_jsonl_with_bad_rows_counts_what_it_skips(tmp_path):
+    f = _jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"text": "hello world"},
+            {"text": ""},
+            b"\xff\xfe bad\n",
+            {"text": 3},
+            {"text": None},
+            {"text": "second doc"},
+        ],
+    )
+    with pytest.warns(UserWarning, match="skipped"):
+        docs, report = read_documents(f, "text")
+    assert docs == ["hello world", "second doc"]
+    assert report.skipped == {
+        "empty document": 1,
+        "invalid UTF-8": 1,
+        "non-text value (int)": 1,
+        "null value": 1,
+    }
+
+
+def test_missing_things_are_named(tmp_path):
+    with pytest.raises(CorpusError, match="no such file"):
+        read_documents(tmp_path / "nope.jsonl")
+    f = _jsonl(tmp_path / "b.jsonl", [{"body": "x"}])
+    with pytest.raises(CorpusError, match="no column 'text'"):
+        read_documents(f, "text")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(CorpusError, match="no usable documents"):
+        read_documents(empty)
+
+
+def test_parquet_text_folder_and_in_memory(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one doc", "two doc"], "n": [1, 2]}), tmp_path / "a.parquet")
+    docs, _ = read_documents(tmp_path / "a.parquet")
+    assert docs == ["one doc", "two doc"]
+    with pytest.raises(CorpusError, match="no column 'body'"):
+        read_documents(tmp_path / "a.parquet", "body")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(CorpusError, match="bad.parquet: not a readable parquet file"):
+        read_documents(tmp_path / "bad.parquet")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "x.txt").write_text("first file")
+    (folder / "y.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.warns(UserWarning, match="replacement"):
+        docs, report = read_documents(folder)
+    assert len(docs) == 2 and report.files == 2
+    docs, _ = read_documents({"text": ["a", "b"]})
+    assert docs == ["a", "b"]
+
+
+def test_sequences_from_long_short_and_odd_documents():
+    tok = ByteTokenizer()
+    huge = "x" * (10 * 2**20)  # a 10 MB single-line document
+    with pytest.warns(UserWarning, match="1 of 3 documents are shorter"):
+        seqs = per_document([huge, "tiny", "é" * 40], tok, 32, max_windows=2)
+    assert seqs.input_ids.shape == (5, 32) and seqs.doc_index.tolist() == [0, 0, 1, 2, 2]
+    assert seqs.loss_mask[2].sum() == 5  # "tiny" + EOS, the rest padding
+    packed = pack(["abc", "defgh"], tok, 4)
+    assert packed.input_ids.tolist() == [[97, 98, 99, 256], [100, 101, 102, 103]]
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        pack(["a"], tok, 64)
+
+
+def test_heldout_split_is_deterministic_and_disjoint():
+    a, b = split_heldout(100, 0.2, seed=3)
+    a2, b2 = split_heldout(100, 0.2, seed=3)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert len(b) == 20 and not set(a.tolist()) & set(b.tolist())
+    assert overlap(["x", "y", "z"], ["y", "w"]) == 1

@@ -1,0 +1,144 @@
+"""Meta-training: population trainer, crash-safe checkpoints, bitwise resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datarater.cli import main
+from datarater.training import TrainConfig, load_rater
+
+TINY = dict(d_model=16, n_layers=1, n_heads=2)
+CONFIG = dict(
+    steps=8,
+    population=2,
+    inner_steps=2,
+    inner_batch=4,
+    outer_batch=4,
+    lifetime=3,
+    checkpoint_every=1,
+    lm=TINY,
+    rater=TINY,
+    meta_warmup=2,
+)
+
+
+def _corpus(path: Path, n: int = 120) -> Path:
+    import pydoc_data.topics as topics
+
+    text = " ".join(topics.topics.values())
+    rng = random.Random(0)
+    rows = [{"text": text[i : i + rng.randint(40, 200)]} for i in range(0, 200 * n, 200)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _train_cmd(data: Path, out: Path, cfg: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "datarater.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        "--seq-len",
+        "32",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_sigkill_then_resume_gives_the_same_rater_bytes(tmp_path):
+    data = _corpus(tmp_path / "c.jsonl")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        _train_cmd(data, tmp_path / "whole", cfg), check=True, env=env, capture_output=True
+    )
+    kill_at = random.Random().randint(2, 6)
+    proc = subprocess.Popen(
+        _train_cmd(data, tmp_path / "cut", cfg),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "rater" / "rater.safetensors").exists()
+    subprocess.run(
+        _train_cmd(data, tmp_path / "cut", cfg, "--resume"),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    whole = (tmp_path / "whole" / "rater" / "rater.safetensors").read_bytes()
+    resumed = (tmp_path / "cut" / "rater" / "rater.safetensors").read_bytes()
+    assert whole == resumed, f"killed after {kill_at} steps"
+    rater = load_rater(tmp_path / "cut" / "rater")
+    assert rater(torch.randint(0, 258, (2, 32))).shape == (2,)
+
+
+def test_cli_errors_are_messages(tmp_path, capsys):
+    data = _corpus(tmp_path / "c.jsonl", n=30)
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", str(data), "--text-column", "body", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "no column 'body'" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"steps": 3, "learning_rate": 1}))
+    assert (
+        main(["train", "--data", str(data), "--config", str(bad), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "unknown training settings ['learning_rate']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="population must be >= 1"):
+        TrainConfig(population=0)
+
+
+def test_heldout_overlap_warns(tmp_path):
+    data = _corpus(tmp_path / "c.jsonl", n=60)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**CONFIG, "steps": 1}))
+    with pytest.warns(UserWarning, match="held-out documents also occur"):
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--heldout",
+                    str(data),
+                    "--config",
+                    str(cfg),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--seq-len",
+                    "32",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
