@@ -25,6 +25,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # under torchrun: inner models are spread over the processes (NCCL on GPUs, gloo else)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _train_run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_run(args: argparse.Namespace) -> int:
     import torch
 
     from .data import get_tokenizer, overlap, per_document, read_documents, split_heldout

@@ -99,8 +99,15 @@ def builtin_documents(min_chars: int = 200, max_chars: int = 600) -> list[str]:
             mod = importlib.import_module(name)
         except ImportError:
             continue
-        for obj in [mod, *vars(mod).values()]:
-            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+        # the module and what it defines itself (not what it happens to have imported, which
+        # depends on the process's import history), in a fixed order
+        own = [
+            v
+            for k, v in sorted(vars(mod).items())
+            if callable(v) and getattr(v, "__module__", None) == mod.__name__
+        ]
+        for obj in [mod, *own]:
+            doc = inspect.getdoc(obj)
             if doc:
                 texts.append(doc)
     docs, seen = [], set()

@@ -142,3 +142,31 @@ def test_heldout_overlap_warns(tmp_path):
             )
             == 0
         )
+
+
+def test_two_torchrun_processes_give_the_rater_of_one(tmp_path):
+    data = _corpus(tmp_path / "c.jsonl")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**CONFIG, "steps": 4}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        _train_cmd(data, tmp_path / "one", cfg), check=True, env=env, capture_output=True
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + random.Random().randint(0, 400)),
+        "-m",
+        "datarater.cli",
+        *(_train_cmd(data, tmp_path / "two", cfg)[3:]),
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = (tmp_path / "one" / "rater" / "rater.safetensors").read_bytes()
+    two = (tmp_path / "two" / "rater" / "rater.safetensors").read_bytes()
+    assert one == two
+    assert (tmp_path / "two" / "log.rank1.jsonl").exists()

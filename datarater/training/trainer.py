@@ -110,15 +110,24 @@ class Trainer:
         self.inner_opt = Adam(
             config.inner_lr, weight_decay=config.inner_weight_decay, clip_norm=config.inner_clip
         )
-        self.gen = torch.Generator().manual_seed(config.seed + 1)
+        # Under torchrun, inner models are spread over ranks (model p lives on rank p % world);
+        # each has its own data stream, so a model draws the same batches wherever it runs.
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
+        self.mine = [p for p in range(config.population) if p % self.world == self.rank]
+        self.gens = {
+            p: torch.Generator().manual_seed(config.seed * 7919 + p + 1) for p in self.mine
+        }
         self.step = 0
         self.resets = [0] * config.population
-        self.population = [self._fresh(p) for p in range(config.population)]
+        self.population = {p: self._fresh(p) for p in self.mine}
         n = sum(p.numel() for p in self.rater.parameters())
-        self.meta_state = [
-            {"exp_avg": {"flat": torch.zeros(n)}, "exp_avg_sq": {"flat": torch.zeros(n)}}
-            for _ in range(config.population)
-        ]
+        self.meta_state = {
+            p: {"exp_avg": {"flat": torch.zeros(n)}, "exp_avg_sq": {"flat": torch.zeros(n)}}
+            for p in self.mine
+        }
         self.history: list[dict] = []
 
     # -- population ------------------------------------------------------------------------
@@ -131,8 +140,8 @@ class Trainer:
     def _offset(self, p: int) -> int:
         return p * self.cfg.lifetime // self.cfg.population
 
-    def _draw(self, data: Sequences, n: int) -> dict[str, Tensor]:
-        return data.batch(torch.randint(0, len(data), (n,), generator=self.gen))
+    def _draw(self, p: int, data: Sequences, n: int) -> dict[str, Tensor]:
+        return data.batch(torch.randint(0, len(data), (n,), generator=self.gens[p]))
 
     def _meta_lr(self) -> float:
         return self.cfg.meta_lr * min(1.0, (self.step + 1) / max(1, self.cfg.meta_warmup))
@@ -154,19 +163,19 @@ class Trainer:
         meta_opt = Adam(
             self._meta_lr(), weight_decay=cfg.meta_weight_decay, clip_norm=cfg.meta_clip
         )
-        proposals, outer, inner, norms, entropy, skipped = [], [], [], [], [], 0
-        for p in range(cfg.population):
+        proposals, outer, inner, norms, entropy, skipped = {}, [], [], [], [], 0
+        for p in self.mine:
             if (self.step + self._offset(p)) % cfg.lifetime == 0 and self.step > 0:
                 self.resets[p] += 1
                 self.population[p] = self._fresh(p)
-            batches = [self._draw(self.train, cfg.inner_batch) for _ in range(cfg.inner_steps)]
+            batches = [self._draw(p, self.train, cfg.inner_batch) for _ in range(cfg.inner_steps)]
             self.rater.zero_grad(set_to_none=True)
             res = meta_step(
                 self.rater,
                 self.template,
                 self.population[p],
                 batches,
-                self._draw(self.heldout, cfg.outer_batch),
+                self._draw(p, self.heldout, cfg.outer_batch),
                 optimizer=self.inner_opt,
                 tau=cfg.tau,
                 micro_batch_size=cfg.micro_batch_size,
@@ -185,7 +194,7 @@ class Trainer:
             new, self.meta_state[p] = meta_opt.update(
                 {"flat": phi}, {"flat": grad}, self.meta_state[p], self.step + 1
             )
-            proposals.append(new["flat"] - phi)
+            proposals[p] = new["flat"] - phi
             outer.append(res.outer_loss)
             inner.append(sum(res.inner_losses) / len(res.inner_losses))
             norms.append(res.meta_grad_norm)
@@ -193,8 +202,9 @@ class Trainer:
                 float(sum(-(w * w.clamp_min(1e-30).log()).sum() for w in res.weights))
                 / len(res.weights)
             )
-        if proposals:
-            self._set_rater(phi + torch.stack(proposals).mean(0))
+        total, count = self._sum_proposals(proposals, phi)
+        if count:
+            self._set_rater(phi + total / count)
         self.step += 1
         seconds = time.perf_counter() - t0
         tokens = (
@@ -215,6 +225,27 @@ class Trainer:
         self.history.append(row)
         return row
 
+    def _sum_proposals(self, proposals: dict[int, Tensor], phi: Tensor) -> tuple[Tensor, int]:
+        """Sum of all models' proposals in model order (the same bits on 1 or many ranks)."""
+        if self.world > 1:
+            dist = torch.distributed
+            k = max(len(range(r, self.cfg.population, self.world)) for r in range(self.world))
+            mine = torch.zeros(k, phi.numel() + 2, dtype=phi.dtype)
+            for i, p in enumerate(self.mine):
+                mine[i, 0] = p
+                if p in proposals:
+                    mine[i, 1], mine[i, 2:] = 1.0, proposals[p]
+            for i in range(len(self.mine), k):
+                mine[i, 0] = -1
+            parts = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(parts, mine)
+            rows = torch.cat(parts)
+            proposals = {int(r[0]): r[2:] for r in rows if r[0] >= 0 and r[1] > 0}
+        total = torch.zeros_like(phi)
+        for p in sorted(proposals):
+            total = total + proposals[p]
+        return total, len(proposals)
+
     # -- the loop, checkpoints, export -------------------------------------------------------
     def run(self, progress: bool = True, stop_after: int | None = None) -> Rater:
         """Train up to ``cfg.steps`` (or ``stop_after`` more steps), checkpointing as it goes."""
@@ -231,22 +262,23 @@ class Trainer:
             )
             bar.update(1)
             if self.out is not None:
-                with open(self.out / "log.jsonl", "a") as f:
+                name = "log.jsonl" if self.world == 1 else f"log.rank{self.rank}.jsonl"
+                with open(self.out / name, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save()
         bar.close()
-        if self.out is not None and self.step == self.cfg.steps:
+        if self.out is not None and self.step == self.cfg.steps and self.rank == 0:
             self.export(self.out / "rater")
         return self.rater
 
     def state_tensors(self) -> dict[str, Tensor]:
         t = {f"rater.{k}": v for k, v in self.rater.state_dict().items()}
-        for p, st in enumerate(self.population):
+        for p, st in self.population.items():
             t.update(flatten(f"pop.{p}.params", st.params))
             t.update(flatten(f"pop.{p}.opt", st.opt_state))
             t.update(flatten(f"meta.{p}", self.meta_state[p]))
-        t["rng"] = self.gen.get_state()
+            t[f"rng.{p}"] = self.gens[p].get_state()
         return t
 
     def save(self) -> Path:
@@ -254,17 +286,21 @@ class Trainer:
             "step": self.step,
             "config": asdict(self.cfg),
             "resets": self.resets,
-            "inner_steps_done": [st.step for st in self.population],
+            "inner_steps_done": {str(p): st.step for p, st in self.population.items()},
             "lm": self.lm_cfg.to_dict(),
             "rater": self.rater_cfg.to_dict(),
             "pad_id": self.pad_id,
             "history": self.history,
         }
-        return save_checkpoint(self.out / "checkpoints", self.step, self.state_tensors(), meta)
+        return save_checkpoint(self._ckpt_dir(), self.step, self.state_tensors(), meta)
+
+    def _ckpt_dir(self) -> Path:
+        root = self.out / "checkpoints"
+        return root if self.world == 1 else root / f"rank-{self.rank}"
 
     def resume(self) -> bool:
         """Load the newest checkpoint under ``out`` if there is one; True if it did."""
-        found = None if self.out is None else load_checkpoint(self.out / "checkpoints")
+        found = None if self.out is None else load_checkpoint(self._ckpt_dir())
         if found is None:
             return False
         tensors, meta = found
@@ -275,7 +311,8 @@ class Trainer:
             )
         self.rater.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("rater.")})
         self.step, self.resets, self.history = meta["step"], meta["resets"], meta["history"]
-        for p, done in enumerate(meta["inner_steps_done"]):
+        for key, done in meta["inner_steps_done"].items():
+            p = int(key)
             like = self._fresh(p)
             self.population[p] = InnerState(
                 unflatten(f"pop.{p}.params", tensors, like.params),
@@ -284,7 +321,7 @@ class Trainer:
                 done,
             )
             self.meta_state[p] = unflatten(f"meta.{p}", tensors, self.meta_state[p])
-        self.gen.set_state(tensors["rng"])
+            self.gens[p].set_state(tensors[f"rng.{p}"])
         return True
 
     def export(self, folder: Path) -> None:
