@@ -272,7 +272,7 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tok = ByteTokenizer()
-    seq_len = 64 if quick else 128
+    seq_len = 64
     corpus = build_corpus(seed, max_docs=900 if quick else None)
     pool = per_document(corpus.pool, tok, seq_len)
     held = per_document(corpus.heldout_clean, tok, seq_len)
@@ -282,18 +282,23 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
         if quick
         else dict(d_model=48, n_layers=2, n_heads=2)
     )
+    # Between meta-steps the inner models take 4 plain rater-weighted steps, so the population
+    # reaches later training, where subtler corruptions start to cost; the meta learning rate
+    # decays (cosine) so that the final rater settles.
     cfg = TrainConfig(
-        steps=60 if quick else 400,
+        steps=60 if quick else 600,
         population=2,
         inner_steps=2,
+        steps_between=0 if quick else 4,
         inner_batch=16,
         outer_batch=16,
-        lifetime=30 if quick else 100,
+        lifetime=30 if quick else 150,
         inner_lr=3e-3,
         meta_lr=3e-3,
         meta_warmup=10 if quick else 40,
+        meta_decay="constant" if quick else "cosine",
         meta_clip=1.0,
-        checkpoint_every=1000,
+        checkpoint_every=100,
         seed=seed,
         lm=small,
         rater=small,
@@ -316,7 +321,7 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
     # downstream: raw pool vs the rater's top-K selection
     pool_scores = score_sequences(rater, pool)
     lm_cfg = TransformerConfig(vocab_size=tok.vocab_size, max_seq_len=seq_len, **small)
-    steps = 150 if quick else 600
+    steps = 150 if quick else 400
     raw = train_lm(lm_cfg, pool, held, steps, 16, seed + 7)
     filtered = train_lm(lm_cfg, pool, held, steps, 16, seed + 7, scores=pool_scores)
     report["heldout_loss_unfiltered"] = raw[-1][1]

@@ -340,3 +340,15 @@ def test_non_finite_raises_or_skips(mode):
     assert res.skipped and "outer loss" in res.reason
     assert all(p.grad is None for p in rater.parameters())
     assert res.state is bad  # the non-finite update is not handed on
+
+
+def test_weighted_steps_equal_the_forward_sweep_of_meta_step():
+    opt = optim.Adam(1e-2, clip_norm=1.0)
+    model, rater = tiny_lm(), tiny_rater()
+    inner, outer = make_batches(3, masked=True)
+    state = dr.InnerState.init(model, opt)
+    after_meta = dr.meta_step(rater, model, state, inner, outer, optimizer=opt, tau=TAU).state
+    after_plain = dr.meta.weighted_steps(rater, model, state, inner, optimizer=opt, tau=TAU)
+    assert after_plain.step == after_meta.step == 3
+    for k, v in after_meta.params.items():
+        torch.testing.assert_close(after_plain.params[k], v, rtol=1e-12, atol=1e-14)

@@ -1,7 +1,7 @@
 """Meta-gradients: the inner state, batches, and ``meta_step``."""
 
 from .batch import SeqBatch, sequence_losses
-from .meta_step import MODES, MetaStepResult, NonFiniteMetaGradient, meta_step
+from .meta_step import MODES, MetaStepResult, NonFiniteMetaGradient, meta_step, weighted_steps
 from .state import InnerState
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "SeqBatch",
     "meta_step",
     "sequence_losses",
+    "weighted_steps",
 ]

@@ -466,3 +466,31 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     s = {n: {k: v.detach() for k, v in d.items()} for n, d in s.items()}
     final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
     return final, outer_loss, losses, gnorms, weights, list(meta)
+
+
+def weighted_steps(
+    rater: nn.Module,
+    model: nn.Module,
+    state: InnerState,
+    batches: Sequence[Mapping[str, Tensor]],
+    *,
+    optimizer: InnerOptimizer,
+    tau: float = 1.0,
+    micro_batch_size: int | None = None,
+) -> InnerState:
+    """Plain inner training on rater-weighted batches, no meta-gradient: what inner models do
+    between meta-updates. Same weighting and update as ``meta_step``'s forward sweep."""
+    fl = _Flat(state.params)
+    theta, s, step = fl.flat(state.params), fl.flat_state(state.opt_state), state.step
+    run = _Run(
+        rater, model, optimizer, float(tau), micro_batch_size, "auto", None, [], state.buffers, fl
+    )
+    for t, raw in enumerate(batches):
+        batch = SeqBatch.from_dict(raw, f"batches[{t}]").to(theta.dtype)
+        with torch.no_grad():
+            w = torch.softmax(run.scores(batch).to(theta.dtype) / run.tau, 0)
+        g, _ = _inner_grad(run, theta, batch, w)
+        with torch.no_grad():
+            new, s = optimizer.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
+        theta, step = new[fl.KEY], step + 1
+    return InnerState(fl.views(theta), state.buffers, fl.state_views(s), step)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..data.tokens import Sequences
-from ..meta import InnerState, meta_step
+from ..meta import InnerState, meta_step, weighted_steps
 from ..models import CausalLM, Rater, TransformerConfig
 from ..optim import Adam
 from .checkpoint import atomic_write_text, flatten, load_checkpoint, save_checkpoint, unflatten
@@ -33,6 +33,7 @@ class TrainConfig:
     steps: int = 300
     population: int = 2
     inner_steps: int = 2
+    steps_between: int = 0  # plain rater-weighted inner steps after each meta-step
     inner_batch: int = 16
     outer_batch: int = 16
     lifetime: int = 100
@@ -42,6 +43,7 @@ class TrainConfig:
     meta_lr: float = 1e-3
     meta_weight_decay: float = 0.1
     meta_warmup: int = 100
+    meta_decay: str = "constant"  # or "cosine": down to 10 % of meta_lr at the last step
     meta_clip: float = 0.01
     tau: float = 1.0
     micro_batch_size: int | None = None
@@ -62,6 +64,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_decay not in ("constant", "cosine"):
+            raise ValueError(
+                f"TrainConfig.meta_decay must be 'constant' or 'cosine', got {self.meta_decay!r}"
+            )
         for name in ("inner_lr", "meta_lr", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -144,7 +150,12 @@ class Trainer:
         return data.batch(torch.randint(0, len(data), (n,), generator=self.gens[p]))
 
     def _meta_lr(self) -> float:
-        return self.cfg.meta_lr * min(1.0, (self.step + 1) / max(1, self.cfg.meta_warmup))
+        cfg = self.cfg
+        lr = cfg.meta_lr * min(1.0, (self.step + 1) / max(1, cfg.meta_warmup))
+        if cfg.meta_decay == "cosine" and self.step >= cfg.meta_warmup:
+            done = (self.step - cfg.meta_warmup) / max(1, cfg.steps - cfg.meta_warmup)
+            lr *= 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+        return lr
 
     def _flat_rater(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.rater.parameters()])
@@ -182,6 +193,19 @@ class Trainer:
                 on_nonfinite="skip",
             )
             self.population[p] = res.state
+            if cfg.steps_between:
+                more = [
+                    self._draw(p, self.train, cfg.inner_batch) for _ in range(cfg.steps_between)
+                ]
+                self.population[p] = weighted_steps(
+                    self.rater,
+                    self.template,
+                    res.state,
+                    more,
+                    optimizer=self.inner_opt,
+                    tau=cfg.tau,
+                    micro_batch_size=cfg.micro_batch_size,
+                )
             if res.skipped:
                 skipped += 1
                 continue
