@@ -96,7 +96,9 @@ def builtin_documents(min_chars: int = 200, max_chars: int = 600) -> list[str]:
         "threading",
     ):
         try:
-            mod = importlib.import_module(name)
+            with warnings.catch_warnings():  # deprecated submodules (typing.io, ...) warn
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
         except ImportError:
             continue
         # the module and what it defines itself (not what it happens to have imported, which
@@ -107,7 +109,9 @@ def builtin_documents(min_chars: int = 200, max_chars: int = 600) -> list[str]:
             if callable(v) and getattr(v, "__module__", None) == mod.__name__
         ]
         for obj in [mod, *own]:
-            doc = inspect.getdoc(obj)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                doc = inspect.getdoc(obj)
             if doc:
                 texts.append(doc)
     docs, seen = [], set()
