@@ -102,3 +102,38 @@ def test_heldout_split_is_deterministic_and_disjoint():
     assert torch.equal(a, a2) and torch.equal(b, b2)
     assert len(b) == 20 and not set(a.tolist()) & set(b.tolist())
     assert overlap(["x", "y", "z"], ["y", "w"]) == 1
+
+
+def test_saved_hugging_face_dataset_and_dataset_object(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"content": ["alpha doc", "beta doc", ""], "n": [1, 2, 3]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    with pytest.warns(UserWarning, match="empty document"):
+        docs, _ = read_documents(tmp_path / "saved", "content")
+    assert docs == ["alpha doc", "beta doc"]
+    with pytest.raises(CorpusError, match="no column 'text'"):
+        read_documents(tmp_path / "saved", "text")
+    with pytest.warns(UserWarning):
+        docs, _ = read_documents(ds, "content")
+    assert docs == ["alpha doc", "beta doc"]
+
+
+def test_a_local_tokenizers_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from datarater.data import get_tokenizer
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        ["the cat sat on the mat"] * 20,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]),
+    )
+    tok.save(str(tmp_path / "tok.json"))
+    ours = get_tokenizer(str(tmp_path / "tok.json"))
+    ids = ours.encode("the cat sat")
+    assert ids and max(ids) < ours.eos_id < ours.pad_id < ours.vocab_size
+    assert ours.decode(ids).replace(" ", "") == "thecatsat"
+    seqs = per_document(["the cat sat on the mat " * 3], ours, 8)
+    assert int(seqs.input_ids.max()) < ours.vocab_size
