@@ -353,17 +353,29 @@ def _plots(out: Path, scores, kind, history, raw, filtered) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for k in (CLEAN, *KINDS):
+    # one panel per corruption, each over the clean documents' scores
+    clean = scores[[i for i, x in enumerate(kind) if x == CLEAN]].numpy()
+    lo, hi = float(scores.min()), float(scores.max())
+    fig, axes = plt.subplots(3, 3, figsize=(11, 8), sharex=True)
+    for ax, k in zip(axes.flat, KINDS):
         sel = [i for i, x in enumerate(kind) if x == k]
-        if sel:
-            ax.hist(scores[sel].numpy(), bins=20, alpha=0.5, label=k, density=True)
-    ax.set_xlabel("rater score")
-    ax.set_ylabel("density")
-    ax.set_title("Scores of held-out documents by corruption")
-    ax.legend(fontsize=7)
+        ax.hist(clean, bins=25, range=(lo, hi), alpha=0.5, color="tab:blue", density=True)
+        ax.hist(
+            scores[sel].numpy(),
+            bins=25,
+            range=(lo, hi),
+            alpha=0.6,
+            color="tab:red",
+            density=True,
+            label=k,
+        )
+        ax.set_title(k, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(["clean", "corrupted"], fontsize=7)
+    fig.supxlabel("rater score")
+    fig.suptitle("Held-out document scores: clean (blue) vs each corruption (red)")
     fig.tight_layout()
-    fig.savefig(out / "scores_by_corruption.png", dpi=110)
+    fig.savefig(out / "scores_by_corruption.png", dpi=100)
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
