@@ -1,0 +1,116 @@
+"""Turning scores into keep/discard decisions (design.md section 1, step 2).
+
+Three rules, all deterministic:
+
+* ``topk_groups``: batch-level top-K with oversampling. For discard fraction rho and nominal
+  batch N, consecutive groups of ``N / (1 - rho)`` rows (stream order) keep their best
+  ``floor((1 - rho) * group)`` rows; a trailing partial group keeps the same fraction.
+* ``p_accept`` / ``accept``: the same decision for one row with no batch at hand. With p the
+  row's position in the score CDF, a row survives a random batch of B rows keeping K if fewer
+  than K of the other B - 1 rows score higher:
+  ``P = sum_{s<K} C(B-1, s) (1-p)^s p^(B-1-s)``. Each row is then kept with that
+  probability, drawn from a hash of (seed, row id): shards can be filtered independently and
+  reproducibly.
+* ``quantile_keep``: a global threshold keeping exactly ``round((1 - rho) n)`` rows; ties at
+  the threshold are broken by row id, so the result never depends on input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _check_rho(rho: float) -> None:
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"discard fraction rho must be in [0, 1), got {rho}")
+
+
+def group_size(batch: int, rho: float) -> int:
+    """Rows drawn per nominal batch: N / (1 - rho), rounded to the nearest integer."""
+    _check_rho(rho)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return max(batch, round(batch / (1.0 - rho)))
+
+
+def topk_groups(scores: Tensor, rho: float, batch: int) -> Tensor:
+    """Boolean keep mask: the best floor((1 - rho) * group) rows of each group, in order.
+
+    Ties inside a group go to the earlier row.
+    """
+    g = group_size(batch, rho)
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    for start in range(0, len(scores), g):
+        block = scores[start : start + g].double()
+        k = math.floor((1.0 - rho) * len(block) + 1e-9)
+        if k == 0:
+            continue
+        # stable ordering: descending score, then ascending position
+        order = sorted(range(len(block)), key=lambda i: (-float(block[i]), i))[:k]
+        keep[[start + i for i in order]] = True
+    return keep
+
+
+class EmpiricalCDF:
+    """F(score) from a sample of scores: the fraction of the sample strictly below, plus half
+    of the ties (the mid-rank convention, so that a constant score gets p = 0.5)."""
+
+    def __init__(self, sample: Tensor) -> None:
+        if sample.numel() == 0:
+            raise ValueError("the CDF needs at least one score")
+        self.sorted = sample.detach().double().flatten().sort().values
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        s = scores.detach().double()
+        below = torch.searchsorted(self.sorted, s, right=False)
+        upto = torch.searchsorted(self.sorted, s, right=True)
+        return (below + upto).double() / (2 * len(self.sorted))
+
+
+def p_accept(p: Tensor, batch: int, keep: int) -> Tensor:
+    """Probability that a row at CDF position p is among the top ``keep`` of ``batch`` rows."""
+    if not 1 <= keep <= batch:
+        raise ValueError(f"need 1 <= keep <= batch, got keep={keep}, batch={batch}")
+    p = p.double().clamp(0.0, 1.0)
+    n = batch - 1
+    total = torch.zeros_like(p)
+    for s in range(keep):
+        total = total + math.comb(n, s) * (1.0 - p) ** s * p ** (n - s)
+    return total.clamp(0.0, 1.0)
+
+
+def _uniform(seed: int, ids: Sequence) -> Tensor:
+    """A uniform number in [0, 1) per row id, from a hash: the same for the same (seed, id)."""
+    out = []
+    for i in ids:
+        h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(h, "big") / 2.0**64)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def accept(
+    scores: Tensor, cdf: EmpiricalCDF, rho: float, batch: int, ids: Sequence, seed: int = 0
+) -> Tensor:
+    """Per-row keep mask with probability ``p_accept`` at the rate of batch-level top-K."""
+    g = group_size(batch, rho)
+    k = max(1, math.floor((1.0 - rho) * g + 1e-9))
+    if len(ids) != len(scores):
+        raise ValueError(f"need one id per score, got {len(ids)} ids for {len(scores)} scores")
+    return _uniform(seed, ids) < p_accept(cdf(scores), g, k)
+
+
+def quantile_keep(scores: Tensor, rho: float, ids: Sequence | None = None) -> Tensor:
+    """Keep exactly round((1 - rho) n) rows with the highest scores; ties broken by id."""
+    _check_rho(rho)
+    n = len(scores)
+    k = round((1.0 - rho) * n)
+    ids = list(range(n)) if ids is None else list(ids)
+    order = sorted(range(n), key=lambda i: (-float(scores[i]), ids[i]))[:k]
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order] = True
+    return keep

@@ -1,0 +1,73 @@
+"""Filtering rules: batch-level top-K, per-row P_accept, global quantile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from datarater.scoring import EmpiricalCDF, accept, group_size, p_accept, quantile_keep, topk_groups
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_topk_keeps_exactly_its_share_of_every_full_group(rho):
+    batch = 16
+    g = group_size(batch, rho)
+    scores = torch.randn(g * 7 + 3, generator=torch.Generator().manual_seed(1))
+    keep = topk_groups(scores, rho, batch)
+    k = math.floor((1 - rho) * g + 1e-9)
+    for start in range(0, g * 7, g):
+        block, kept = scores[start : start + g], keep[start : start + g]
+        assert int(kept.sum()) == k
+        assert block[kept].min() >= block[~kept].max()
+
+
+def test_p_accept_matches_simulated_batches_and_keeps_the_right_share():
+    gen = torch.Generator().manual_seed(0)
+    batch, rho = 8, 0.5
+    g = group_size(batch, rho)
+    k = math.floor((1 - rho) * g)
+    # exact check against simulation: a row at CDF position p among g - 1 uniform others
+    for p in (0.1, 0.5, 0.9):
+        others = torch.rand(200_000, g - 1, generator=gen)
+        simulated = float(((others > p).sum(1) < k).double().mean())
+        assert float(p_accept(torch.tensor([p]), g, k)) == pytest.approx(simulated, abs=0.01)
+    # over many rows the kept share is (1 - rho) within sampling error
+    n = 20_000
+    scores = torch.randn(n, generator=gen)
+    cdf = EmpiricalCDF(scores[:5000])
+    kept = accept(scores, cdf, rho, batch, ids=range(n), seed=3)
+    share = float(kept.double().mean())
+    assert share == pytest.approx(1 - rho, abs=4 * math.sqrt(0.25 / n) + 0.01)
+    # and it agrees with top-K about which rows are likely kept
+    top = topk_groups(scores, rho, batch)
+    agree = float((kept == top).double().mean())
+    assert agree > 0.75
+    assert float(scores[kept].mean()) > float(scores[~kept].mean()) + 1.0
+    # deterministic: the same seed and ids give the same decisions, shard by shard
+    again = torch.cat(
+        [
+            accept(scores[:7000], cdf, rho, batch, ids=range(7000), seed=3),
+            accept(scores[7000:], cdf, rho, batch, ids=range(7000, n), seed=3),
+        ]
+    )
+    assert torch.equal(kept, again)
+
+
+def test_quantile_threshold_breaks_ties_by_id_not_by_order():
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 0.5])
+    keep = quantile_keep(scores, rho=0.5)
+    assert keep.tolist() == [False, True, True, False, True, False]
+    perm = [5, 3, 0, 4, 1, 2]
+    permuted = quantile_keep(scores[perm], rho=0.5, ids=perm)
+    assert {perm[i] for i in range(6) if permuted[i]} == {1, 2, 4}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rho"):
+        group_size(8, 1.0)
+    with pytest.raises(ValueError, match="keep"):
+        p_accept(torch.tensor([0.5]), 4, 5)
+    with pytest.raises(ValueError, match="one id per score"):
+        accept(torch.zeros(3), EmpiricalCDF(torch.zeros(3)), 0.5, 4, ids=[1, 2])
