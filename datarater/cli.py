@@ -89,6 +89,39 @@ def _train_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .scoring.score import score_files
+    from .training import load_rater
+
+    rater = load_rater(args.rater)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    report = score_files(
+        rater,
+        args.data,
+        args.text_column,
+        args.out,
+        aggregate=args.aggregate,
+        batch_size=args.batch_size,
+        device=device,
+        rank=rank,
+        world=world,
+        progress=not args.quiet,
+    )
+    print(json.dumps(report, indent=1))
+    if report["failed"]:
+        for path, why in report["failed"].items():
+            print(f"datarater score: {path}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="datarater", description="Meta-learned data curation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=_train)
+
+    score = sub.add_parser("score", help="score a corpus with a trained rater")
+    score.add_argument("--rater", required=True, help="a rater folder written by train")
+    score.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="jsonl/parquet files, globs or folders; each file is one shard",
+    )
+    score.add_argument("--text-column", default="text")
+    score.add_argument("--out", required=True, help="output folder of parquet shards")
+    score.add_argument(
+        "--aggregate",
+        choices=["truncate", "mean", "token_weighted"],
+        default="truncate",
+        help="for documents longer than the rater's context",
+    )
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--device", help="default: cuda if available, else cpu")
+    score.add_argument("--quiet", action="store_true")
+    score.set_defaults(func=_score)
 
     args = parser.parse_args(argv)
     try:

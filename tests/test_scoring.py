@@ -1,0 +1,126 @@
+"""Scoring with a trained rater: in memory, shard files, resume, bad shards."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from datarater.cli import main
+from datarater.models import Rater, TransformerConfig
+from datarater.scoring.score import SCORE_COLUMN, score_texts
+from datarater.training import Trainer
+
+from .conftest import VOCAB  # noqa: F401  (keeps the test package importable the same way)
+
+
+def _rater(tmp_path):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=16, n_layers=1, n_heads=2)
+    rater = Rater(cfg, pad_id=257)
+    with torch.no_grad():
+        rater.head.weight.normal_(0, 1.0)
+    folder = tmp_path / "rater"
+    t = Trainer.__new__(Trainer)  # export only needs these three fields
+    t.rater, t.rater_cfg, t.pad_id, t.step = rater, cfg, 257, 0
+    Trainer.export(t, folder)
+    return rater, folder
+
+
+def test_scores_do_not_depend_on_batching_and_windows_aggregate(tmp_path):
+    rater, _ = _rater(tmp_path)
+    texts = ["short", "a bit longer text here", "x" * 100, "medium sized document"]
+    one = score_texts(rater, texts, batch_size=1)
+    many = score_texts(rater, texts, batch_size=3)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
+    truncated = score_texts(rater, ["y" * 100], aggregate="truncate")
+    first = score_texts(rater, ["y" * 32])
+    torch.testing.assert_close(truncated, first)
+    # 100 bytes + EOS = 101 tokens: windows of 32, 32, 32 and 5 tokens
+    y = ord("y")
+    wins = [[y] * 32, [y] * 32, [y] * 32, [y] * 4 + [256]]
+    with torch.no_grad():
+        per = torch.stack([rater(torch.tensor([w]))[0] for w in wins])
+    mean = score_texts(rater, ["y" * 100], aggregate="mean")
+    weighted = score_texts(rater, ["y" * 100], aggregate="token_weighted")
+    torch.testing.assert_close(mean[0], per.mean(), rtol=1e-5, atol=1e-6)
+    sizes = torch.tensor([32.0, 32, 32, 5])
+    torch.testing.assert_close(weighted[0], (per * sizes).sum() / sizes.sum(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="aggregate"):
+        score_texts(rater, texts, aggregate="max")
+
+
+def test_score_cli_writes_every_row_once_and_resumes(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        rows = [{"text": f"document {i}-{j} " * (j + 1), "source": f"s{i}"} for j in range(5)]
+        (data / f"shard{i}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(
+        pa.table({"text": ["parquet row", "another"], "n": [1, 2]}), data / "shard3.parquet"
+    )
+    out = tmp_path / "scored"
+    assert (
+        main(["score", "--rater", str(folder), "--data", str(data), "--out", str(out), "--quiet"])
+        == 0
+    )
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 4 and len(list(out.glob("*.done"))) == 4
+    table = pq.read_table(parts[0])
+    assert SCORE_COLUMN in table.column_names and "source" in table.column_names
+    total = sum(pq.read_table(p).num_rows for p in parts)
+    assert total == 17
+    # a crash that lost one shard's output: the rerun redoes exactly that shard
+    (out / "part-00001.done").unlink()
+    (out / "part-00001.parquet").unlink()
+    capsys.readouterr()
+    assert (
+        main(["score", "--rater", str(folder), "--data", str(data), "--out", str(out), "--quiet"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["done"] == 1 and report["skipped"] == 3
+    assert sum(pq.read_table(p).num_rows for p in out.glob("part-*.parquet")) == 17
+
+
+def test_a_corrupt_shard_is_reported_and_the_others_finish(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "nocol.jsonl").write_text(json.dumps({"body": "x"}))
+    code = main(
+        [
+            "score",
+            "--rater",
+            str(folder),
+            "--data",
+            str(tmp_path / "good.jsonl"),
+            str(tmp_path / "bad.parquet"),
+            str(tmp_path / "nocol.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bad.parquet" in err and "no column 'text'" in err
+    assert len(list((tmp_path / "o").glob("*.done"))) == 1
+    assert (
+        main(
+            [
+                "score",
+                "--rater",
+                str(tmp_path / "nowhere"),
+                "--data",
+                "x",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
