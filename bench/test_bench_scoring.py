@@ -17,7 +17,11 @@ def test_score_texts_throughput(benchmark, record):
     text = " ".join(topics.topics.values())
     texts = [text[i : i + 400 + (i % 700)] for i in range(0, 400 * 256, 400)]
     tokens = sum(min(len(t.encode()) + 1, 512) for t in texts)
-    benchmark.pedantic(lambda: score_texts(rater, texts, batch_size=64), rounds=3,
-                       warmup_rounds=1)
-    record("scoring", rater_params=sum(p.numel() for p in rater.parameters()), docs=len(texts),
-           tokens=tokens, tokens_per_s=tokens / benchmark.stats.stats.median)
+    benchmark.pedantic(lambda: score_texts(rater, texts, batch_size=64), rounds=3, warmup_rounds=1)
+    record(
+        "scoring",
+        rater_params=sum(p.numel() for p in rater.parameters()),
+        docs=len(texts),
+        tokens=tokens,
+        tokens_per_s=tokens / benchmark.stats.stats.median,
+    )

@@ -122,6 +122,22 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter(args: argparse.Namespace) -> int:
+    from .scoring.filter_files import filter_files
+
+    stats = filter_files(
+        args.scored,
+        args.out,
+        args.rule,
+        args.rho,
+        batch=args.batch,
+        seed=args.seed,
+        source_column=args.source_column,
+    )
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="datarater", description="Meta-learned data curation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--device", help="default: cuda if available, else cpu")
     score.add_argument("--quiet", action="store_true")
     score.set_defaults(func=_score)
+
+    filt = sub.add_parser("filter", help="keep the best-scored rows of a scored corpus")
+    filt.add_argument("--scored", required=True, help="a folder written by `datarater score`")
+    filt.add_argument("--out", required=True)
+    filt.add_argument(
+        "--rule",
+        choices=["topk", "paccept", "quantile"],
+        default="topk",
+        help="batch-level top-K, per-row P_accept, or a global quantile",
+    )
+    filt.add_argument("--rho", type=float, default=0.5, help="discard fraction")
+    filt.add_argument("--batch", type=int, default=64, help="nominal batch N (topk, paccept)")
+    filt.add_argument("--seed", type=int, default=0)
+    filt.add_argument("--source-column", help="report the kept fraction per value of it")
+    filt.set_defaults(func=_filter)
 
     args = parser.parse_args(argv)
     try:

@@ -124,3 +124,56 @@ def test_a_corrupt_shard_is_reported_and_the_others_finish(tmp_path, capsys):
         )
         == 2
     )
+
+
+@pytest.mark.parametrize("rule", ["topk", "paccept", "quantile"])
+def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys, rule):
+    out = tmp_path / "scored"
+    out.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        s = torch.randn(400, generator=gen)
+        pq.write_table(
+            pa.table(
+                {
+                    "text": [f"r{j}" for j in range(400)],
+                    "source": ["a" if j % 2 else "b" for j in range(400)],
+                    SCORE_COLUMN: pa.array(s.numpy(), pa.float32()),
+                }
+            ),
+            out / f"part-{i:05d}.parquet",
+        )
+    assert (
+        main(
+            [
+                "filter",
+                "--scored",
+                str(out),
+                "--out",
+                str(tmp_path / "kept"),
+                "--rule",
+                rule,
+                "--rho",
+                "0.75",
+                "--batch",
+                "16",
+                "--source-column",
+                "source",
+            ]
+        )
+        == 0
+    )
+    stats = json.loads((tmp_path / "kept" / "stats.json").read_text())
+    assert stats["rows"] == 1200
+    assert stats["kept_fraction"] == pytest.approx(0.25, abs=0.05)
+    assert set(stats["kept_fraction_by_source"]) == {"a", "b"}
+    kept = sum(pq.read_table(p).num_rows for p in (tmp_path / "kept").glob("part-*.parquet"))
+    assert kept == stats["kept"]
+    kept_scores = torch.cat(
+        [
+            torch.tensor(pq.read_table(p).column(SCORE_COLUMN).to_numpy())
+            for p in (tmp_path / "kept").glob("part-*.parquet")
+        ]
+    )
+    assert float(kept_scores.mean()) > 0.8  # the top quarter of a standard normal: ~1.27
+    assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,77 @@
+"""``datarater filter``: apply a filtering rule to scored parquet shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..training.checkpoint import atomic_write_text
+from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
+from .score import SCORE_COLUMN
+
+RULES = ("topk", "paccept", "quantile")
+
+
+def filter_files(
+    scored: Path | str,
+    out: Path | str,
+    rule: str,
+    rho: float,
+    batch: int = 64,
+    seed: int = 0,
+    source_column: str | None = None,
+    cdf_sample: int = 100_000,
+) -> dict:
+    """Keep rows of ``scored/part-*.parquet`` by ``rule``; write ``out/part-*.parquet`` and
+    ``out/stats.json`` (kept fraction overall and per source)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    parts = sorted(Path(scored).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{scored}: no part-*.parquet files (run `datarater score`)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [pq.read_table(p) for p in parts]
+    for p, t in zip(parts, tables):
+        if SCORE_COLUMN not in t.column_names:
+            raise ValueError(f"{p}: no {SCORE_COLUMN!r} column (not written by `datarater score`)")
+    scores = [torch.tensor(t.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)) for t in tables]
+    everything = torch.cat(scores)
+    if rule == "quantile":
+        keep_all = quantile_keep(everything, rho)
+        keeps = list(keep_all.split([len(s) for s in scores]))
+    elif rule == "topk":
+        keep_all = topk_groups(everything, rho, batch)  # groups in stream order, across shards
+        keeps = list(keep_all.split([len(s) for s in scores]))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        sample = everything[torch.randperm(len(everything), generator=gen)[:cdf_sample]]
+        cdf, keeps = EmpiricalCDF(sample), []
+        for s, p in zip(scores, parts):  # each shard on its own: row ids are (shard, row)
+            ids = [f"{p.name}:{i}" for i in range(len(s))]
+            keeps.append(accept(s, cdf, rho, batch, ids, seed))
+    kept_by, total_by = Counter(), Counter()
+    for p, t, k in zip(parts, tables, keeps):
+        if source_column:
+            if source_column not in t.column_names:
+                raise ValueError(f"{p}: no column {source_column!r}")
+            src = t.column(source_column).to_pylist()
+            total_by.update(src)
+            kept_by.update(x for x, keep in zip(src, k.tolist()) if keep)
+        kept = t.filter(pa.array(k.numpy()))
+        tmp = out / (p.name + ".tmp")
+        pq.write_table(kept, tmp)
+        os.replace(tmp, out / p.name)
+    n, k = len(everything), int(sum(int(x.sum()) for x in keeps))
+    stats = {"rule": rule, "rho": rho, "rows": n, "kept": k, "kept_fraction": k / n}
+    if source_column:
+        stats["kept_fraction_by_source"] = {s: kept_by[s] / total_by[s] for s in sorted(total_by)}
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))
+    return stats
