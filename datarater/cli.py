@@ -138,6 +138,45 @@ def _filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    import torch
+
+    from .scoring.analyze import write_report
+    from .scoring.score import SCORE_COLUMN, score_texts
+    from .training import load_rater
+
+    parts = sorted(Path(args.scored).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{args.scored}: no part-*.parquet files (run `datarater score`)")
+    texts, scores, sources = [], [], []
+    for p in parts:
+        t = pq.read_table(p)
+        for col in (args.text_column, SCORE_COLUMN, args.source_column):
+            if col and col not in t.column_names:
+                raise ValueError(f"{p}: no column {col!r}")
+        texts += t.column(args.text_column).to_pylist()
+        scores += t.column(SCORE_COLUMN).to_pylist()
+        if args.source_column:
+            sources += t.column(args.source_column).to_pylist()
+    texts, scores = texts[: args.max_rows], torch.tensor(scores[: args.max_rows])
+    other = None
+    if args.compare_rater:
+        other = score_texts(load_rater(args.compare_rater), texts)
+    report = write_report(
+        Path(args.out),
+        texts,
+        scores,
+        sources[: args.max_rows] if args.source_column else None,
+        other,
+    )
+    summary = {k: report[k] for k in ("n", "ols_r2", "lasso") if k in report}
+    if "rank_correlation_with_other" in report:
+        summary["rank_correlation_with_other"] = report["rank_correlation_with_other"]
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="datarater", description="Meta-learned data curation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     filt.add_argument("--seed", type=int, default=0)
     filt.add_argument("--source-column", help="report the kept fraction per value of it")
     filt.set_defaults(func=_filter)
+
+    ana = sub.add_parser("analyze", help="what the rater learned: heuristics, extremes, stability")
+    ana.add_argument("--scored", required=True, help="a folder written by `datarater score`")
+    ana.add_argument("--out", required=True)
+    ana.add_argument("--text-column", default="text")
+    ana.add_argument("--source-column", help="histograms and mean score per source")
+    ana.add_argument("--compare-rater", help="another rater (checkpoint) for rank correlation")
+    ana.add_argument("--max-rows", type=int, default=20000)
+    ana.set_defaults(func=_analyze)
 
     args = parser.parse_args(argv)
     try:

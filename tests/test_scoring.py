@@ -177,3 +177,68 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     )
     assert float(kept_scores.mean()) > 0.8  # the top quarter of a standard normal: ~1.27
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_analyze_cli_on_scored_shards(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {
+            "text": ("Plain words here. " * (i % 5 + 1)) if i % 2 else "ZZ%%##!! " * 6,
+            "src": "clean" if i % 2 else "junk",
+        }
+        for i in range(40)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert (
+        main(
+            [
+                "score",
+                "--rater",
+                str(folder),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "s"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "analyze",
+                "--scored",
+                str(tmp_path / "s"),
+                "--out",
+                str(tmp_path / "a"),
+                "--source-column",
+                "src",
+                "--compare-rater",
+                str(folder),
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 40 and summary["rank_correlation_with_other"] > 0.999
+    report = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert set(report["mean_score_by_source"]) == {"clean", "junk"}
+    assert (tmp_path / "a" / "score_histograms.png").exists()
+
+
+def test_score_dataset_adds_a_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from datarater.scoring.score import score_dataset
+
+    rater, _ = _rater(tmp_path)
+    ds = datasets.Dataset.from_dict({"text": ["one", "two two", "three three three"]})
+    out = score_dataset(rater, ds)
+    assert out.column_names == ["text", SCORE_COLUMN]
+    torch.testing.assert_close(
+        torch.tensor(out[SCORE_COLUMN]), score_texts(rater, ds["text"]), rtol=1e-6, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="no column 'body'"):
+        score_dataset(rater, ds, "body")

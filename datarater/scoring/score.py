@@ -164,3 +164,13 @@ def score_files(
     bar.close()
     report["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - t0)
     return report
+
+
+def score_dataset(rater, dataset, text_column: str = "text", **kwargs):
+    """A Hugging Face ``datasets.Dataset`` with a ``datarater_score`` column added."""
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"the dataset has no column {text_column!r} (columns: {dataset.column_names})"
+        )
+    scores = score_texts(rater, dataset[text_column], **kwargs)
+    return dataset.add_column(SCORE_COLUMN, scores.tolist())

@@ -1,0 +1,149 @@
+"""What did the rater learn? Scores against simple text heuristics, extremes, stability.
+
+``heuristics`` computes per-document features; ``explain`` fits an ordinary least-squares
+model of the score on all of them (R^2) and a sparse L1 (lasso) fit that names the few that
+matter; ``rank_correlation`` compares two raters' (or checkpoints') scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+HEURISTICS = (
+    "chars",
+    "words",
+    "lines",
+    "non_alnum_fraction",
+    "unique_char_fraction",
+    "whitespace_fraction",
+    "upper_fraction",
+    "digit_fraction",
+    "mean_word_length",
+    "non_printable_fraction",
+)
+
+
+def heuristics(texts: Sequence[str]) -> Tensor:
+    """[n_docs, len(HEURISTICS)] float64 features."""
+    rows = []
+    for t in texts:
+        n = max(1, len(t))
+        words = t.split()
+        rows.append(
+            [
+                math.log1p(len(t)),
+                math.log1p(len(words)),
+                math.log1p(t.count("\n") + 1),
+                sum(not (c.isalnum() or c.isspace()) for c in t) / n,
+                len(set(t)) / n,
+                sum(c.isspace() for c in t) / n,
+                sum(c.isupper() for c in t) / n,
+                sum(c.isdigit() for c in t) / n,
+                sum(map(len, words)) / max(1, len(words)),
+                sum(not c.isprintable() and c not in "\n\t" for c in t) / n,
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _standardize(x: Tensor) -> Tensor:
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
+
+
+def ols_r2(x: Tensor, y: Tensor) -> float:
+    """R^2 of an ordinary least-squares fit of y on x (with intercept)."""
+    x = x[:, x.std(0) > 0]  # constant features carry nothing and make the system singular
+    xs = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), _standardize(x)], 1)
+    beta = torch.linalg.lstsq(xs, y.double()[:, None], driver="gelsd").solution
+    resid = y.double() - (xs @ beta)[:, 0]
+    return float(1 - resid.pow(2).sum() / (y.double() - y.double().mean()).pow(2).sum())
+
+
+def lasso(x: Tensor, y: Tensor, alpha: float, iters: int = 500) -> Tensor:
+    """Coordinate-descent lasso on standardized features; coefficients per feature."""
+    xs, yc = _standardize(x), y.double() - y.double().mean()
+    n, d = xs.shape
+    beta = torch.zeros(d, dtype=torch.float64)
+    col_sq = xs.pow(2).sum(0) / n
+    for _ in range(iters):
+        for j in range(d):
+            if float(col_sq[j]) == 0.0:  # a constant feature explains nothing
+                continue
+            r = yc - xs @ beta + xs[:, j] * beta[j]
+            rho = float(xs[:, j] @ r) / n
+            beta[j] = math.copysign(max(abs(rho) - alpha, 0.0), rho) / float(col_sq[j])
+    return beta
+
+
+def explain(texts: Sequence[str], scores: Tensor, alpha: float | None = None) -> dict:
+    """Correlations, OLS R^2 and a sparse fit naming the heuristics that explain the score."""
+    x, y = heuristics(texts), scores.double()
+    corr = {}
+    for j, name in enumerate(HEURISTICS):
+        xc, yc = x[:, j] - x[:, j].mean(), y - y.mean()
+        denom = float(xc.norm() * yc.norm())
+        corr[name] = float(xc @ yc) / denom if denom > 0 else 0.0
+    alpha = alpha if alpha is not None else 0.1 * float(y.std())
+    beta = lasso(x, y, alpha)
+    return {
+        "pearson": corr,
+        "ols_r2": ols_r2(x, y),
+        "lasso": {n: float(b) for n, b in zip(HEURISTICS, beta) if abs(float(b)) > 1e-9},
+        "lasso_alpha": alpha,
+    }
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman correlation of two score vectors (stability across checkpoints)."""
+    from ..demo import spearman
+
+    return spearman(a, b)
+
+
+def extremes(texts: Sequence[str], scores: Tensor, k: int = 10, chars: int = 200) -> dict:
+    order = scores.argsort()
+    pick = lambda idx: [{"score": float(scores[i]), "text": texts[i][:chars]} for i in idx]  # noqa: E731
+    return {"lowest": pick(order[:k].tolist()), "highest": pick(order.flip(0)[:k].tolist())}
+
+
+def write_report(
+    out: Path,
+    texts: Sequence[str],
+    scores: Tensor,
+    sources: Sequence | None = None,
+    other_scores: Tensor | None = None,
+) -> dict:
+    """``analysis.json`` and ``score_histograms.png`` (per source) in ``out``."""
+    from ..training.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"n": len(texts), **explain(texts, scores), **extremes(texts, scores)}
+    if other_scores is not None:
+        report["rank_correlation_with_other"] = rank_correlation(scores, other_scores)
+    if sources is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for s in sorted(set(sources)):
+            sel = [i for i, x in enumerate(sources) if x == s]
+            ax.hist(scores[sel].numpy(), bins=30, alpha=0.5, density=True, label=str(s))
+        ax.set_xlabel("rater score")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "score_histograms.png", dpi=100)
+        plt.close(fig)
+        report["mean_score_by_source"] = {
+            str(s): float(scores[[i for i, x in enumerate(sources) if x == s]].mean())
+            for s in sorted(set(sources))
+        }
+    atomic_write_text(out / "analysis.json", json.dumps(report, indent=1))
+    return report
