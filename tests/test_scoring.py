@@ -242,3 +242,77 @@ def test_score_dataset_adds_a_column(tmp_path):
     )
     with pytest.raises(ValueError, match="no column 'body'"):
         score_dataset(rater, ds, "body")
+
+
+def test_two_rank_scoring_killed_midway_then_rerun(tmp_path):
+    import os
+    import pydoc_data.topics as topics
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=128, d_model=64, n_layers=2, n_heads=2)
+    rater = Rater(cfg, pad_id=257)
+    folder = tmp_path / "rater"
+    t = Trainer.__new__(Trainer)
+    t.rater, t.rater_cfg, t.pad_id, t.step = rater, cfg, 257, 0
+    Trainer.export(t, folder)
+    text = " ".join(topics.topics.values())
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(8):
+        rows = [
+            {"text": text[(s * 300 + j) * 97 : (s * 300 + j) * 97 + 400], "id": s * 300 + j}
+            for j in range(300)
+        ]
+        (data / f"shard{s}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["score", "--rater", str(folder), "--data", str(data), "--quiet", "--device", "cpu"]
+    single = tmp_path / "single"
+    subprocess.run(
+        [sys.executable, "-m", "datarater.cli", *base, "--out", str(single)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29900 + random.Random().randint(0, 90)),
+        "-m",
+        "datarater.cli",
+        *base,
+        "--out",
+        str(two),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if two.exists() and len(list(two.glob("*.done"))) >= 2:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(two.glob("*.done")))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids, scores = {}, {}
+    for folder_, store in ((single, scores), (two, ids)):
+        for p in folder_.glob("part-*.parquet"):
+            tab = pq.read_table(p)
+            for i, sc in zip(tab.column("id").to_pylist(), tab.column(SCORE_COLUMN).to_pylist()):
+                assert i not in store, f"row {i} twice in {folder_.name}"
+                store[i] = sc
+    assert sorted(ids) == list(range(2400)) and sorted(scores) == list(range(2400))
+    assert all(ids[i] == scores[i] for i in ids), "scores differ from the single-process run"
+    assert 2 <= done_before < 8, f"the kill landed after {done_before} of 8 shards"
