@@ -26,6 +26,7 @@ import torch
 from .data import ByteTokenizer, Sequences, per_document
 from .meta.batch import SeqBatch, sequence_losses
 from .models import CausalLM, TransformerConfig
+from .scoring.metrics import auc, spearman
 from .training import TrainConfig, Trainer
 from .training.checkpoint import atomic_write_text
 
@@ -188,32 +189,7 @@ def build_corpus(seed: int = 0, corrupt_fraction: float = 0.5, max_docs: int | N
 
 
 # ---------------------------------------------------------------------------------------------
-# metrics
-
-
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share the mean rank), 1-based."""
-    order = x.argsort()
-    r = torch.empty_like(x, dtype=torch.float64)
-    r[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for v in x.unique():
-        tie = x == v
-        if tie.sum() > 1:
-            r[tie] = r[tie].mean()
-    return r
-
-
-def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """P(score of a positive > score of a negative), ties counting half."""
-    r = ranks(torch.cat([pos, neg]).double())
-    n1, n0 = len(pos), len(neg)
-    return float((r[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = ranks(a.double()), ranks(b.double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+# scoring
 
 
 @torch.no_grad()

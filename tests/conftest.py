@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from types import SimpleNamespace
 
 # Triton kernels run on the CPU through the interpreter; it must be chosen before import.
@@ -76,6 +78,23 @@ def make_batches(
         return out
 
     return [one() for _ in range(steps)], one()
+
+
+def torchrun(*args: str, procs: int = 2) -> list[str]:
+    """A ``torchrun`` command line for ``procs`` local processes on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(procs),
+        "--master-port",
+        str(port),
+        *args,
+    ]
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import json
 import random
 
 from datarater.cli import main
-from datarater.demo import KINDS, auc, builtin_documents, corrupt, spearman
+from datarater.demo import KINDS, builtin_documents, corrupt
+from datarater.scoring.metrics import auc, spearman
 
 
 def test_quick_demo_learns_the_right_directions(tmp_path, capsys):

@@ -12,9 +12,9 @@ import torch
 from datarater.cli import main
 from datarater.models import Rater, TransformerConfig
 from datarater.scoring.score import SCORE_COLUMN, score_texts
-from datarater.training import Trainer
+from datarater.training import save_rater
 
-from .conftest import VOCAB  # noqa: F401  (keeps the test package importable the same way)
+from .conftest import torchrun
 
 
 def _rater(tmp_path):
@@ -24,9 +24,7 @@ def _rater(tmp_path):
     with torch.no_grad():
         rater.head.weight.normal_(0, 1.0)
     folder = tmp_path / "rater"
-    t = Trainer.__new__(Trainer)  # export only needs these three fields
-    t.rater, t.rater_cfg, t.pad_id, t.step = rater, cfg, 257, 0
-    Trainer.export(t, folder)
+    save_rater(rater, folder)
     return rater, folder
 
 
@@ -247,7 +245,6 @@ def test_score_dataset_adds_a_column(tmp_path):
 def test_two_rank_scoring_killed_midway_then_rerun(tmp_path):
     import os
     import pydoc_data.topics as topics
-    import random
     import signal
     import subprocess
     import sys
@@ -257,9 +254,7 @@ def test_two_rank_scoring_killed_midway_then_rerun(tmp_path):
     cfg = TransformerConfig(vocab_size=258, max_seq_len=128, d_model=64, n_layers=2, n_heads=2)
     rater = Rater(cfg, pad_id=257)
     folder = tmp_path / "rater"
-    t = Trainer.__new__(Trainer)
-    t.rater, t.rater_cfg, t.pad_id, t.step = rater, cfg, 257, 0
-    Trainer.export(t, folder)
+    save_rater(rater, folder)
     text = " ".join(topics.topics.values())
     data = tmp_path / "data"
     data.mkdir()
@@ -279,20 +274,7 @@ def test_two_rank_scoring_killed_midway_then_rerun(tmp_path):
         capture_output=True,
     )
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29900 + random.Random().randint(0, 90)),
-        "-m",
-        "datarater.cli",
-        *base,
-        "--out",
-        str(two),
-    ]
+    cmd = torchrun("-m", "datarater.cli", *base, "--out", str(two))
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

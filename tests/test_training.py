@@ -17,6 +17,8 @@ import torch
 from datarater.cli import main
 from datarater.training import TrainConfig, load_rater
 
+from .conftest import torchrun
+
 TINY = dict(d_model=16, n_layers=1, n_heads=2)
 CONFIG = dict(
     steps=8,
@@ -152,18 +154,7 @@ def test_two_torchrun_processes_give_the_rater_of_one(tmp_path):
     subprocess.run(
         _train_cmd(data, tmp_path / "one", cfg), check=True, env=env, capture_output=True
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29500 + random.Random().randint(0, 400)),
-        "-m",
-        "datarater.cli",
-        *(_train_cmd(data, tmp_path / "two", cfg)[3:]),
-    ]
+    cmd = torchrun("-m", "datarater.cli", *_train_cmd(data, tmp_path / "two", cfg)[3:])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     one = (tmp_path / "one" / "rater" / "rater.safetensors").read_bytes()

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .metrics import spearman
+
 HEURISTICS = (
     "chars",
     "words",
@@ -101,8 +103,6 @@ def explain(texts: Sequence[str], scores: Tensor, alpha: float | None = None) ->
 
 def rank_correlation(a: Tensor, b: Tensor) -> float:
     """Spearman correlation of two score vectors (stability across checkpoints)."""
-    from ..demo import spearman
-
     return spearman(a, b)
 
 

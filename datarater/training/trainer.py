@@ -349,24 +349,25 @@ class Trainer:
         return True
 
     def export(self, folder: Path) -> None:
-        """The rater alone: ``rater.safetensors`` + ``config.json`` (what scoring needs)."""
-        from safetensors.torch import save_file
+        """The rater alone, as ``save_rater`` writes it."""
+        save_rater(self.rater, folder, step=self.step)
 
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "rater.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in self.rater.state_dict().items()}, str(tmp))
-        tmp.replace(folder / "rater.safetensors")
-        atomic_write_text(
-            folder / "config.json",
-            json.dumps(
-                {"rater": self.rater_cfg.to_dict(), "pad_id": self.pad_id, "step": self.step},
-                indent=1,
-            ),
-        )
+
+def save_rater(rater: Rater, folder: Path | str, step: int = 0) -> None:
+    """``rater.safetensors`` + ``config.json``: what scoring needs, written atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "rater.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in rater.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "rater.safetensors")
+    meta = {"rater": rater.cfg.to_dict(), "pad_id": rater.pad_id, "step": step}
+    atomic_write_text(folder / "config.json", json.dumps(meta, indent=1))
 
 
 def load_rater(folder: Path | str) -> Rater:
-    """A rater written by ``Trainer.export`` (or ``datarater train``)."""
+    """A rater written by ``save_rater`` (or ``datarater train``)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
