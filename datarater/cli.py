@@ -1,4 +1,4 @@
-"""The ``datarater`` command line: ``demo`` and ``train``."""
+"""The ``datarater`` command line: demo, train, score, filter, analyze, evaluate."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _train_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, train, held, tok.vocab_size, out, tok.pad_id)
+    trainer = Trainer(cfg, train, held, tok.vocab_size, out, tok.pad_id, tokenizer=tok.name)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}")
     trainer.run(progress=not args.quiet)
@@ -139,41 +139,73 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
     import torch
 
     from .scoring.analyze import write_report
-    from .scoring.score import SCORE_COLUMN, score_texts
+    from .scoring.score import SCORE_COLUMN, read_scored, score_texts
     from .training import load_rater
 
-    parts = sorted(Path(args.scored).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{args.scored}: no part-*.parquet files (run `datarater score`)")
-    texts, scores, sources = [], [], []
-    for p in parts:
-        t = pq.read_table(p)
-        for col in (args.text_column, SCORE_COLUMN, args.source_column):
-            if col and col not in t.column_names:
-                raise ValueError(f"{p}: no column {col!r}")
-        texts += t.column(args.text_column).to_pylist()
-        scores += t.column(SCORE_COLUMN).to_pylist()
-        if args.source_column:
-            sources += t.column(args.source_column).to_pylist()
-    texts, scores = texts[: args.max_rows], torch.tensor(scores[: args.max_rows])
+    cols = [args.text_column, SCORE_COLUMN] + ([args.source_column] if args.source_column else [])
+    data = {k: v[: args.max_rows] for k, v in read_scored(args.scored, cols).items()}
+    texts = data[args.text_column]
     other = None
     if args.compare_rater:
         other = score_texts(load_rater(args.compare_rater), texts)
     report = write_report(
         Path(args.out),
         texts,
-        scores,
-        sources[: args.max_rows] if args.source_column else None,
+        torch.tensor(data[SCORE_COLUMN]),
+        data[args.source_column] if args.source_column else None,
         other,
     )
     summary = {k: report[k] for k in ("n", "ols_r2", "lasso") if k in report}
     if "rank_correlation_with_other" in report:
         summary["rank_correlation_with_other"] = report["rank_correlation_with_other"]
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .data import get_tokenizer, read_documents
+    from .evaluation import EvalConfig, run_evaluation
+    from .scoring.score import SCORE_COLUMN, read_scored
+    from .training import load_rater
+
+    rater = load_rater(args.rater)
+    tok = get_tokenizer(args.tokenizer or rater.tokenizer)
+    data = read_scored(args.scored, [args.text_column, SCORE_COLUMN])
+    val_docs, val_report = read_documents(args.heldout, args.text_column)
+    print(f"validation corpus: {val_report.summary()}")
+    given = None
+    if args.filtered:
+        stats_path = Path(args.filtered) / "stats.json"
+        if not stats_path.exists():
+            raise FileNotFoundError(f"{stats_path} does not exist (run `datarater filter`)")
+        stats = json.loads(stats_path.read_text())
+        kept = read_scored(args.filtered, [args.text_column])[args.text_column]
+        given = (kept, 1.0 - stats["kept_fraction"])
+    cfg = EvalConfig(
+        sizes=args.sizes.split(","),
+        rhos=[float(r) / 100 for r in args.rhos.split(",")],
+        steps=args.steps,
+        batch=args.batch,
+        seq_len=args.seq_len or rater.cfg.max_seq_len,
+        seed=args.seed,
+        baselines=not args.no_baselines,
+    )
+    report = run_evaluation(
+        data[args.text_column],
+        data[SCORE_COLUMN],
+        val_docs,
+        args.out,
+        tok,
+        rater.cfg,
+        cfg,
+        given=given,
+        progress=not args.quiet,
+    )
+    print(json.dumps({k: report[k] for k in ("best_rho", "best_net_compute_gain")}, indent=1))
+    print(f"report: {Path(args.out) / 'evaluation.md'}")
     return 0
 
 
@@ -254,6 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--compare-rater", help="another rater (checkpoint) for rank correlation")
     ana.add_argument("--max-rows", type=int, default=20000)
     ana.set_defaults(func=_analyze)
+
+    ev = sub.add_parser(
+        "evaluate", help="train fresh LMs on filtered vs raw data and report the compute saved"
+    )
+    ev.add_argument("--scored", required=True, help="a folder written by `datarater score`")
+    ev.add_argument("--rater", required=True, help="the rater that scored it (for its FLOPs)")
+    ev.add_argument("--heldout", required=True, help="the target corpus (validation NLL)")
+    ev.add_argument("--filtered", help="also train on a folder written by `datarater filter`")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--text-column", default="text")
+    ev.add_argument("--sizes", default="toy,tiny", help="model presets, smallest first")
+    ev.add_argument("--rhos", default="10,25,50,75,90", help="discard fractions in percent")
+    ev.add_argument("--steps", type=int, default=300, help="training steps per run")
+    ev.add_argument("--batch", type=int, default=16)
+    ev.add_argument("--seq-len", type=int, help="default: the rater's context")
+    ev.add_argument("--tokenizer", help="default: the rater's tokenizer")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-baselines", action="store_true", help="skip the perplexity filters")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_evaluate)
 
     args = parser.parse_args(argv)
     try:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from .data import ByteTokenizer, Sequences, per_document
-from .meta.batch import SeqBatch, sequence_losses
-from .models import CausalLM, TransformerConfig
+from .evaluation.lm import train_lm
+from .models import TransformerConfig
 from .scoring.metrics import auc, spearman
+from .scoring.score import score_texts
 from .training import TrainConfig, Trainer
 from .training.checkpoint import atomic_write_text
 
@@ -140,9 +141,15 @@ def corrupt(text: str, kind: str, rng: random.Random) -> str:
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#@$%&*~^|"
         return "".join(rng.choice(alphabet) if rng.random() < rate else c for c in text)
     if kind == "shuffled_words":
-        words = text.split()
+        # word order scrambled across the document, layout (the whitespace between words) kept,
+        # so that this corruption changes word order and nothing else
+        parts = re.split(r"(\s+)", text)
+        slots = [i for i in range(0, len(parts), 2) if parts[i]]
+        words = [parts[i] for i in slots]
         rng.shuffle(words)
-        return " ".join(words)
+        for i, w in zip(slots, words):
+            parts[i] = w
+        return "".join(parts)
     if kind == "mojibake":
         return "".join(_MOJIBAKE.get(c, c) if rng.random() < 0.6 else c for c in text)
     if kind == "all_caps":
@@ -198,52 +205,6 @@ def score_sequences(rater, seqs: Sequences, batch: int = 64) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# downstream language models
-
-
-def train_lm(
-    cfg: TransformerConfig,
-    pool: Sequences,
-    heldout: Sequences,
-    steps: int,
-    batch: int,
-    seed: int,
-    scores: torch.Tensor | None = None,
-    rho: float = 0.5,
-    eval_every: int = 25,
-) -> list[tuple[int, float]]:
-    """Train a fresh LM; with ``scores``, each batch keeps the best (1 - rho) of N / (1 - rho)
-    drawn sequences (batch-level top-K). Returns the held-out loss curve."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        lm = CausalLM(cfg)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
-    held = SeqBatch.from_dict(heldout.batch(torch.arange(len(heldout))), "heldout")
-    curve = []
-
-    def evaluate() -> float:
-        with torch.no_grad():
-            return float(sequence_losses(lm(held.input_ids), held).mean())
-
-    for step in range(steps):
-        if step % eval_every == 0:
-            curve.append((step, evaluate()))
-        if scores is None:
-            idx = torch.randint(0, len(pool), (batch,), generator=gen)
-        else:
-            cand = torch.randint(0, len(pool), (math.ceil(batch / (1 - rho)),), generator=gen)
-            idx = cand[scores[cand].topk(batch).indices]
-        b = SeqBatch.from_dict(pool.batch(idx), "batch")
-        loss = sequence_losses(lm(b.input_ids), b).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    curve.append((steps, evaluate()))
-    return curve
-
-
-# ---------------------------------------------------------------------------------------------
 # the whole demo
 
 
@@ -287,11 +248,18 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
     trainer = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id)
     rater = trainer.run(progress=progress)
 
-    # scores of held-out documents, by corruption kind
-    s = score_sequences(rater, evals)
-    kind = [corpus.eval_kind[i] for i in evals.doc_index.tolist()]
+    # Scores of held-out documents, by corruption kind. A document's score is the
+    # token-weighted mean over its windows, as `datarater score --aggregate token_weighted`
+    # gives it; the score of the first window alone is reported beside it.
+    s = score_texts(rater, corpus.eval_docs, tok, seq_len, aggregate="token_weighted")
+    kind = corpus.eval_kind
     is_clean = torch.tensor([k == CLEAN for k in kind])
-    report = {"auc": auc(s[is_clean], s[~is_clean])}
+    first = score_sequences(rater, evals)
+    first_clean = torch.tensor([corpus.eval_kind[i] == CLEAN for i in evals.doc_index.tolist()])
+    report = {
+        "auc": auc(s[is_clean], s[~is_clean]),
+        "auc_first_window": auc(first[first_clean], first[~first_clean]),
+    }
     report["auc_by_corruption"] = {
         k: auc(s[is_clean], s[torch.tensor([x == k for x in kind])]) for k in KINDS if k in kind
     }
@@ -303,13 +271,14 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
     pool_scores = score_sequences(rater, pool)
     lm_cfg = TransformerConfig(vocab_size=tok.vocab_size, max_seq_len=seq_len, **small)
     steps = 150 if quick else 400
-    raw = train_lm(lm_cfg, pool, held, steps, 16, seed + 7)
-    filtered = train_lm(lm_cfg, pool, held, steps, 16, seed + 7, scores=pool_scores)
+    _, raw = train_lm(lm_cfg, pool, held, steps, 16, seed + 7)
+    _, filtered = train_lm(lm_cfg, pool, held, steps, 16, seed + 7, scores=pool_scores, rho=0.5)
     report["heldout_loss_unfiltered"] = raw[-1][1]
     report["heldout_loss_filtered"] = filtered[-1][1]
     kept_kinds = _kept_share(pool_scores, pool, corpus.pool_kind)
     report["kept_share_clean_top_half"] = kept_kinds
     report["meta_steps"] = cfg.steps
+    report["seq_len"] = seq_len
     report["seconds"] = time.time() - t0
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     _plots(out, s, kind, trainer.history, raw, filtered)
@@ -376,7 +345,9 @@ def _markdown(out: Path, r: dict) -> None:
 
 Meta-trained for {r["meta_steps"]} meta-steps in {r["seconds"]:.0f} s.
 
-* AUC, clean vs corrupted held-out documents: **{r["auc"]:.3f}**
+* AUC, clean vs corrupted held-out documents: **{r["auc"]:.3f}** (a document's score is
+  the token-weighted mean of its {r["seq_len"]}-token windows; first window alone:
+  {r["auc_first_window"]:.3f})
 * Spearman correlation of character-noise level with score:
   **{r["spearman_noise_level_vs_score"]:.3f}** (negative: noisier text scores lower)
 * Held-out loss on clean text after the same number of steps: unfiltered

@@ -97,6 +97,21 @@ def torchrun(*args: str, procs: int = 2) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``datarater demo --quick`` run once per session: its folder and what it printed."""
+    import contextlib
+    import io
+
+    from datarater.cli import main
+
+    out = tmp_path_factory.mktemp("quick_demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--quick", "--quiet", "--out", str(out)])
+    return SimpleNamespace(out=out, code=code, printed=printed.getvalue())
+
+
 @pytest.fixture
 def batches():
     return make_batches(2)

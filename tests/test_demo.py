@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import random
 
-from datarater.cli import main
 from datarater.demo import KINDS, builtin_documents, corrupt
 from datarater.scoring.metrics import auc, spearman
 
 
-def test_quick_demo_learns_the_right_directions(tmp_path, capsys):
-    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+def test_quick_demo_learns_the_right_directions(quick_demo):
+    tmp_path = quick_demo.out
+    assert quick_demo.code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["auc"] > 0.75
     assert report["spearman_noise_level_vs_score"] < 0
@@ -25,7 +25,7 @@ def test_quick_demo_learns_the_right_directions(tmp_path, capsys):
         "rater/config.json",
     ):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert '"auc"' in capsys.readouterr().out
+    assert '"auc"' in quick_demo.printed
 
 
 def test_corpus_and_corruptions():

@@ -90,6 +90,8 @@ def test_a_corrupt_shard_is_reported_and_the_others_finish(tmp_path, capsys):
     (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}))
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     (tmp_path / "nocol.jsonl").write_text(json.dumps({"body": "x"}))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "numbers.jsonl").write_text('{"text": 7}\n{"text": 8}\n')
     code = main(
         [
             "score",
@@ -99,6 +101,8 @@ def test_a_corrupt_shard_is_reported_and_the_others_finish(tmp_path, capsys):
             str(tmp_path / "good.jsonl"),
             str(tmp_path / "bad.parquet"),
             str(tmp_path / "nocol.jsonl"),
+            str(tmp_path / "empty.jsonl"),
+            str(tmp_path / "numbers.jsonl"),
             "--out",
             str(tmp_path / "o"),
             "--quiet",
@@ -107,6 +111,9 @@ def test_a_corrupt_shard_is_reported_and_the_others_finish(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "no column 'text'" in err
+    assert "empty.jsonl: ValueError: empty file" in err
+    assert "numbers.jsonl" in err and "non-text values" in err
+    assert len(list((tmp_path / "o").glob("part-*.parquet"))) == 1  # nothing half-written
     assert len(list((tmp_path / "o").glob("*.done"))) == 1
     assert (
         main(
@@ -298,3 +305,44 @@ def test_two_rank_scoring_killed_midway_then_rerun(tmp_path):
     assert sorted(ids) == list(range(2400)) and sorted(scores) == list(range(2400))
     assert all(ids[i] == scores[i] for i in ids), "scores differ from the single-process run"
     assert 2 <= done_before < 8, f"the kill landed after {done_before} of 8 shards"
+
+
+def test_incompatible_or_broken_rater_checkpoints_are_named(tmp_path, capsys):
+    from datarater.training import load_rater
+
+    _, folder = _rater(tmp_path)
+    assert load_rater(folder).tokenizer == "bytes"
+    cfg_path = folder / "config.json"
+    good = cfg_path.read_text()
+    meta = json.loads(good)
+    meta["rater"]["d_model"] = 24  # another run's config beside these weights
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="rater.safetensors: weights do not match"):
+        load_rater(folder)
+    out = tmp_path / "scored"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    code = main(["score", "--rater", str(folder), "--data", str(data), "--out", str(out)])
+    assert code == 2 and "weights do not match" in capsys.readouterr().err
+    assert not out.exists()  # nothing half-written
+
+    cfg_path.write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not a rater config"):
+        load_rater(folder)
+    meta["rater"] = {"d_model": 16, "colour": "blue"}
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="config.json: not a rater config"):
+        load_rater(folder)
+    cfg_path.write_text(good)
+    (folder / "rater.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="rater.safetensors: unreadable"):
+        load_rater(folder)
+    (folder / "rater.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="rater.safetensors does not exist"):
+        load_rater(folder)
+
+
+def test_a_tokenizer_that_does_not_fit_the_rater_is_refused():
+    cfg = TransformerConfig(vocab_size=300, max_seq_len=16, d_model=8, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match="does not fit the rater's vocabulary of 300"):
+        score_texts(Rater(cfg), ["some text"])

@@ -106,9 +106,23 @@ def rank_correlation(a: Tensor, b: Tensor) -> float:
     return spearman(a, b)
 
 
-def extremes(texts: Sequence[str], scores: Tensor, k: int = 10, chars: int = 200) -> dict:
+def extremes(
+    texts: Sequence[str],
+    scores: Tensor,
+    k: int = 10,
+    chars: int = 200,
+    sources: Sequence | None = None,
+) -> dict:
+    """The k lowest- and highest-scored texts (cut to ``chars``), with their source if known."""
     order = scores.argsort()
-    pick = lambda idx: [{"score": float(scores[i]), "text": texts[i][:chars]} for i in idx]  # noqa: E731
+
+    def pick(idx: list[int]) -> list[dict]:
+        rows = [{"score": float(scores[i]), "text": texts[i][:chars]} for i in idx]
+        if sources is not None:
+            for row, i in zip(rows, idx):
+                row["source"] = str(sources[i])
+        return rows
+
     return {"lowest": pick(order[:k].tolist()), "highest": pick(order.flip(0)[:k].tolist())}
 
 
@@ -123,7 +137,7 @@ def write_report(
     from ..training.checkpoint import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    report = {"n": len(texts), **explain(texts, scores), **extremes(texts, scores)}
+    report = {"n": len(texts), **explain(texts, scores), **extremes(texts, scores, sources=sources)}
     if other_scores is not None:
         report["rank_correlation_with_other"] = rank_correlation(scores, other_scores)
     if sources is not None:

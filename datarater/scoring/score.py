@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.tokens import ByteTokenizer
+from ..data.tokens import get_tokenizer
 from ..training.checkpoint import atomic_write_text
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
@@ -39,7 +39,12 @@ def score_texts(
     (``"token_weighted"``). Batches are formed from texts of similar length."""
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-    tokenizer = tokenizer or ByteTokenizer()
+    tokenizer = tokenizer or get_tokenizer(getattr(rater, "tokenizer", None))
+    if tokenizer.vocab_size != rater.cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "
+            f"rater's vocabulary of {rater.cfg.vocab_size}"
+        )
     seq_len = seq_len or rater.cfg.max_seq_len
     pad = getattr(rater, "pad_id", None)
     pad = tokenizer.pad_id if pad is None else pad
@@ -88,14 +93,13 @@ def _expand(inputs: Sequence[str]) -> list[Path]:
 
 
 def _read_table(path: Path):
-    import pyarrow as pa
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
     if path.suffix == ".parquet":
         return pq.read_table(path)
-    if path.stat().st_size == 0:
-        return pa.table({})
     return pj.read_json(path)
 
 
@@ -160,10 +164,29 @@ def score_files(
         report["done"] += 1
         report["rows"] += table.num_rows
         bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        dt = time.perf_counter() - t0
+        bar.set_postfix(docs_s=f"{report['rows'] / dt:.0f}", tok_s=f"{tokens / dt:.0f}")
     bar.close()
     report["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - t0)
     return report
+
+
+def read_scored(folder: Path | str, columns: Sequence[str]) -> dict[str, list]:
+    """The named columns of every ``part-*.parquet`` under ``folder`` (written by ``score`` or
+    ``filter``), in shard order; a missing column is an error naming the shard."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(Path(folder).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{folder}: no part-*.parquet files (run `datarater score`)")
+    out: dict[str, list] = {c: [] for c in columns}
+    for p in parts:
+        t = pq.read_table(p)
+        for c in columns:
+            if c not in t.column_names:
+                raise ValueError(f"{p}: no column {c!r} (columns: {t.column_names})")
+            out[c] += t.column(c).to_pylist()
+    return out
 
 
 def score_dataset(rater, dataset, text_column: str = "text", **kwargs):

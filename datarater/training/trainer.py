@@ -96,6 +96,7 @@ class Trainer:
         vocab_size: int,
         out: Path | str | None = None,
         pad_id: int | None = None,
+        tokenizer: str = "bytes",
     ):
         if len(train) < config.inner_batch or len(heldout) < config.outer_batch:
             raise ValueError(
@@ -108,7 +109,7 @@ class Trainer:
         seq_len = train.input_ids.shape[1]
         self.lm_cfg = _model_config(config.lm, vocab_size, seq_len)
         self.rater_cfg = _model_config(config.rater, vocab_size, seq_len)
-        self.pad_id = pad_id
+        self.pad_id, self.tokenizer = pad_id, tokenizer
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             self.rater = Rater(self.rater_cfg, pad_id=pad_id)
@@ -350,11 +351,12 @@ class Trainer:
 
     def export(self, folder: Path) -> None:
         """The rater alone, as ``save_rater`` writes it."""
-        save_rater(self.rater, folder, step=self.step)
+        save_rater(self.rater, folder, step=self.step, tokenizer=self.tokenizer)
 
 
-def save_rater(rater: Rater, folder: Path | str, step: int = 0) -> None:
-    """``rater.safetensors`` + ``config.json``: what scoring needs, written atomically."""
+def save_rater(rater: Rater, folder: Path | str, step: int = 0, tokenizer: str = "bytes") -> None:
+    """``rater.safetensors`` + ``config.json``: what scoring needs (the tokenizer included),
+    written atomically."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -362,26 +364,47 @@ def save_rater(rater: Rater, folder: Path | str, step: int = 0) -> None:
     tmp = folder / "rater.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in rater.state_dict().items()}, str(tmp))
     tmp.replace(folder / "rater.safetensors")
-    meta = {"rater": rater.cfg.to_dict(), "pad_id": rater.pad_id, "step": step}
+    meta = {
+        "rater": rater.cfg.to_dict(),
+        "pad_id": rater.pad_id,
+        "step": step,
+        "tokenizer": tokenizer,
+    }
     atomic_write_text(folder / "config.json", json.dumps(meta, indent=1))
 
 
 def load_rater(folder: Path | str) -> Rater:
-    """A rater written by ``save_rater`` (or ``datarater train``)."""
+    """A rater written by ``save_rater`` (or ``datarater train``); ``rater.tokenizer`` names
+    the tokenizer it was trained with. Every inconsistency is an error naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(
-            f"{folder}: no config.json (is this a folder written by `datarater train`?)"
+    cfg_path, weights = folder / "config.json", folder / "rater.safetensors"
+    for path in (cfg_path, weights):
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist (is {folder} a rater folder written by `datarater train`?)"
+            )
+    try:
+        meta = json.loads(cfg_path.read_text())
+        cfg = TransformerConfig(**meta["rater"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: not a rater config ({type(e).__name__}: {e})") from e
+    rater = Rater(cfg, pad_id=meta.get("pad_id"))
+    rater.tokenizer = meta.get("tokenizer", "bytes")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: unreadable safetensors file ({e})") from e
+    expected = rater.state_dict()
+    odd = sorted(set(expected) ^ set(state))
+    odd += [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if odd:
+        raise ValueError(
+            f"{weights}: weights do not match {cfg_path} (e.g. {odd[:3]}); "
+            "the two files come from different runs or configs"
         )
-    meta = json.loads(cfg_path.read_text())
-    rater = Rater(TransformerConfig(**meta["rater"]), pad_id=meta.get("pad_id"))
-    state = load_file(str(folder / "rater.safetensors"))
-    missing = set(rater.state_dict()) ^ set(state)
-    if missing:
-        raise ValueError(f"{folder}: weights do not match the config ({sorted(missing)[:4]})")
     rater.load_state_dict(state)
     return rater
 

@@ -1,0 +1,338 @@
+"""``datarater evaluate``: does the curated data pay for itself?
+
+Fresh language models of two or more sizes are trained with the same token budget on the raw
+pool and on rater-selected batches (batch-level top-K, design.md section 1); their validation
+NLL curves give the compute the filtered run needs to reach the raw run's final validation NLL.
+The *net compute gain* counts what selection costs on top: the scorer's inference FLOPs on
+every candidate token, oversampling included. Fixed costs (meta-training the rater, training the
+reference LM of the perplexity baselines) are reported apart, as the method's papers do.
+
+Protocol: the discard fraction rho is swept with the smallest model and the best rho (lowest
+final validation NLL) is used for the larger sizes and for the perplexity baselines (keep the
+lowest, middle or highest perplexity of each oversampled batch, perplexity from a reference LM
+trained on one half of the validation corpus; the other half is the validation set).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..data.tokens import Sequences, per_document, split_heldout
+from ..models import TransformerConfig, preset
+from ..training.checkpoint import atomic_write_text
+from .lm import (
+    candidates_per_batch,
+    forward_flops_per_token,
+    sequence_nll,
+    train_flops_per_token,
+    train_lm,
+)
+
+RHOS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass
+class EvalConfig:
+    sizes: Sequence[str] = ("toy", "tiny")  # model presets, smallest first
+    rhos: Sequence[float] = RHOS
+    steps: int = 300  # per run: the token budget is steps x batch x seq_len
+    batch: int = 16
+    seq_len: int = 64
+    eval_every: int = 25
+    lr: float = 3e-3
+    seed: int = 0
+    max_windows: int = 4  # training windows per document
+    baselines: bool = True  # perplexity-filter baselines at the best rho
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise ValueError("evaluate needs at least one model size")
+        for r in self.rhos:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"every rho must be in (0, 1), got {r}")
+        for name in ("steps", "batch", "seq_len", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Run:
+    """One training run: which data selection, on which model size, and its curve."""
+
+    size: str
+    arm: str  # "unfiltered", "datarater", "ppl-low", "ppl-mid", "ppl-high", "given"
+    rho: float
+    scorer_flops_per_candidate_token: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    result: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.arm if self.arm == "unfiltered" else f"{self.arm} rho={self.rho:g}"
+
+
+def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> float | None:
+    """First step at which the curve reaches ``target`` (linear between evaluations)."""
+    if curve and curve[0][1] <= target:
+        return float(curve[0][0])
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def compute_gain(
+    run: Run, baseline: Run, train_flops: float, batch: int, scorer_candidates: int
+) -> dict:
+    """Compute of ``run`` to reach ``baseline``'s final NLL, as a fraction of the baseline's.
+
+    ``scorer_candidates`` candidates are scored per ``batch`` trained sequences.
+    """
+    target, total = baseline.curve[-1][1], baseline.curve[-1][0]
+    s = steps_to_reach(run.curve, target)
+    scoring = run.scorer_flops_per_candidate_token * scorer_candidates / batch
+    out = {
+        "final_nll": run.curve[-1][1],
+        "target_nll": target,
+        "steps_to_target": s,
+        "scoring_overhead": scoring / train_flops,
+    }
+    if s is None:
+        out.update(compute_fraction=None, gross_gain=None, net_compute_gain=None)
+    else:
+        fraction = s * (train_flops + scoring) / (total * train_flops)
+        out.update(
+            compute_fraction=fraction, gross_gain=1 - s / total, net_compute_gain=1 - fraction
+        )
+    return out
+
+
+def lm_config(size: str, vocab_size: int, seq_len: int) -> TransformerConfig:
+    return preset(size, vocab_size=vocab_size, max_seq_len=seq_len)
+
+
+def run_evaluation(
+    texts: Sequence[str],
+    scores: Tensor,
+    val_texts: Sequence[str],
+    out: Path | str,
+    tokenizer,
+    rater_cfg: TransformerConfig,
+    cfg: EvalConfig | None = None,
+    given: tuple[Sequence[str], float] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train every arm, write ``evaluation.json``, ``evaluation.md`` and plots to ``out``.
+
+    ``texts``/``scores``: the scored raw pool; ``val_texts``: the target corpus (split into a
+    reference-LM half and a validation half); ``given``: optional extra arm, the rows an
+    earlier ``datarater filter`` kept and the rho it discarded at.
+    """
+    from tqdm import tqdm
+
+    cfg = cfg or EvalConfig()
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if len(texts) != len(scores):
+        raise ValueError(f"need one score per text: {len(scores)} scores, {len(texts)} texts")
+    if len(val_texts) < 4:
+        raise ValueError(f"the validation corpus needs at least 4 documents, got {len(val_texts)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tokenizer.vocab_size
+    pool = per_document(texts, tokenizer, cfg.seq_len, cfg.max_windows)
+    seq_scores = scores[pool.doc_index]
+    ref_idx, val_idx = split_heldout(len(val_texts), 0.5, seed=cfg.seed)
+    ref = per_document([val_texts[i] for i in ref_idx], tokenizer, cfg.seq_len, cfg.max_windows)
+    val = per_document([val_texts[i] for i in val_idx], tokenizer, cfg.seq_len, cfg.max_windows)
+    rater_flops = forward_flops_per_token(rater_cfg, causal=False, head=1)
+    small, sizes = cfg.sizes[0], list(cfg.sizes)
+
+    runs: list[Run] = []
+    for size in sizes:
+        runs.append(Run(size, "unfiltered", 0.0, 0.0))
+        rhos = cfg.rhos if size == small else ()  # larger sizes: filled in after the sweep
+        runs += [Run(size, "datarater", r, rater_flops) for r in rhos]
+    n_runs = len(runs) + (len(sizes) - 1) + (4 if cfg.baselines else 0) + (given is not None)
+    bar = tqdm(total=n_runs * cfg.steps, desc="evaluate", disable=not progress)
+
+    def train(run: Run, pool_: Sequences, sc: Tensor | None, keep: str = "top") -> None:
+        bar.set_postfix(run=f"{run.size} {run.label}")
+        _, run.curve = train_lm(
+            lm_config(run.size, vocab, cfg.seq_len),
+            pool_,
+            val,
+            cfg.steps,
+            cfg.batch,
+            cfg.seed,
+            scores=sc,
+            rho=run.rho,
+            keep=keep,
+            eval_every=cfg.eval_every,
+            lr=cfg.lr,
+            on_step=lambda: bar.update(1),
+        )
+
+    for run in runs:
+        train(run, pool, None if run.arm == "unfiltered" else seq_scores)
+    sweep = [r for r in runs if r.size == small and r.arm == "datarater"]
+    best = min(sweep, key=lambda r: r.curve[-1][1]) if sweep else None
+    best_rho = best.rho if best else 0.5
+    for size in sizes[1:]:
+        run = Run(size, "datarater", best_rho, rater_flops)
+        train(run, pool, seq_scores)
+        runs.append(run)
+
+    fixed = {}
+    if cfg.baselines:
+        # the reference LM: the smallest size, trained on the reference half of the target data
+        ref_cfg = lm_config(small, vocab, cfg.seq_len)
+        bar.set_postfix(run="reference LM")
+        ref_lm, _ = train_lm(
+            ref_cfg, ref, val, cfg.steps, cfg.batch, cfg.seed + 1, on_step=lambda: bar.update(1)
+        )
+        ppl = sequence_nll(ref_lm, pool)
+        ref_flops = forward_flops_per_token(ref_cfg)
+        fixed["reference_lm_training_flops"] = (
+            cfg.steps * cfg.batch * cfg.seq_len * train_flops_per_token(ref_cfg)
+        )
+        for arm, keep in (("ppl-low", "bottom"), ("ppl-mid", "middle"), ("ppl-high", "top")):
+            run = Run(small, arm, best_rho, ref_flops)
+            train(run, pool, ppl, keep)
+            runs.append(run)
+    if given is not None:
+        given_texts, given_rho = given
+        run = Run(small, "given", given_rho, rater_flops)
+        train(run, per_document(given_texts, tokenizer, cfg.seq_len, cfg.max_windows), None)
+        runs.append(run)
+    bar.close()
+
+    for run in runs:
+        base = next(r for r in runs if r.size == run.size and r.arm == "unfiltered")
+        flops = train_flops_per_token(lm_config(run.size, vocab, cfg.seq_len))
+        n_cand = cfg.batch if run.arm == "unfiltered" else candidates_per_batch(cfg.batch, run.rho)
+        if run.arm == "given":  # the rows were kept from 1 / (1 - rho) times as many
+            n_cand = cfg.batch / (1.0 - run.rho)
+        run.result = compute_gain(run, base, flops, cfg.batch, n_cand)
+
+    report = _summarise(runs, cfg, best_rho, fixed, len(texts), len(pool), len(val))
+    atomic_write_text(out / "evaluation.json", json.dumps(report, indent=1))
+    _plots(out, runs, cfg)
+    atomic_write_text(out / "evaluation.md", _markdown(report))
+    return report
+
+
+def _summarise(runs, cfg, best_rho, fixed, n_docs, n_seqs, n_val) -> dict:
+    gains = [
+        (r.result["net_compute_gain"], r)
+        for r in runs
+        if r.arm == "datarater" and r.result["net_compute_gain"] is not None
+    ]
+    best_gain = max(gains, key=lambda g: g[0], default=(None, None))
+    return {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "documents": n_docs,
+        "training_sequences": n_seqs,
+        "validation_sequences": n_val,
+        "tokens_per_run": cfg.steps * cfg.batch * cfg.seq_len,
+        "best_rho": best_rho,
+        "best_net_compute_gain": best_gain[0],
+        "best_net_compute_gain_at": None
+        if best_gain[1] is None
+        else {"size": best_gain[1].size, "rho": best_gain[1].rho},
+        "fixed_costs": fixed,
+        "runs": [
+            {"size": r.size, "arm": r.arm, "rho": r.rho, **r.result, "curve": r.curve} for r in runs
+        ],
+    }
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "not reached"
+    return f"{100 * x:+.1f} %" if pct else f"{x:.4f}"
+
+
+def _markdown(rep: dict) -> str:
+    rows = "\n".join(
+        f"| {r['size']} | {r['arm']} | {r['rho']:g} | {r['final_nll']:.4f} | "
+        f"{_fmt(r['compute_fraction'])} | {_fmt(r['net_compute_gain'], True)} | "
+        f"{100 * r['scoring_overhead']:.1f} % |"
+        for r in rep["runs"]
+    )
+    best = rep["best_net_compute_gain_at"]
+    headline = (
+        "No filtered run reached the unfiltered run's final validation NLL."
+        if best is None
+        else f"Best net compute gain: **{_fmt(rep['best_net_compute_gain'], True)}** "
+        f"(size {best['size']}, rho = {best['rho']:g})."
+    )
+    return f"""# datarater evaluate
+
+Every run trains a fresh model for {rep["tokens_per_run"]:,} tokens. Best discard fraction by
+validation NLL (smallest size): **rho = {rep["best_rho"]:g}**. {headline}
+
+Compute fraction: the compute a run needs to reach its size's unfiltered final validation NLL,
+over the unfiltered run's compute, counting the scorer's inference FLOPs on every candidate
+(oversampling included). Net compute gain = 1 - compute fraction.
+
+| size | arm | rho | final val NLL | compute fraction | net compute gain | scoring overhead |
+|---|---|---|---|---|---|---|
+{rows}
+
+![curves](evaluation_curves.png)
+![sweep](rho_sweep.png)
+"""
+
+
+def _plots(out: Path, runs: list[Run], cfg: EvalConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r.size for r in runs))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for r in (r for r in runs if r.size == size):
+            steps, nll = zip(*r.curve)
+            ax.plot(steps, nll, label=r.label, lw=2 if r.arm == "unfiltered" else 1)
+        ax.set_title(f"size {size}")
+        ax.set_xlabel(f"training step ({cfg.batch} x {cfg.seq_len} tokens)")
+        ax.set_ylabel("validation NLL")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "evaluation_curves.png", dpi=100)
+    plt.close(fig)
+
+    small = sizes[0]
+    sweep = sorted(
+        (r for r in runs if r.size == small and r.arm == "datarater"), key=lambda r: r.rho
+    )
+    if not sweep:
+        return
+    base = next(r for r in runs if r.size == small and r.arm == "unfiltered")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot([r.rho for r in sweep], [r.curve[-1][1] for r in sweep], "o-", label="datarater")
+    a1.axhline(base.curve[-1][1], color="gray", ls="--", label="unfiltered")
+    a1.set_xlabel("discard fraction rho")
+    a1.set_ylabel("final validation NLL")
+    a1.legend()
+    gains = [r.result["net_compute_gain"] for r in sweep]
+    a2.bar(
+        [f"{r.rho:g}" for r in sweep],
+        [0.0 if g is None else 100 * g for g in gains],
+        color=["tab:gray" if g is None else "tab:green" if g > 0 else "tab:red" for g in gains],
+    )
+    a2.axhline(0, color="black", lw=0.8)
+    a2.set_xlabel("discard fraction rho")
+    a2.set_ylabel("net compute gain (%)")
+    fig.suptitle(f"rho sweep, size {small}")
+    fig.tight_layout()
+    fig.savefig(out / "rho_sweep.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""datarater evaluate: compute accounting, selection rules, and score -> filter -> evaluate ->
+analyze on the built-in demo corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from datarater.cli import main
+from datarater.demo import CLEAN, build_corpus
+from datarater.evaluation import (
+    EvalConfig,
+    compute_gain,
+    forward_flops_per_token,
+    pick,
+    steps_to_reach,
+    train_flops_per_token,
+)
+from datarater.evaluation.evaluate import Run
+from datarater.evaluation.lm import candidates_per_batch
+from datarater.models import CausalLM, TransformerConfig
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    curve = [(0, 5.0), (10, 3.0), (20, 2.0), (30, 1.5)]
+    assert steps_to_reach(curve, 2.5) == pytest.approx(15.0)
+    assert steps_to_reach(curve, 3.0) == pytest.approx(10.0)
+    assert steps_to_reach(curve, 6.0) == 0.0
+    assert steps_to_reach(curve, 1.0) is None
+
+
+def test_compute_gain_counts_scoring_and_oversampling():
+    base = Run("s", "unfiltered", 0.0, 0.0, curve=[(0, 4.0), (100, 2.0)])
+    # reaches 2.0 at step 50; scorer costs 10 FLOPs per candidate token, 32 candidates per 16
+    run = Run("s", "datarater", 0.5, 10.0, curve=[(0, 4.0), (50, 2.0), (100, 1.0)])
+    g = compute_gain(run, base, train_flops=100.0, batch=16, scorer_candidates=32)
+    assert g["steps_to_target"] == pytest.approx(50.0)
+    assert g["scoring_overhead"] == pytest.approx(0.2)  # 10 * 2 / 100
+    assert g["compute_fraction"] == pytest.approx(50 * 120 / (100 * 100))
+    assert g["net_compute_gain"] == pytest.approx(0.4)
+    assert g["gross_gain"] == pytest.approx(0.5)
+    never = Run("s", "datarater", 0.5, 10.0, curve=[(0, 4.0), (100, 2.5)])
+    assert compute_gain(never, base, 100.0, 16, 32)["net_compute_gain"] is None
+
+
+def test_flop_estimate_matches_the_model_weights():
+    cfg = TransformerConfig(vocab_size=61, max_seq_len=12, d_model=16, n_layers=3, n_heads=2)
+    lm = CausalLM(cfg)
+    matmul = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    attention = 4 * cfg.n_layers * cfg.max_seq_len * cfg.d_model * 0.5
+    assert forward_flops_per_token(cfg) == pytest.approx(2 * matmul + attention)
+    assert train_flops_per_token(cfg) == pytest.approx(3 * forward_flops_per_token(cfg))
+    rater = forward_flops_per_token(cfg, causal=False, head=1)
+    assert rater < forward_flops_per_token(cfg)
+
+
+def test_selection_rules():
+    s = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0])
+    assert sorted(pick(s, 2, "top").tolist()) == [4, 5]
+    assert sorted(pick(s, 2, "bottom").tolist()) == [1, 3]  # ties: both ones
+    assert sorted(s[pick(s, 3, "middle")].tolist()) == [2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="keep"):
+        pick(s, 2, "best")
+    assert candidates_per_batch(16, 0.5) == 32
+    assert candidates_per_batch(16, 0.9) == 160
+    assert candidates_per_batch(16, 0.25) == math.ceil(16 / 0.75)
+    with pytest.raises(ValueError, match="rho"):
+        candidates_per_batch(16, 1.0)
+    with pytest.raises(ValueError, match="rho"):
+        EvalConfig(rhos=(0.5, 1.2))
+    with pytest.raises(ValueError, match="size"):
+        EvalConfig(sizes=())
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, capsys):
+    """The pipeline on the quick demo's corpus and rater: a positive net compute gain at some
+    rho, and corrupted documents among the lowest-scored."""
+    corpus = build_corpus(0, max_docs=900)  # the quick demo's corpus
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": t, "kind": k} for t, k in zip(corpus.pool, corpus.pool_kind)]
+    for i in range(4):
+        _write_jsonl(data / f"shard{i}.jsonl", rows[i::4])
+    _write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in corpus.heldout_clean])
+    rater = str(quick_demo.out / "rater")
+    scored, kept, ev, ana = (str(tmp_path / n) for n in ("scored", "kept", "eval", "analysis"))
+
+    assert main(["score", "--rater", rater, "--data", str(data), "--out", scored, "--quiet"]) == 0
+    assert main(["filter", "--scored", scored, "--out", kept, "--rho", "0.5",
+                 "--source-column", "kind"]) == 0  # fmt: skip
+    stats = json.loads((tmp_path / "kept" / "stats.json").read_text())
+    by_kind = stats["kept_fraction_by_source"]
+    assert by_kind[CLEAN] > stats["kept_fraction"]  # clean text survives more than average
+
+    args = ["evaluate", "--scored", scored, "--rater", rater, "--filtered", kept,
+            "--heldout", str(tmp_path / "heldout.jsonl"), "--out", ev, "--steps", "150",
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    runs = report["runs"]
+    assert {r["size"] for r in runs} == {"toy", "tiny"}
+    assert {r["rho"] for r in runs if r["arm"] == "datarater" and r["size"] == "toy"} == {
+        0.1, 0.25, 0.5, 0.75, 0.9
+    }  # fmt: skip
+    assert {"ppl-low", "ppl-mid", "ppl-high", "given"} <= {r["arm"] for r in runs}
+    assert report["best_net_compute_gain"] is not None and report["best_net_compute_gain"] > 0
+    best = min(
+        (r for r in runs if r["arm"] == "datarater" and r["size"] == "toy"),
+        key=lambda r: r["final_nll"],
+    )
+    assert report["best_rho"] == best["rho"]
+    for r in runs:  # every run trained on the same number of steps and evaluated at the end
+        assert r["curve"][-1][0] == 150 and math.isfinite(r["final_nll"])
+    for name in ("evaluation.md", "evaluation_curves.png", "rho_sweep.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    assert main(["analyze", "--scored", scored, "--out", ana, "--source-column", "kind"]) == 0
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    lowest = [row["source"] for row in analysis["lowest"]]
+    assert sum(k != CLEAN for k in lowest) >= 8, lowest
+    assert analysis["mean_score_by_source"][CLEAN] > min(analysis["mean_score_by_source"].values())
