@@ -199,7 +199,7 @@ def build_corpus(seed: int = 0, corrupt_fraction: float = 0.5, max_docs: int | N
 # scoring
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_sequences(rater, seqs: Sequences, batch: int = 64) -> torch.Tensor:
     return torch.cat([rater(seqs.input_ids[i : i + batch]) for i in range(0, len(seqs), batch)])
 

@@ -19,6 +19,7 @@ def test_gpu_bench_script_smoke(tmp_path, capsys):
         "weighted CE bf16 fwd+bwd",
         "linear+CE bf16 fwd+bwd",
         "meta_step",
+        "scoring",
     }
     assert all("error" not in r for r in rows)
     assert "| group | case |" in capsys.readouterr().out

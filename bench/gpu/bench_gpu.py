@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import datarater as dr
 from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
-from datarater.models import CausalLM, Rater, preset
+from datarater.models import CausalLM, Rater, TransformerConfig, preset
 
 ROWS: list[dict] = []
 
@@ -179,6 +179,68 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
             case("meta_step", name, run, device, T=t_steps, **tag)
 
 
+def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> None:
+    """Rater forward throughput (inference, bf16 on GPUs) and the whole ``score`` pipeline
+    (read jsonl, tokenise, score, write parquet) on synthetic documents of one context each."""
+    import tempfile
+
+    from datarater.scoring.score import score_files
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rater = Rater(cfg, pad_id=cfg.vocab_size - 1).to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in rater.parameters())
+    ids = torch.randint(0, cfg.vocab_size - 2, (batch, cfg.max_seq_len), device=device)
+
+    def forward():
+        with torch.inference_mode():
+            rater(ids)
+
+    tag = dict(params_m=round(n_params / 1e6, 1), tokens=f"{batch}x{cfg.max_seq_len}")
+    case("scoring", "rater forward (inference)", forward, device, **tag)
+    row = ROWS[-1]
+    if "ms" in row:
+        row["tokens_per_s"] = round(batch * cfg.max_seq_len / row["ms"] * 1e3)
+
+    # the pipeline, with the byte tokenizer (the rater's vocabulary must match it)
+    byte_cfg = TransformerConfig(**{**cfg.to_dict(), "vocab_size": 258})
+    rater = Rater(byte_cfg, pad_id=257)
+    words = "the of and data model rater score token corpus filter quality text".split()
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "in").mkdir()
+        doc_bytes = cfg.max_seq_len - 1
+        for i in range(shards):
+            picks = torch.randint(0, len(words), (docs_per_shard, doc_bytes // 5), generator=gen)
+            rows = (
+                json.dumps({"text": " ".join(words[j] for j in r)[:doc_bytes], "id": k})
+                for k, r in enumerate(picks.tolist())
+            )
+            (tmp / "in" / f"shard{i:03d}.jsonl").write_text("\n".join(rows) + "\n")
+        files = sorted(str(p) for p in (tmp / "in").iterdir())
+        score_files(rater, files[:1], "text", tmp / "warm", batch_size=batch, device=device,
+                    progress=False)  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            rep = score_files(rater, files, "text", tmp / "out", batch_size=batch, device=device,
+                              progress=False)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            ROWS.append(
+                dict(
+                    group="scoring",
+                    case="score pipeline (jsonl -> parquet)",
+                    ms=round(1e3 * seconds, 1),
+                    params_m=round(sum(p.numel() for p in rater.parameters()) / 1e6, 1),
+                    tokens=f"{rep['rows']} docs",
+                    tokens_per_s=round(rep["tokens_per_s"]),
+                )
+            )
+        except Exception as e:  # noqa: BLE001 - report and go on
+            ROWS.append(dict(group="scoring", case="score pipeline", error=str(e)[:200]))
+            traceback.print_exc()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
@@ -194,12 +256,14 @@ def main(argv=None) -> int:
         bench_weighted_ce(device, 64, 515, backends)
         bench_linear_ce(device, 48, 32, 300, backends)
         bench_meta_step(device, "toy", 4, 32, [1, 2])
+        bench_scoring(device, preset("toy", max_seq_len=64), 8, 2, 20)
     else:
         print(torch.cuda.get_device_name(), torch.__version__, flush=True)
         bench_weighted_ce(device, 16384, 32768, backends)
         bench_weighted_ce(device, 16384, 131072, backends)
         bench_linear_ce(device, 8192, 4096, 131072, backends)
         bench_meta_step(device, "17m", 16, 256, [1, 2, 4, 8])
+        bench_scoring(device, preset("rater-70m"), 64, 8, 2000)
     keys = list(dict.fromkeys(k for r in ROWS for k in r))
     print("\n| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

@@ -302,6 +302,9 @@ def _plots(out: Path, runs: list[Run], cfg: EvalConfig) -> None:
         for r in (r for r in runs if r.size == size):
             steps, nll = zip(*r.curve)
             ax.plot(steps, nll, label=r.label, lw=2 if r.arm == "unfiltered" else 1)
+        late = [n for r in runs if r.size == size for s, n in r.curve if s >= cfg.steps // 4]
+        if late:  # the first steps fall fast; the comparison lives below them
+            ax.set_ylim(min(late) - 0.02, max(late) + 0.02)
         ax.set_title(f"size {size}")
         ax.set_xlabel(f"training step ({cfg.batch} x {cfg.seq_len} tokens)")
         ax.set_ylabel("validation NLL")
@@ -329,6 +332,9 @@ def _plots(out: Path, runs: list[Run], cfg: EvalConfig) -> None:
         [0.0 if g is None else 100 * g for g in gains],
         color=["tab:gray" if g is None else "tab:green" if g > 0 else "tab:red" for g in gains],
     )
+    for i, g in enumerate(gains):
+        if g is None:
+            a2.text(i, 0, "not\nreached", ha="center", va="bottom", fontsize=8)
     a2.axhline(0, color="black", lw=0.8)
     a2.set_xlabel("discard fraction rho")
     a2.set_ylabel("net compute gain (%)")

@@ -55,7 +55,7 @@ def candidates_per_batch(batch: int, rho: float) -> int:
     return math.ceil(batch / (1.0 - rho) - 1e-9)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sequence_nll(lm: CausalLM, seqs: Sequences, batch: int = 64) -> Tensor:
     """Mean next-token NLL of each sequence (its log-perplexity)."""
     out = []

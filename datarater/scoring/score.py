@@ -24,7 +24,7 @@ AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_texts(
     rater,
     texts: Sequence[str],
@@ -61,14 +61,18 @@ def score_texts(
     win_scores = torch.empty(len(windows), dtype=torch.float32)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     rater = rater.to(device=device, dtype=dtype).eval()
+    on_gpu = torch.device(device).type == "cuda"
+    pieces = []  # scores stay on the device until the end: no synchronisation per batch
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(windows[w][1]) for w in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long, pin_memory=on_gpu)
         for r, w in enumerate(idx):
             toks = windows[w][1]
             ids[r, : len(toks)] = torch.tensor(toks)
-        win_scores[idx] = rater(ids.to(device)).float().cpu()
+        pieces.append(rater(ids.to(device, non_blocking=True)).float())
+    if pieces:
+        win_scores[order] = torch.cat(pieces).cpu()
     owner = torch.tensor([w[0] for w in windows], dtype=torch.long)
     weight = torch.tensor(
         [len(w[1]) if aggregate == "token_weighted" else 1.0 for w in windows], dtype=torch.float64
