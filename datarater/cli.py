@@ -296,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--filtered", help="also train on a folder written by `datarater filter`")
     ev.add_argument("--out", required=True)
     ev.add_argument("--text-column", default="text")
-    ev.add_argument("--sizes", default="toy,tiny", help="model presets, smallest first")
+    ev.add_argument(
+        "--sizes",
+        default="tiny,small",
+        help="model presets, smallest first (larger than the rater, or scoring eats the gain)",
+    )
     ev.add_argument("--rhos", default="10,25,50,75,90", help="discard fractions in percent")
     ev.add_argument("--steps", type=int, default=300, help="training steps per run")
     ev.add_argument("--batch", type=int, default=16)

@@ -36,6 +36,7 @@ def test_compute_gain_counts_scoring_and_oversampling():
     base = Run("s", "unfiltered", 0.0, 0.0, curve=[(0, 4.0), (100, 2.0)])
     # reaches 2.0 at step 50; scorer costs 10 FLOPs per candidate token, 32 candidates per 16
     run = Run("s", "datarater", 0.5, 10.0, curve=[(0, 4.0), (50, 2.0), (100, 1.0)])
+    assert compute_gain(base, base, 100.0, 16, 16)["compute_fraction"] == 1.0
     g = compute_gain(run, base, train_flops=100.0, batch=16, scorer_candidates=32)
     assert g["steps_to_target"] == pytest.approx(50.0)
     assert g["scoring_overhead"] == pytest.approx(0.2)  # 10 * 2 / 100
@@ -101,7 +102,7 @@ def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, 
 
     args = ["evaluate", "--scored", scored, "--rater", rater, "--filtered", kept,
             "--heldout", str(tmp_path / "heldout.jsonl"), "--out", ev, "--steps", "150",
-            "--quiet"]  # fmt: skip
+            "--sizes", "toy,tiny", "--quiet"]  # fmt: skip
     assert main(args) == 0
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     runs = report["runs"]

@@ -39,7 +39,7 @@ RHOS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 @dataclass
 class EvalConfig:
-    sizes: Sequence[str] = ("toy", "tiny")  # model presets, smallest first
+    sizes: Sequence[str] = ("tiny", "small")  # model presets, smallest first
     rhos: Sequence[float] = RHOS
     steps: int = 300  # per run: the token budget is steps x batch x seq_len
     batch: int = 16
@@ -74,7 +74,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.arm if self.arm == "unfiltered" else f"{self.arm} rho={self.rho:g}"
+        return self.arm if self.arm == "unfiltered" else f"{self.arm} rho={self.rho:.3g}"
 
 
 def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> float | None:
@@ -95,7 +95,8 @@ def compute_gain(
     ``scorer_candidates`` candidates are scored per ``batch`` trained sequences.
     """
     target, total = baseline.curve[-1][1], baseline.curve[-1][0]
-    s = steps_to_reach(run.curve, target)
+    # the baseline takes all its steps by definition (a noisy curve may dip below its own end)
+    s = float(total) if run is baseline else steps_to_reach(run.curve, target)
     scoring = run.scorer_flops_per_candidate_token * scorer_candidates / batch
     out = {
         "final_nll": run.curve[-1][1],
@@ -260,7 +261,7 @@ def _fmt(x, pct: bool = False) -> str:
 
 def _markdown(rep: dict) -> str:
     rows = "\n".join(
-        f"| {r['size']} | {r['arm']} | {r['rho']:g} | {r['final_nll']:.4f} | "
+        f"| {r['size']} | {r['arm']} | {r['rho']:.3g} | {r['final_nll']:.4f} | "
         f"{_fmt(r['compute_fraction'])} | {_fmt(r['net_compute_gain'], True)} | "
         f"{100 * r['scoring_overhead']:.1f} % |"
         for r in rep["runs"]
