@@ -191,6 +191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch=args.batch,
         seq_len=args.seq_len or rater.cfg.max_seq_len,
         seed=args.seed,
+        repeats=args.repeats,
         baselines=not args.no_baselines,
     )
     report = run_evaluation(
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seq-len", type=int, help="default: the rater's context")
     ev.add_argument("--tokenizer", help="default: the rater's tokenizer")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--repeats", type=int, default=1, help="seeds per run, curves averaged")
     ev.add_argument("--no-baselines", action="store_true", help="skip the perplexity filters")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_evaluate)

@@ -10,16 +10,19 @@ import pytest
 import torch
 
 from datarater.cli import main
+from datarater.data import ByteTokenizer, per_document, split_heldout
 from datarater.demo import CLEAN, build_corpus
 from datarater.evaluation import (
     EvalConfig,
     compute_gain,
     forward_flops_per_token,
     pick,
+    run_evaluation,
     steps_to_reach,
     train_flops_per_token,
+    train_lm,
 )
-from datarater.evaluation.evaluate import Run
+from datarater.evaluation.evaluate import Run, lm_config
 from datarater.evaluation.lm import candidates_per_batch
 from datarater.models import CausalLM, TransformerConfig
 
@@ -127,3 +130,31 @@ def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, 
     lowest = [row["source"] for row in analysis["lowest"]]
     assert sum(k != CLEAN for k in lowest) >= 8, lowest
     assert analysis["mean_score_by_source"][CLEAN] > min(analysis["mean_score_by_source"].values())
+
+
+def test_repeats_average_the_curves_of_several_seeds(tmp_path):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    texts = [" ".join(words[(i * k) % 10] for k in range(12)) for i in range(40)]
+    val = texts[::3]
+    scores = torch.linspace(-1, 1, len(texts))
+    tok = ByteTokenizer()
+    rater_cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=8, n_layers=1, n_heads=2)
+    cfg = EvalConfig(sizes=("toy",), rhos=(0.5,), steps=6, batch=4, seq_len=32, eval_every=3,
+                     repeats=2, baselines=False)  # fmt: skip
+    rep = run_evaluation(texts, scores, val, tmp_path, tok, rater_cfg, cfg, progress=False)
+    unfiltered = next(r for r in rep["runs"] if r["arm"] == "unfiltered")
+    # the same split and pool the evaluation builds, trained by hand with both seeds
+    _, val_idx = split_heldout(len(val), 0.5, seed=0)
+    val_seqs = per_document([val[i] for i in val_idx], tok, 32, 4)
+    pool = per_document(texts, tok, 32, 4)
+    curves = [
+        train_lm(lm_config("toy", 258, 32), pool, val_seqs, 6, 4, seed, eval_every=3)[1]
+        for seed in (0, 1000)
+    ]
+    expected = [(a[0], (a[1] + b[1]) / 2) for a, b in zip(*curves)]
+    assert [s for s, _ in unfiltered["curve"]] == [0, 3, 6]
+    for (s, got), (_, want) in zip(unfiltered["curve"], expected):
+        assert got == pytest.approx(want, rel=1e-6), s
+    assert curves[0][-1][1] != curves[1][-1][1]  # the seeds do differ
+    with pytest.raises(ValueError, match="repeats"):
+        EvalConfig(repeats=0)

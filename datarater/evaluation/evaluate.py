@@ -49,6 +49,7 @@ class EvalConfig:
     seed: int = 0
     max_windows: int = 4  # training windows per document
     baselines: bool = True  # perplexity-filter baselines at the best rho
+    repeats: int = 1  # seeds per run; the curves are averaged (small runs are noisy)
 
     def __post_init__(self) -> None:
         if not self.sizes:
@@ -56,7 +57,7 @@ class EvalConfig:
         for r in self.rhos:
             if not 0.0 < r < 1.0:
                 raise ValueError(f"every rho must be in (0, 1), got {r}")
-        for name in ("steps", "batch", "seq_len", "eval_every"):
+        for name in ("steps", "batch", "seq_len", "eval_every", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -160,24 +161,28 @@ def run_evaluation(
         rhos = cfg.rhos if size == small else ()  # larger sizes: filled in after the sweep
         runs += [Run(size, "datarater", r, rater_flops) for r in rhos]
     n_runs = len(runs) + (len(sizes) - 1) + (4 if cfg.baselines else 0) + (given is not None)
-    bar = tqdm(total=n_runs * cfg.steps, desc="evaluate", disable=not progress)
+    bar = tqdm(total=n_runs * cfg.steps * cfg.repeats, desc="evaluate", disable=not progress)
 
     def train(run: Run, pool_: Sequences, sc: Tensor | None, keep: str = "top") -> None:
         bar.set_postfix(run=f"{run.size} {run.label}")
-        _, run.curve = train_lm(
-            lm_config(run.size, vocab, cfg.seq_len),
-            pool_,
-            val,
-            cfg.steps,
-            cfg.batch,
-            cfg.seed,
-            scores=sc,
-            rho=run.rho,
-            keep=keep,
-            eval_every=cfg.eval_every,
-            lr=cfg.lr,
-            on_step=lambda: bar.update(1),
-        )
+        curves = [
+            train_lm(
+                lm_config(run.size, vocab, cfg.seq_len),
+                pool_,
+                val,
+                cfg.steps,
+                cfg.batch,
+                cfg.seed + 1000 * k,
+                scores=sc,
+                rho=run.rho,
+                keep=keep,
+                eval_every=cfg.eval_every,
+                lr=cfg.lr,
+                on_step=lambda: bar.update(1),
+            )[1]
+            for k in range(cfg.repeats)
+        ]
+        run.curve = [(c[0][0], sum(x[1] for x in c) / len(c)) for c in zip(*curves)]
 
     for run in runs:
         train(run, pool, None if run.arm == "unfiltered" else seq_scores)
@@ -195,8 +200,9 @@ def run_evaluation(
         ref_cfg = lm_config(small, vocab, cfg.seq_len)
         bar.set_postfix(run="reference LM")
         ref_lm, _ = train_lm(
-            ref_cfg, ref, val, cfg.steps, cfg.batch, cfg.seed + 1, on_step=lambda: bar.update(1)
+            ref_cfg, ref, val, cfg.steps, cfg.batch, cfg.seed + 1, lr=cfg.lr, on_step=bar.update
         )
+        bar.update(cfg.steps * (cfg.repeats - 1))
         ppl = sequence_nll(ref_lm, pool)
         ref_flops = forward_flops_per_token(ref_cfg)
         fixed["reference_lm_training_flops"] = (
@@ -275,7 +281,8 @@ def _markdown(rep: dict) -> str:
     )
     return f"""# datarater evaluate
 
-Every run trains a fresh model for {rep["tokens_per_run"]:,} tokens. Best discard fraction by
+Every run trains a fresh model for {rep["tokens_per_run"]:,} tokens (curves averaged over
+{rep["config"]["repeats"]} seed(s)). Best discard fraction by
 validation NLL (smallest size): **rho = {rep["best_rho"]:g}**. {headline}
 
 Compute fraction: the compute a run needs to reach its size's unfiltered final validation NLL,

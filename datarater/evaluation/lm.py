@@ -55,6 +55,11 @@ def candidates_per_batch(batch: int, rho: float) -> int:
     return math.ceil(batch / (1.0 - rho) - 1e-9)
 
 
+def peak_lr(cfg: TransformerConfig, lr: float) -> float:
+    """``lr`` up to width 64, then scaled by 64 / width: wider models need smaller steps."""
+    return lr * min(1.0, 64 / cfg.d_model)
+
+
 @torch.inference_mode()
 def sequence_nll(lm: CausalLM, seqs: Sequences, batch: int = 64) -> Tensor:
     """Mean next-token NLL of each sequence (its log-perplexity)."""
@@ -81,7 +86,10 @@ def train_lm(
 ) -> tuple[CausalLM, list[tuple[int, float]]]:
     """Train a fresh LM for ``steps`` steps of ``batch`` sequences; returns it and its
     validation-loss curve ``[(step, mean NLL)]`` (evaluated every ``eval_every`` steps and at
-    the end). Same ``seed``: same initialisation and same candidate draws in every arm."""
+    the end). Same ``seed``: same initialisation and same candidate draws in every arm.
+
+    Recipe: AdamW at ``peak_lr`` with 10 % linear warm-up and cosine decay to 10 %, gradients
+    clipped to norm 1."""
     if scores is not None and len(scores) != len(pool):
         raise ValueError(f"need one score per sequence: {len(scores)} scores, {len(pool)} rows")
     if len(pool) == 0 or len(val) == 0:
@@ -91,7 +99,12 @@ def train_lm(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         lm = CausalLM(cfg)
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(lm.parameters(), lr=peak_lr(cfg, lr), weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))),
+    )
     curve: list[tuple[int, float]] = []
 
     def evaluate(step: int) -> None:
@@ -109,7 +122,9 @@ def train_lm(
         loss = sequence_losses(lm(b.input_ids), b).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
+        sched.step()
         if on_step is not None:
             on_step()
     evaluate(steps)
