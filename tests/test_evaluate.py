@@ -158,3 +158,32 @@ def test_repeats_average_the_curves_of_several_seeds(tmp_path):
     assert curves[0][-1][1] != curves[1][-1][1]  # the seeds do differ
     with pytest.raises(ValueError, match="repeats"):
         EvalConfig(repeats=0)
+
+
+def test_evaluate_names_bad_inputs(tmp_path, capsys):
+    from datarater.models import Rater
+    from datarater.training import save_rater
+
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=8, n_layers=1, n_heads=2)
+    save_rater(Rater(cfg, pad_id=257), tmp_path / "rater")
+    held = tmp_path / "held.jsonl"
+    _write_jsonl(held, [{"text": f"held-out document {i}"} for i in range(8)])
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    base = ["evaluate", "--rater", str(tmp_path / "rater"), "--out", str(tmp_path / "ev")]
+
+    assert main([*base, "--scored", str(scored), "--heldout", str(held)]) == 2
+    assert "no part-*.parquet files" in capsys.readouterr().err
+    assert main(["score", "--rater", str(tmp_path / "rater"), "--data", str(held),
+                 "--out", str(scored), "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*base, "--scored", str(scored), "--heldout", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    args = [*base, "--scored", str(scored), "--heldout", str(held)]
+    assert main([*args, "--filtered", str(tmp_path / "kept")]) == 2
+    assert "stats.json does not exist" in capsys.readouterr().err
+    assert main([*args, "--text-column", "body"]) == 2
+    assert "no column 'body'" in capsys.readouterr().err
+    assert main([*args, "--rhos", "50,100"]) == 2
+    assert "rho must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()  # nothing written before the inputs are good

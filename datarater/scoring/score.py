@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -107,6 +108,18 @@ def _read_table(path: Path):
     return pj.read_json(path)
 
 
+def _load_shard(path: Path, text_column: str):
+    """The shard's table and its text column, checked: every value must be a string."""
+    table = _read_table(path)
+    if text_column not in table.column_names:
+        raise ValueError(f"no column {text_column!r} (columns: {table.column_names})")
+    texts = table.column(text_column).to_pylist()
+    bad = [j for j, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{len(bad)} non-text values in {text_column!r} (first at row {bad[0]})")
+    return table, texts
+
+
 def score_files(
     rater,
     inputs: Sequence[str],
@@ -133,43 +146,44 @@ def score_files(
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=len(files), desc="scoring shards", disable=not progress)
+    todo = []
     for i, path in enumerate(files):
         if i % world != rank:
             continue
-        part = out / f"part-{i:05d}.parquet"
-        marker = out / f"part-{i:05d}.done"
-        if marker.exists():
+        if (out / f"part-{i:05d}.done").exists():
             report["skipped"] += 1
             bar.update(1)
-            continue
-        try:
-            table = _read_table(path)
-            if text_column not in table.column_names:
-                raise ValueError(f"no column {text_column!r} (columns: {table.column_names})")
-            texts = table.column(text_column).to_pylist()
-            bad = [j for j, t in enumerate(texts) if not isinstance(t, str)]
-            if bad:
-                raise ValueError(
-                    f"{len(bad)} non-text values in {text_column!r} (first at row {bad[0]})"
-                )
-        except Exception as e:  # noqa: BLE001 - a bad shard is reported, the others go on
-            report["failed"][str(path)] = f"{type(e).__name__}: {e}"
+        else:
+            todo.append((i, path))
+    # the next shard is read while this one is scored (reading releases the GIL)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(_load_shard, todo[0][1], text_column) if todo else None
+        for k, (i, path) in enumerate(todo):
+            loading = ahead
+            if k + 1 < len(todo):
+                ahead = reader.submit(_load_shard, todo[k + 1][1], text_column)
+            try:
+                table, texts = loading.result()
+            except Exception as e:  # noqa: BLE001 - a bad shard is reported, the others go on
+                report["failed"][str(path)] = f"{type(e).__name__}: {e}"
+                bar.update(1)
+                continue
+            scores = score_texts(
+                rater, texts, tokenizer, batch_size=batch_size, aggregate=aggregate, device=device
+            )
+            tokens += sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+            table = table.append_column(SCORE_COLUMN, pa.array(scores.numpy(), pa.float32()))
+            part = out / f"part-{i:05d}.parquet"
+            tmp = part.with_name(part.name + ".tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, part)
+            marker = out / f"part-{i:05d}.done"
+            atomic_write_text(marker, json.dumps({"input": str(path), "rows": table.num_rows}))
+            report["done"] += 1
+            report["rows"] += table.num_rows
             bar.update(1)
-            continue
-        scores = score_texts(
-            rater, texts, tokenizer, batch_size=batch_size, aggregate=aggregate, device=device
-        )
-        tokens += sum(len(t.encode("utf-8", errors="replace")) for t in texts)
-        table = table.append_column(SCORE_COLUMN, pa.array(scores.numpy(), pa.float32()))
-        tmp = part.with_name(part.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, part)
-        atomic_write_text(marker, json.dumps({"input": str(path), "rows": table.num_rows}))
-        report["done"] += 1
-        report["rows"] += table.num_rows
-        bar.update(1)
-        dt = time.perf_counter() - t0
-        bar.set_postfix(docs_s=f"{report['rows'] / dt:.0f}", tok_s=f"{tokens / dt:.0f}")
+            dt = time.perf_counter() - t0
+            bar.set_postfix(docs_s=f"{report['rows'] / dt:.0f}", tok_s=f"{tokens / dt:.0f}")
     bar.close()
     report["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - t0)
     return report
