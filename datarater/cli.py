@@ -146,7 +146,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from .training import load_rater
 
     cols = [args.text_column, SCORE_COLUMN] + ([args.source_column] if args.source_column else [])
-    data = {k: v[: args.max_rows] for k, v in read_scored(args.scored, cols).items()}
+    data = read_scored(args.scored, cols, [args.text_column])
+    data = {k: v[: args.max_rows] for k, v in data.items()}
     texts = data[args.text_column]
     other = None
     if args.compare_rater:
@@ -165,6 +166,35 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError as e:
+        raise ValueError(f"--rhos must be comma-separated fractions like 0.25,0.5 ({e})") from e
+    if any(not 0.0 < v < 1.0 for v in values):
+        raise ValueError(f"--rhos are discard fractions in (0, 1), got {text!r}")
+    return values
+
+
+def _kept_rows(folder: str, text_column: str) -> tuple[list[str], float]:
+    """Rows a `datarater filter` kept, and the fraction it discarded."""
+    stats_path = Path(folder) / "stats.json"
+    if not stats_path.exists():
+        raise FileNotFoundError(f"{stats_path} does not exist (run `datarater filter`)")
+    try:
+        kept = float(json.loads(stats_path.read_text())["kept_fraction"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{stats_path}: no usable kept_fraction ({type(e).__name__}: {e})") from e
+    if not 0.0 < kept <= 1.0:
+        raise ValueError(f"{stats_path}: kept_fraction must be in (0, 1], got {kept}")
+    from .scoring.score import read_scored
+
+    texts = read_scored(folder, [text_column], [text_column])[text_column]
+    if not texts:
+        raise ValueError(f"{folder}: the filter kept no rows")
+    return texts, 1.0 - kept
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import get_tokenizer, read_documents
     from .evaluation import EvalConfig, run_evaluation
@@ -173,27 +203,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     rater = load_rater(args.rater)
     tok = get_tokenizer(args.tokenizer or rater.tokenizer)
-    data = read_scored(args.scored, [args.text_column, SCORE_COLUMN])
-    val_docs, val_report = read_documents(args.heldout, args.text_column)
-    print(f"validation corpus: {val_report.summary()}")
-    given = None
-    if args.filtered:
-        stats_path = Path(args.filtered) / "stats.json"
-        if not stats_path.exists():
-            raise FileNotFoundError(f"{stats_path} does not exist (run `datarater filter`)")
-        stats = json.loads(stats_path.read_text())
-        kept = read_scored(args.filtered, [args.text_column])[args.text_column]
-        given = (kept, 1.0 - stats["kept_fraction"])
     cfg = EvalConfig(
         sizes=args.sizes.split(","),
-        rhos=[float(r) / 100 for r in args.rhos.split(",")],
+        rhos=_fractions(args.rhos),
         steps=args.steps,
         batch=args.batch,
-        seq_len=args.seq_len or rater.cfg.max_seq_len,
+        seq_len=rater.cfg.max_seq_len if args.seq_len is None else args.seq_len,
         seed=args.seed,
         repeats=args.repeats,
         baselines=not args.no_baselines,
     )
+    data = read_scored(args.scored, [args.text_column, SCORE_COLUMN], [args.text_column])
+    val_docs, val_report = read_documents(args.heldout, args.text_column)
+    print(f"validation corpus: {val_report.summary()}")
+    given = _kept_rows(args.filtered, args.text_column) if args.filtered else None
     report = run_evaluation(
         data[args.text_column],
         data[SCORE_COLUMN],
@@ -205,7 +228,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         given=given,
         progress=not args.quiet,
     )
-    print(json.dumps({k: report[k] for k in ("best_rho", "best_net_compute_gain")}, indent=1))
+    keys = ("best_rho", "net_compute_gain", "net_compute_gain_size", "max_net_compute_gain")
+    print(json.dumps({k: report[k] for k in keys}, indent=1))
     print(f"report: {Path(args.out) / 'evaluation.md'}")
     return 0
 
@@ -293,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev.add_argument("--scored", required=True, help="a folder written by `datarater score`")
     ev.add_argument("--rater", required=True, help="the rater that scored it (for its FLOPs)")
-    ev.add_argument("--heldout", required=True, help="the target corpus (validation NLL)")
+    ev.add_argument(
+        "--heldout",
+        required=True,
+        help="the target corpus for validation NLL; keep it disjoint from the rater's outer data",
+    )
     ev.add_argument("--filtered", help="also train on a folder written by `datarater filter`")
     ev.add_argument("--out", required=True)
     ev.add_argument("--text-column", default="text")
@@ -302,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         default="tiny,small",
         help="model presets, smallest first (larger than the rater, or scoring eats the gain)",
     )
-    ev.add_argument("--rhos", default="10,25,50,75,90", help="discard fractions in percent")
+    ev.add_argument("--rhos", default="0.1,0.25,0.5,0.75,0.9", help="discard fractions to sweep")
     ev.add_argument("--steps", type=int, default=300, help="training steps per run")
     ev.add_argument("--batch", type=int, default=16)
     ev.add_argument("--seq-len", type=int, help="default: the rater's context")

@@ -346,3 +346,44 @@ def test_a_tokenizer_that_does_not_fit_the_rater_is_refused():
     cfg = TransformerConfig(vocab_size=300, max_seq_len=16, d_model=8, n_layers=1, n_heads=2)
     with pytest.raises(ValueError, match="does not fit the rater's vocabulary of 300"):
         score_texts(Rater(cfg), ["some text"])
+
+
+def test_a_rater_folder_without_embedded_config_is_still_checked(tmp_path):
+    """Weights saved without the config in their metadata (older folders): shapes decide."""
+    from safetensors.torch import save_file
+
+    from datarater.training import load_rater
+
+    rater, folder = _rater(tmp_path)
+    save_file({k: v.contiguous() for k, v in rater.state_dict().items()},
+              str(folder / "rater.safetensors"))  # fmt: skip
+    assert load_rater(folder).cfg == rater.cfg
+    meta = json.loads((folder / "config.json").read_text())
+    meta["rater"]["d_model"] = 24
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="rater.safetensors: weights do not match"):
+        load_rater(folder)
+
+
+def test_scoring_leaves_the_callers_rater_alone_and_masks_padding():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=16, n_layers=1, n_heads=2)
+    rater = Rater(cfg)  # no pad_id: scoring must still mask its padding
+    rater.train()
+    texts = ["short", "a rather longer document than the first one", "mid length"]
+    one = score_texts(rater, texts, batch_size=1)
+    many = score_texts(rater, texts, batch_size=3)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
+    assert rater.training and rater.pad_id is None
+    assert next(rater.parameters()).dtype == torch.float32
+
+
+def test_a_missing_tokenizer_file_is_named(tmp_path):
+    from datarater.data import get_tokenizer
+
+    pytest.importorskip("tokenizers")
+    with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
+        get_tokenizer(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json: not a tokenizers JSON file"):
+        get_tokenizer(str(tmp_path / "bad.json"))

@@ -10,6 +10,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -38,10 +39,15 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError as e:
             raise ValueError("a tokenizer file needs `pip install tokenizers`") from e
-        self._tok = Tokenizer.from_file(path)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception
+            raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from e
         base = self._tok.get_vocab_size()
         self.eos_id, self.pad_id, self.vocab_size = base, base + 1, base + 2
-        self.name = path
+        self.name = str(Path(path).resolve())  # recorded with a rater: valid from any folder
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

@@ -6,14 +6,15 @@ method's batch-level selection: draw ``ceil(N / (1 - rho))`` candidates, keep N 
 highest scores, the lowest, or the middle ones for the perplexity baselines).
 
 FLOP counts are the usual estimates: a forward pass costs 2 FLOPs per matmul weight per token
-plus the attention products (halved for causal attention); training costs 3 forward passes.
-Embedding lookups are free.
+plus the attention products; training costs 3 forward passes. Embedding lookups, norms and
+activations are not counted (they are not matmuls).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,15 +26,19 @@ from ..models import CausalLM, TransformerConfig
 KEEP = ("top", "bottom", "middle")
 
 
-def forward_flops_per_token(cfg: TransformerConfig, causal: bool = True, head: int | None = None):
-    """FLOPs of one forward pass per token at full context; ``head`` is the output width
-    (the vocabulary for an LM, 1 for a rater)."""
+def forward_flops_per_token(cfg: TransformerConfig, head: int | None = None) -> float:
+    """FLOPs of one forward pass per token at full context, as the model executes it (the
+    written-out attention computes all n x n products, masked or not); ``head`` is the output
+    width (the vocabulary for an LM, 1 for a rater)."""
     d, h = cfg.d_model, cfg.d_model * cfg.mlp_ratio
-    weights = cfg.n_layers * (4 * d * d + 2 * d * h) + d * (
-        cfg.vocab_size if head is None else head
-    )
-    attention = 4 * cfg.n_layers * cfg.max_seq_len * d * (0.5 if causal else 1.0)
-    return 2.0 * weights + attention
+    out = cfg.vocab_size if head is None else head
+    weights = cfg.n_layers * (4 * d * d + 2 * d * h) + d * out
+    return 2.0 * weights + 4.0 * cfg.n_layers * cfg.max_seq_len * d
+
+
+def rater_flops_per_token(cfg: TransformerConfig) -> float:
+    """A rater's forward FLOPs per token: the trunk, and its score head once per sequence."""
+    return forward_flops_per_token(cfg, head=0) + 2.0 * cfg.d_model / cfg.max_seq_len
 
 
 def train_flops_per_token(cfg: TransformerConfig) -> float:
@@ -70,6 +75,18 @@ def sequence_nll(lm: CausalLM, seqs: Sequences, batch: int = 64) -> Tensor:
     return torch.cat(out) if out else torch.empty(0)
 
 
+def token_nll(lm: CausalLM, seqs: Sequences) -> float:
+    """NLL per target token over all of ``seqs`` (long and short sequences by their size)."""
+    targets = seqs.loss_mask[:, 1:].sum(dim=1).double()
+    return float((sequence_nll(lm, seqs).double() * targets).sum() / targets.sum())
+
+
+class TrainedLM(NamedTuple):
+    model: CausalLM
+    curve: list[tuple[int, float]]  # (step, validation NLL per token)
+    tokens: int  # target tokens trained on (padding excluded)
+
+
 def train_lm(
     cfg: TransformerConfig,
     pool: Sequences,
@@ -83,19 +100,26 @@ def train_lm(
     eval_every: int = 25,
     lr: float = 3e-3,
     on_step: Callable[[], None] | None = None,
-) -> tuple[CausalLM, list[tuple[int, float]]]:
-    """Train a fresh LM for ``steps`` steps of ``batch`` sequences; returns it and its
-    validation-loss curve ``[(step, mean NLL)]`` (evaluated every ``eval_every`` steps and at
-    the end). Same ``seed``: same initialisation and same candidate draws in every arm.
+) -> TrainedLM:
+    """Train a fresh LM for ``steps`` steps of ``batch`` sequences; returns it, its
+    validation curve (evaluated every ``eval_every`` steps and at the end) and the target
+    tokens it trained on.
 
-    Recipe: AdamW at ``peak_lr`` with 10 % linear warm-up and cosine decay to 10 %, gradients
-    clipped to norm 1."""
+    Arms with the same ``seed`` share the initialisation and the random candidates: step s
+    draws a permutation of the pool from (seed, s) and takes its first ``ceil(N / (1 - rho))``
+    rows (distinct), so an unfiltered run trains on the first N of the candidates a filtered
+    run chooses from. Recipe: AdamW at ``peak_lr`` with 10 % linear warm-up and cosine decay
+    to 10 %, gradients clipped to norm 1."""
     if scores is not None and len(scores) != len(pool):
         raise ValueError(f"need one score per sequence: {len(scores)} scores, {len(pool)} rows")
     if len(pool) == 0 or len(val) == 0:
         raise ValueError("the training pool and the validation set must not be empty")
     draw = batch if scores is None else candidates_per_batch(batch, rho)
-    gen = torch.Generator().manual_seed(seed)
+    if draw > len(pool):
+        raise ValueError(
+            f"each step draws {draw} distinct candidates (batch {batch}, rho {rho}) but the "
+            f"pool holds {len(pool)} sequences"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         lm = CausalLM(cfg)
@@ -106,19 +130,22 @@ def train_lm(
         lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))),
     )
     curve: list[tuple[int, float]] = []
+    tokens = 0
 
     def evaluate(step: int) -> None:
         lm.eval()
-        curve.append((step, float(sequence_nll(lm, val).mean())))
+        curve.append((step, token_nll(lm, val)))
         lm.train()
 
     for step in range(steps):
         if step % eval_every == 0:
             evaluate(step)
-        idx = torch.randint(0, len(pool), (draw,), generator=gen)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randperm(len(pool), generator=gen)[:draw]
         if scores is not None:
             idx = idx[pick(scores[idx], batch, keep)]
         b = SeqBatch.from_dict(pool.batch(idx), "batch")
+        tokens += int(pool.loss_mask[idx, 1:].sum())
         loss = sequence_losses(lm(b.input_ids), b).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,4 +155,4 @@ def train_lm(
         if on_step is not None:
             on_step()
     evaluate(steps)
-    return lm, curve
+    return TrainedLM(lm, curve, tokens)

@@ -25,6 +25,31 @@ AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
 
 
+def scoring_copy(rater, device: str | torch.device, pad_id: int):
+    """The rater as scoring runs it: on ``device``, bf16 on GPUs and float32 elsewhere, in eval
+    mode, with padding masked. The caller's module is copied, not changed, when anything differs
+    (scoring the same rater many times: prepare it once with this)."""
+    import copy
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    p = next(rater.parameters(), None)
+    ready = (
+        p is not None
+        and p.dtype == dtype
+        and p.device.type == device.type
+        and device.index in (None, p.device.index)
+        and not rater.training
+        and getattr(rater, "pad_id", 0) is not None
+    )
+    if ready:
+        return rater
+    rater = copy.deepcopy(rater).to(device=device, dtype=dtype).eval()
+    if getattr(rater, "pad_id", None) is None and hasattr(rater, "pad_id"):
+        rater.pad_id = pad_id  # never let padding change another document's score
+    return rater
+
+
 @torch.inference_mode()
 def score_texts(
     rater,
@@ -34,6 +59,7 @@ def score_texts(
     batch_size: int = 64,
     aggregate: str = "truncate",
     device: str | torch.device = "cpu",
+    stats: dict | None = None,
 ) -> Tensor:
     """One float32 score per text. Long texts are truncated to the rater's context, or split
     into windows whose scores are averaged (``"mean"``) or averaged by token count
@@ -58,10 +84,11 @@ def score_texts(
             else [toks[j : j + seq_len] for j in range(0, len(toks), seq_len)]
         )
         windows.extend((i, p) for p in pieces if p)
+    if stats is not None:  # what was scored, for throughput figures
+        stats["tokens"] = stats.get("tokens", 0) + sum(len(w[1]) for w in windows)
     order = sorted(range(len(windows)), key=lambda w: len(windows[w][1]))
     win_scores = torch.empty(len(windows), dtype=torch.float32)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    rater = rater.to(device=device, dtype=dtype).eval()
+    rater = scoring_copy(rater, device, pad)
     on_gpu = torch.device(device).type == "cuda"
     pieces = []  # scores stay on the device until the end: no synchronisation per batch
     for start in range(0, len(order), batch_size):
@@ -145,6 +172,8 @@ def score_files(
     files = _expand(inputs)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
     t0, tokens = time.perf_counter(), 0
+    tokenizer = tokenizer or get_tokenizer(getattr(rater, "tokenizer", None))
+    rater = scoring_copy(rater, device, tokenizer.pad_id)  # once, not per shard
     bar = tqdm(total=len(files), desc="scoring shards", disable=not progress)
     todo = []
     for i, path in enumerate(files):
@@ -168,10 +197,17 @@ def score_files(
                 report["failed"][str(path)] = f"{type(e).__name__}: {e}"
                 bar.update(1)
                 continue
+            counted: dict = {}
             scores = score_texts(
-                rater, texts, tokenizer, batch_size=batch_size, aggregate=aggregate, device=device
+                rater,
+                texts,
+                tokenizer,
+                batch_size=batch_size,
+                aggregate=aggregate,
+                device=device,
+                stats=counted,
             )
-            tokens += sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+            tokens += counted["tokens"]
             table = table.append_column(SCORE_COLUMN, pa.array(scores.numpy(), pa.float32()))
             part = out / f"part-{i:05d}.parquet"
             tmp = part.with_name(part.name + ".tmp")
@@ -189,9 +225,14 @@ def score_files(
     return report
 
 
-def read_scored(folder: Path | str, columns: Sequence[str]) -> dict[str, list]:
+def read_scored(
+    folder: Path | str, columns: Sequence[str], text_columns: Sequence[str] = ()
+) -> dict[str, list]:
     """The named columns of every ``part-*.parquet`` under ``folder`` (written by ``score`` or
-    ``filter``), in shard order; a missing column is an error naming the shard."""
+    ``filter``), in shard order. A missing column, a non-string value in ``text_columns`` or
+    a missing or non-finite score is an error naming the shard and the row."""
+    import math
+
     import pyarrow.parquet as pq
 
     parts = sorted(Path(folder).glob("part-*.parquet"))
@@ -203,7 +244,18 @@ def read_scored(folder: Path | str, columns: Sequence[str]) -> dict[str, list]:
         for c in columns:
             if c not in t.column_names:
                 raise ValueError(f"{p}: no column {c!r} (columns: {t.column_names})")
-            out[c] += t.column(c).to_pylist()
+            values = t.column(c).to_pylist()
+            if c in text_columns:
+                bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+                if bad is not None:
+                    raise ValueError(f"{p}: row {bad} of {c!r} is not text: {values[bad]!r}")
+            if c == SCORE_COLUMN:
+                bad = next(
+                    (i for i, v in enumerate(values) if v is None or not math.isfinite(v)), None
+                )
+                if bad is not None:
+                    raise ValueError(f"{p}: row {bad} has no finite score ({values[bad]!r})")
+            out[c] += values
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -355,29 +356,39 @@ class Trainer:
 
 
 def save_rater(rater: Rater, folder: Path | str, step: int = 0, tokenizer: str = "bytes") -> None:
-    """``rater.safetensors`` + ``config.json``: what scoring needs (the tokenizer included),
-    written atomically."""
+    """``rater.safetensors`` + ``config.json``: what scoring needs (the tokenizer included).
+
+    The config also travels inside the safetensors metadata, so weights and config can never
+    be paired wrongly: each file is replaced atomically, and a reader checks that they agree.
+    """
+    import tempfile
+
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "rater.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in rater.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "rater.safetensors")
     meta = {
         "rater": rater.cfg.to_dict(),
         "pad_id": rater.pad_id,
         "step": step,
         "tokenizer": tokenizer,
     }
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rater-", suffix=".tmp")
+    os.close(fd)
+    try:
+        tensors = {k: v.contiguous() for k, v in rater.state_dict().items()}
+        save_file(tensors, tmp, metadata={"datarater": json.dumps(meta)})
+        os.replace(tmp, folder / "rater.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     atomic_write_text(folder / "config.json", json.dumps(meta, indent=1))
 
 
 def load_rater(folder: Path | str) -> Rater:
     """A rater written by ``save_rater`` (or ``datarater train``); ``rater.tokenizer`` names
     the tokenizer it was trained with. Every inconsistency is an error naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     cfg_path, weights = folder / "config.json", folder / "rater.safetensors"
@@ -391,12 +402,19 @@ def load_rater(folder: Path | str) -> Rater:
         cfg = TransformerConfig(**meta["rater"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path}: not a rater config ({type(e).__name__}: {e})") from e
-    rater = Rater(cfg, pad_id=meta.get("pad_id"))
-    rater.tokenizer = meta.get("tokenizer", "bytes")
     try:
-        state = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            stored = (f.metadata() or {}).get("datarater")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights}: unreadable safetensors file ({e})") from e
+    if stored is not None and json.loads(stored) != meta:
+        raise ValueError(
+            f"{weights}: weights do not match {cfg_path} (it was written with another config); "
+            "the two files come from different runs"
+        )
+    rater = Rater(cfg, pad_id=meta.get("pad_id"))
+    rater.tokenizer = meta.get("tokenizer", "bytes")
     expected = rater.state_dict()
     odd = sorted(set(expected) ^ set(state))
     odd += [k for k in expected if k in state and expected[k].shape != state[k].shape]
