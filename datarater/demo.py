@@ -271,8 +271,8 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
     pool_scores = score_sequences(rater, pool)
     lm_cfg = TransformerConfig(vocab_size=tok.vocab_size, max_seq_len=seq_len, **small)
     steps = 150 if quick else 400
-    _, raw = train_lm(lm_cfg, pool, held, steps, 16, seed + 7)
-    _, filtered = train_lm(lm_cfg, pool, held, steps, 16, seed + 7, scores=pool_scores, rho=0.5)
+    raw = train_lm(lm_cfg, pool, held, steps, 16, seed + 7).curve
+    filtered = train_lm(lm_cfg, pool, held, steps, 16, seed + 7, scores=pool_scores, rho=0.5).curve
     report["heldout_loss_unfiltered"] = raw[-1][1]
     report["heldout_loss_filtered"] = filtered[-1][1]
     kept_kinds = _kept_share(pool_scores, pool, corpus.pool_kind)
