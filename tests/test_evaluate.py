@@ -187,6 +187,7 @@ def test_repeats_average_the_curves_of_several_seeds(tmp_path):
     assert filtered["trained_tokens"] > 0 and unfiltered["trained_tokens"] > 0
 
 
+@pytest.mark.filterwarnings("ignore:.*shorter than seq_len")
 def test_arms_share_their_candidates():
     """Step s draws the same candidates in every arm: with equal scores, top-K keeps the first
     N of them, which is exactly the unfiltered batch, so the two runs are identical."""
