@@ -94,10 +94,12 @@ def _score(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .data import get_tokenizer
     from .scoring.score import score_files
     from .training import load_rater
 
     rater = load_rater(args.rater)
+    tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else None
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
@@ -109,6 +111,7 @@ def _score(args: argparse.Namespace) -> int:
         args.out,
         aggregate=args.aggregate,
         batch_size=args.batch_size,
+        tokenizer=tokenizer,
         device=device,
         rank=rank,
         world=world,
@@ -151,7 +154,10 @@ def _analyze(args: argparse.Namespace) -> int:
     texts = data[args.text_column]
     other = None
     if args.compare_rater:
-        other = score_texts(load_rater(args.compare_rater), texts)
+        from .data import get_tokenizer
+
+        tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else None
+        other = score_texts(load_rater(args.compare_rater), texts, tokenizer)
     report = write_report(
         Path(args.out),
         texts,
@@ -284,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         help="for documents longer than the rater's context",
     )
     score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--tokenizer", help="default: the tokenizer recorded with the rater")
     score.add_argument("--device", help="default: cuda if available, else cpu")
     score.add_argument("--quiet", action="store_true")
     score.set_defaults(func=_score)
@@ -310,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--source-column", help="histograms and mean score per source")
     ana.add_argument("--compare-rater", help="another rater (checkpoint) for rank correlation")
     ana.add_argument("--max-rows", type=int, default=20000)
+    ana.add_argument("--tokenizer", help="for --compare-rater (default: the one it recorded)")
     ana.set_defaults(func=_analyze)
 
     ev = sub.add_parser(

@@ -199,9 +199,11 @@ def build_corpus(seed: int = 0, corrupt_fraction: float = 0.5, max_docs: int | N
 # scoring
 
 
-@torch.inference_mode()
 def score_sequences(rater, seqs: Sequences, batch: int = 64) -> torch.Tensor:
-    return torch.cat([rater(seqs.input_ids[i : i + batch]) for i in range(0, len(seqs), batch)])
+    with torch.inference_mode():
+        ids = seqs.input_ids
+        scores = torch.cat([rater(ids[i : i + batch]) for i in range(0, len(seqs), batch)])
+    return scores.clone()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,3 +137,21 @@ def test_a_local_tokenizers_file(tmp_path):
     assert ours.decode(ids).replace(" ", "") == "thecatsat"
     seqs = per_document(["the cat sat on the mat " * 3], ours, 8)
     assert int(seqs.input_ids.max()) < ours.vocab_size
+    # a rater trained with it carries a copy: the folder can move and still score
+    import shutil
+
+    from datarater.models import Rater, TransformerConfig
+    from datarater.scoring.score import score_texts
+    from datarater.training import load_rater, save_rater
+
+    cfg = TransformerConfig(vocab_size=ours.vocab_size, max_seq_len=8, d_model=8, n_layers=1,
+                            n_heads=2)  # fmt: skip
+    save_rater(Rater(cfg, pad_id=ours.pad_id), tmp_path / "r", tokenizer=ours.name)
+    shutil.move(str(tmp_path / "r"), str(tmp_path / "moved"))
+    (tmp_path / "tok.json").unlink()
+    moved = load_rater(tmp_path / "moved")
+    assert moved.tokenizer == str(tmp_path / "moved" / "tokenizer.json")
+    assert score_texts(moved, ["the cat sat on the mat"]).isfinite().all()
+    save_rater(moved, tmp_path / "again")  # re-saving keeps the tokenizer
+    assert load_rater(tmp_path / "again").tokenizer.endswith("again/tokenizer.json")
+    assert (tmp_path / "again" / "rater.safetensors").stat().st_mode & 0o077  # not 0600

@@ -17,6 +17,15 @@ from datarater.training import save_rater
 from .conftest import torchrun
 
 
+def _rater_in_memory():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=16, n_layers=1, n_heads=2)
+    rater = Rater(cfg, pad_id=257).eval()
+    with torch.no_grad():
+        rater.head.weight.normal_(0, 1.0)
+    return rater, cfg
+
+
 def _rater(tmp_path):
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=16, n_layers=1, n_heads=2)
@@ -387,3 +396,32 @@ def test_a_missing_tokenizer_file_is_named(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json: not a tokenizers JSON file"):
         get_tokenizer(str(tmp_path / "bad.json"))
+
+
+def test_a_rerun_with_other_inputs_is_refused_and_inputs_are_taken_once(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("b", "c"):
+        (data / f"{name}.jsonl").write_text(json.dumps({"text": f"doc {name}"}) + "\n")
+    out = data / "scored"  # inside the input folder: its parts must not become inputs
+    args = ["score", "--rater", str(folder), "--out", str(out), "--quiet", "--data"]
+    assert main([*args, str(data), str(data / "b.jsonl")]) == 0  # b given twice: scored once
+    rows = sum(pq.read_table(p).num_rows for p in out.glob("part-*.parquet"))
+    assert rows == 2
+    assert main([*args, str(data)]) == 0  # same inputs again: all skipped
+    (data / "a.jsonl").write_text(json.dumps({"text": "doc a"}) + "\n")
+    capsys.readouterr()
+    assert main([*args, str(data)]) == 2  # a new shard would shift the part numbers
+    assert "the input files differ" in capsys.readouterr().err
+
+
+def test_windows_scores_are_plain_tensors_and_single_token_tails_fold_away():
+    rater, _ = _rater_in_memory()
+    # 32 bytes + EOS: a full window and a lone EOS, which is not scored on its own
+    mean = score_texts(rater, ["z" * 32], aggregate="mean")
+    torch.testing.assert_close(mean, score_texts(rater, ["z" * 32], aggregate="truncate"))
+    mean -= 1.0  # an ordinary tensor, not an inference one
+    ids = torch.randint(0, 256, (3, 32))
+    with torch.inference_mode():
+        torch.testing.assert_close(rater(ids, padded=False), rater(ids))

@@ -161,3 +161,17 @@ def test_two_torchrun_processes_give_the_rater_of_one(tmp_path):
     two = (tmp_path / "two" / "rater" / "rater.safetensors").read_bytes()
     assert one == two
     assert (tmp_path / "two" / "log.rank1.jsonl").exists()
+
+
+def test_resume_refuses_another_tokenizer(tmp_path):
+    from datarater.data import ByteTokenizer, per_document
+    from datarater.training import Trainer
+
+    docs = [f"document number {i} " * 3 for i in range(12)]
+    seqs = per_document(docs, ByteTokenizer(), 32)
+    cfg = TrainConfig.from_dict({**CONFIG, "steps": 1})
+    Trainer(cfg, seqs, seqs, 258, tmp_path, 257).run(progress=False)
+    again = Trainer(cfg, seqs, seqs, 258, tmp_path, 257, tokenizer="/elsewhere/tok.json")
+    with pytest.raises(ValueError, match="written with tokenizer bytes"):
+        again.resume()
+    assert Trainer(cfg, seqs, seqs, 258, tmp_path, 257).resume()

@@ -226,13 +226,15 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
             rep = score_files(rater, files, "text", tmp / "out", batch_size=batch, device=device,
                               progress=False)  # fmt: skip
             seconds = time.perf_counter() - t0
+            if rep["failed"] or rep["rows"] != shards * docs_per_shard:
+                raise RuntimeError(f"pipeline incomplete: {rep['rows']} rows, {rep['failed']}")
             ROWS.append(
                 dict(
                     group="scoring",
                     case="score pipeline (jsonl -> parquet)",
                     ms=round(1e3 * seconds, 1),
                     params_m=round(sum(p.numel() for p in rater.parameters()) / 1e6, 1),
-                    tokens=f"{rep['rows']} docs",
+                    docs=rep["rows"],
                     tokens_per_s=round(rep["tokens_per_s"]),
                 )
             )

@@ -65,14 +65,16 @@ def peak_lr(cfg: TransformerConfig, lr: float) -> float:
     return lr * min(1.0, 64 / cfg.d_model)
 
 
-@torch.inference_mode()
 def sequence_nll(lm: CausalLM, seqs: Sequences, batch: int = 64) -> Tensor:
     """Mean next-token NLL of each sequence (its log-perplexity)."""
-    out = []
-    for i in range(0, len(seqs), batch):
-        b = SeqBatch.from_dict(seqs.batch(torch.arange(i, min(i + batch, len(seqs)))), "batch")
-        out.append(sequence_losses(lm(b.input_ids), b))
-    return torch.cat(out) if out else torch.empty(0)
+    with torch.inference_mode():  # fused attention; the result is cloned out of the mode
+        out = []
+        for i in range(0, len(seqs), batch):
+            rows = torch.arange(i, min(i + batch, len(seqs)))
+            b = SeqBatch.from_dict(seqs.batch(rows), "batch")
+            out.append(sequence_losses(lm(b.input_ids), b))
+        nll = torch.cat(out) if out else torch.empty(0)
+    return nll.clone()
 
 
 def token_nll(lm: CausalLM, seqs: Sequences) -> float:

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
         if torch.is_inference_mode_enabled() and not (self.causal and key_padding is not None):
             # Pure inference (scoring, evaluation) needs no derivatives, so PyTorch's fused
-            # attention may run: flash attention on GPUs when nothing is padded.
+            # attention may run: flash attention on GPUs when there is no mask.
             mask = None if key_padding is None else ~key_padding[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
             return self.proj(out.transpose(1, 2).reshape(b, n, d))
@@ -230,14 +230,17 @@ class Rater(_Trunk):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        pad = None if self.pad_id is None else input_ids.eq(self.pad_id)
+    def forward(self, input_ids: Tensor, padded: bool = True) -> Tensor:
+        """``padded=False`` promises that no row holds padding (scoring knows it from the
+        lengths), which spares the mask and lets fused attention take its fastest kernel."""
+        pad = None if self.pad_id is None or not padded else input_ids.eq(self.pad_id)
         if pad is not None:
             pad = pad & ~pad.all(dim=1, keepdim=True)  # an all-padding row attends to itself
         h = self.hidden(input_ids, pad)
         if pad is None:
             pooled = h.mean(dim=1)
-        else:
-            keep = (~pad).unsqueeze(-1).to(h.dtype)
-            pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        else:  # pooled in at least float32: bf16 cannot count lengths above 256 exactly
+            acc = torch.promote_types(h.dtype, torch.float32)
+            keep = (~pad).unsqueeze(-1).to(acc)
+            pooled = ((h.to(acc) * keep).sum(1) / keep.sum(1).clamp_min(1.0)).to(h.dtype)
         return self.head(pooled).squeeze(-1)

@@ -25,20 +25,22 @@ AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
 
 
-def scoring_copy(rater, device: str | torch.device, pad_id: int):
-    """The rater as scoring runs it: on ``device``, bf16 on GPUs and float32 elsewhere, in eval
-    mode, with padding masked. The caller's module is copied, not changed, when anything differs
-    (scoring the same rater many times: prepare it once with this)."""
+def scoring_copy(rater, device: str | torch.device | None, pad_id: int):
+    """The rater as scoring runs it: on ``device`` (default: where it is), bf16 on GPUs and
+    float32 elsewhere, in eval mode, with padding masked. The caller's module is copied, not
+    changed, when anything differs (to score the same rater many times, prepare it once)."""
     import copy
 
-    device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     p = next(rater.parameters(), None)
+    if p is None:
+        raise ValueError("the rater has no parameters")
+    device = p.device if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ready = (
-        p is not None
-        and p.dtype == dtype
-        and p.device.type == device.type
-        and device.index in (None, p.device.index)
+        p.dtype == dtype
+        and p.device == device
         and not rater.training
         and getattr(rater, "pad_id", 0) is not None
     )
@@ -50,7 +52,17 @@ def scoring_copy(rater, device: str | torch.device, pad_id: int):
     return rater
 
 
-@torch.inference_mode()
+def check_tokenizer(rater, tokenizer):
+    """The tokenizer to score with (default: the one the rater was trained with), checked."""
+    tokenizer = tokenizer or get_tokenizer(getattr(rater, "tokenizer", None))
+    if tokenizer.vocab_size != rater.cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "
+            f"rater's vocabulary of {rater.cfg.vocab_size}"
+        )
+    return tokenizer
+
+
 def score_texts(
     rater,
     texts: Sequence[str],
@@ -58,20 +70,17 @@ def score_texts(
     seq_len: int | None = None,
     batch_size: int = 64,
     aggregate: str = "truncate",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     stats: dict | None = None,
 ) -> Tensor:
     """One float32 score per text. Long texts are truncated to the rater's context, or split
     into windows whose scores are averaged (``"mean"``) or averaged by token count
-    (``"token_weighted"``). Batches are formed from texts of similar length."""
+    (``"token_weighted"``); a last window of a single token is folded away unless it is the
+    text's only one. Batches are formed from texts of similar length. ``device`` defaults to
+    the rater's."""
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-    tokenizer = tokenizer or get_tokenizer(getattr(rater, "tokenizer", None))
-    if tokenizer.vocab_size != rater.cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer ({tokenizer.name}, {tokenizer.vocab_size} ids) does not fit the "
-            f"rater's vocabulary of {rater.cfg.vocab_size}"
-        )
+    tokenizer = check_tokenizer(rater, tokenizer)
     seq_len = seq_len or rater.cfg.max_seq_len
     pad = getattr(rater, "pad_id", None)
     pad = tokenizer.pad_id if pad is None else pad
@@ -83,24 +92,16 @@ def score_texts(
             if aggregate == "truncate"
             else [toks[j : j + seq_len] for j in range(0, len(toks), seq_len)]
         )
-        windows.extend((i, p) for p in pieces if p)
+        if len(pieces) > 1 and len(pieces[-1]) < 2:  # the rater never trains on such windows
+            pieces.pop()
+        windows.extend((i, p) for p in pieces)
     if stats is not None:  # what was scored, for throughput figures
         stats["tokens"] = stats.get("tokens", 0) + sum(len(w[1]) for w in windows)
-    order = sorted(range(len(windows)), key=lambda w: len(windows[w][1]))
-    win_scores = torch.empty(len(windows), dtype=torch.float32)
     rater = scoring_copy(rater, device, pad)
-    on_gpu = torch.device(device).type == "cuda"
-    pieces = []  # scores stay on the device until the end: no synchronisation per batch
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(windows[w][1]) for w in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long, pin_memory=on_gpu)
-        for r, w in enumerate(idx):
-            toks = windows[w][1]
-            ids[r, : len(toks)] = torch.tensor(toks)
-        pieces.append(rater(ids.to(device, non_blocking=True)).float())
-    if pieces:
-        win_scores[order] = torch.cat(pieces).cpu()
+    device = next(rater.parameters()).device
+    with torch.inference_mode():
+        win_scores = _score_windows(rater, windows, batch_size, pad, device)
+    # from here on, outside inference mode: the result is an ordinary tensor
     owner = torch.tensor([w[0] for w in windows], dtype=torch.long)
     weight = torch.tensor(
         [len(w[1]) if aggregate == "token_weighted" else 1.0 for w in windows], dtype=torch.float64
@@ -110,7 +111,29 @@ def score_texts(
     return (total / count.clamp_min(1e-30)).float()
 
 
-def _expand(inputs: Sequence[str]) -> list[Path]:
+def _score_windows(rater, windows, batch_size: int, pad: int, device: torch.device) -> Tensor:
+    """Scores of token windows, batched by length (run under inference mode)."""
+    order = sorted(range(len(windows)), key=lambda w: len(windows[w][1]))
+    on_gpu = device.type == "cuda"
+    pieces = []  # scores stay on the device until the end: no synchronisation per batch
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        lengths = [len(windows[w][1]) for w in idx]
+        width = max(lengths)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long, pin_memory=on_gpu)
+        for r, w in enumerate(idx):
+            ids[r, : lengths[r]] = torch.tensor(windows[w][1])
+        # a batch without padding needs no mask, which lets flash attention run on GPUs
+        padded = min(lengths) < width
+        pieces.append(rater(ids.to(device, non_blocking=True), padded=padded).float())
+    out = torch.empty(len(windows), dtype=torch.float32)
+    if pieces:
+        out[order] = torch.cat(pieces).cpu()
+    return out
+
+
+def _expand(inputs: Sequence[str], exclude: Path | None = None) -> list[Path]:
+    """Input files in order, each once; nothing under ``exclude`` (the output folder)."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -121,7 +144,32 @@ def _expand(inputs: Sequence[str]) -> list[Path]:
             if not matched:
                 raise FileNotFoundError(f"{item}: no such file (or no file matches the glob)")
             files += [Path(m) for m in matched]
-    return files
+    seen, unique = set(), []
+    skip = None if exclude is None else exclude.resolve()
+    for f in files:
+        key = f.resolve()
+        if key in seen or (skip is not None and key.is_relative_to(skip)):
+            continue
+        seen.add(key)
+        unique.append(f)
+    return unique
+
+
+def _check_inputs(out: Path, files: list[Path]) -> None:
+    """Shard i is ``part-i``: a rerun must see the same input list, or rows would be lost or
+    scored twice. The first run records the list; later runs compare."""
+    manifest = out / "inputs.json"
+    listed = [str(f.resolve()) for f in files]
+    if manifest.exists():
+        before = json.loads(manifest.read_text())
+        if before != listed:
+            raise ValueError(
+                f"{out}: the input files differ from the run that started this folder "
+                f"({len(before)} then, {len(listed)} now); finish with the same inputs or "
+                "use a new --out"
+            )
+    else:
+        atomic_write_text(manifest, json.dumps(listed, indent=0))
 
 
 def _read_table(path: Path):
@@ -168,24 +216,31 @@ def score_files(
     from tqdm import tqdm
 
     out = Path(out)
+    files = _expand(inputs, exclude=out)
+    tokenizer = check_tokenizer(rater, tokenizer)
+    rater = scoring_copy(rater, device, tokenizer.pad_id)  # once, not per shard
     out.mkdir(parents=True, exist_ok=True)
-    files = _expand(inputs)
+    _check_inputs(out, files)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
     t0, tokens = time.perf_counter(), 0
-    tokenizer = tokenizer or get_tokenizer(getattr(rater, "tokenizer", None))
-    rater = scoring_copy(rater, device, tokenizer.pad_id)  # once, not per shard
-    bar = tqdm(total=len(files), desc="scoring shards", disable=not progress)
     todo = []
     for i, path in enumerate(files):
         if i % world != rank:
             continue
-        if (out / f"part-{i:05d}.done").exists():
+        marker = out / f"part-{i:05d}.done"
+        if marker.exists():
+            if json.loads(marker.read_text()).get("input") != str(path):
+                raise ValueError(f"{marker} was written for another input than {path}")
             report["skipped"] += 1
-            bar.update(1)
         else:
             todo.append((i, path))
-    # the next shard is read while this one is scored (reading releases the GIL)
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    bar = tqdm(
+        total=len(todo), desc=f"scoring shards (rank {rank})", disable=not progress or not todo
+    )
+    # The next shard is read while this one is scored. On an error the pending read is
+    # cancelled rather than awaited, and the bar closed.
+    reader = ThreadPoolExecutor(max_workers=1)
+    try:
         ahead = reader.submit(_load_shard, todo[0][1], text_column) if todo else None
         for k, (i, path) in enumerate(todo):
             loading = ahead
@@ -220,7 +275,9 @@ def score_files(
             bar.update(1)
             dt = time.perf_counter() - t0
             bar.set_postfix(docs_s=f"{report['rows'] / dt:.0f}", tok_s=f"{tokens / dt:.0f}")
-    bar.close()
+    finally:
+        reader.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     report["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - t0)
     return report
 

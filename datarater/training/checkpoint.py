@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from torch import Tensor
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part;
+    the temporary name is unique, so concurrent writers (torchrun ranks) cannot collide."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

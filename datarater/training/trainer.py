@@ -316,6 +316,7 @@ class Trainer:
             "lm": self.lm_cfg.to_dict(),
             "rater": self.rater_cfg.to_dict(),
             "pad_id": self.pad_id,
+            "tokenizer": self.tokenizer,
             "history": self.history,
         }
         return save_checkpoint(self._ckpt_dir(), self.step, self.state_tensors(), meta)
@@ -330,6 +331,11 @@ class Trainer:
         if found is None:
             return False
         tensors, meta = found
+        if meta.get("tokenizer", self.tokenizer) != self.tokenizer:
+            raise ValueError(
+                f"{self.out}: the checkpoint was written with tokenizer {meta['tokenizer']}, "
+                f"not {self.tokenizer}; resume with the same tokenizer or use a new --out"
+            )
         if meta["config"] != asdict(self.cfg):
             raise ValueError(
                 f"{self.out}: the checkpoint was written with other settings; "
@@ -355,18 +361,28 @@ class Trainer:
         save_rater(self.rater, folder, step=self.step, tokenizer=self.tokenizer)
 
 
-def save_rater(rater: Rater, folder: Path | str, step: int = 0, tokenizer: str = "bytes") -> None:
-    """``rater.safetensors`` + ``config.json``: what scoring needs (the tokenizer included).
+def save_rater(
+    rater: Rater, folder: Path | str, step: int = 0, tokenizer: str | None = None
+) -> None:
+    """``rater.safetensors`` + ``config.json``: what scoring needs, the tokenizer included (a
+    tokenizer file is copied into the folder, so the folder can move).
 
     The config also travels inside the safetensors metadata, so weights and config can never
     be paired wrongly: each file is replaced atomically, and a reader checks that they agree.
     """
+    import shutil
     import tempfile
 
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or getattr(rater, "tokenizer", None) or "bytes"
+    if tokenizer != "bytes":
+        source = Path(tokenizer)
+        if source.resolve() != (folder / "tokenizer.json").resolve():
+            shutil.copyfile(source, folder / "tokenizer.json")
+        tokenizer = "tokenizer.json"  # relative to the folder
     meta = {
         "rater": rater.cfg.to_dict(),
         "pad_id": rater.pad_id,
@@ -378,6 +394,9 @@ def save_rater(rater: Rater, folder: Path | str, step: int = 0, tokenizer: str =
     try:
         tensors = {k: v.contiguous() for k, v in rater.state_dict().items()}
         save_file(tensors, tmp, metadata={"datarater": json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file would be, not mkstemp's 0600
         os.replace(tmp, folder / "rater.safetensors")
     finally:
         if os.path.exists(tmp):
@@ -408,13 +427,19 @@ def load_rater(folder: Path | str) -> Rater:
             stored = (f.metadata() or {}).get("datarater")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights}: unreadable safetensors file ({e})") from e
-    if stored is not None and json.loads(stored) != meta:
-        raise ValueError(
-            f"{weights}: weights do not match {cfg_path} (it was written with another config); "
-            "the two files come from different runs"
-        )
+    if stored is not None:  # the weights carry their own config: it is the authority
+        stored = json.loads(stored)
+        keys = ("rater", "pad_id", "tokenizer")
+        if any(stored.get(k) != meta.get(k) for k in keys):
+            raise ValueError(
+                f"{weights}: weights do not match {cfg_path} (it was written with another "
+                "config); the two files come from different runs"
+            )
     rater = Rater(cfg, pad_id=meta.get("pad_id"))
-    rater.tokenizer = meta.get("tokenizer", "bytes")
+    tokenizer = meta.get("tokenizer", "bytes")
+    if tokenizer != "bytes" and not Path(tokenizer).is_absolute():
+        tokenizer = str(folder / tokenizer)
+    rater.tokenizer = tokenizer
     expected = rater.state_dict()
     odd = sorted(set(expected) ^ set(state))
     odd += [k for k in expected if k in state and expected[k].shape != state[k].shape]
