@@ -185,6 +185,12 @@ def test_repeats_average_the_curves_of_several_seeds(tmp_path):
     assert filtered["scoring_overhead"] == pytest.approx(want)
     assert unfiltered["scoring_overhead"] == 0.0
     assert filtered["trained_tokens"] > 0 and unfiltered["trained_tokens"] > 0
+    with pytest.raises(ValueError, match="at least one rho"):
+        EvalConfig(rhos=())
+    big = replace(cfg, rhos=(0.9,), batch=len(pool) // 5 + 1)  # 10 x batch > pool candidates
+    with pytest.raises(ValueError, match="distinct candidates per step"):
+        run_evaluation(texts, scores, val, tmp_path / "x", tok, rater_cfg, big, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.filterwarnings("ignore:.*shorter than seq_len")

@@ -56,6 +56,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.sizes:
             raise ValueError("evaluate needs at least one model size")
+        if not self.rhos:
+            raise ValueError("evaluate needs at least one rho to sweep")
         for r in self.rhos:
             if not 0.0 < r < 1.0:
                 raise ValueError(f"every rho must be in (0, 1), got {r}")
@@ -167,6 +169,15 @@ def run_evaluation(
     ref = per_document([val_texts[i] for i in ref_idx], *window)
     val = per_document([val_texts[i] for i in val_idx], *window)
     given_pool = None if given is None else per_document(given[0], *window)
+    # fail now, not after hours of training: every step draws distinct candidates
+    need = candidates_per_batch(cfg.batch, max(cfg.rhos))
+    if len(pool) < need:
+        raise ValueError(
+            f"the training pool holds {len(pool)} sequences; batch {cfg.batch} at rho "
+            f"{max(cfg.rhos)} needs {need} distinct candidates per step"
+        )
+    if given_pool is not None and len(given_pool) < cfg.batch:
+        raise ValueError(f"the filtered rows give {len(given_pool)} sequences, < batch {cfg.batch}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the rater scores candidates of at most its own context
