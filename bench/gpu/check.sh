@@ -3,6 +3,9 @@
 # meta_step against torch eager and torch.compile, and print a table last. Meant for a GPU slot
 # of a few minutes (torch 2.11 + CUDA, triton and nvcc present, no network):
 #   bash bench/gpu/check.sh            (results also go to $OUT, or /tmp/datarater-gpu)
+#   ONLY=scoring bash bench/gpu/check.sh   (a subset of ce,linear,meta,scoring)
+# Rows print as they finish and the JSON is rewritten after each group, so a slot that runs
+# out keeps what was measured.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -16,5 +19,5 @@ echo "== build took $(( $(date +%s) - start )) s"
 echo "== GPU tests"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_forward_over_reverse.py 2>&1 | tee "$out/tests.log" | tail -15
 echo "== benchmarks"
-python3 bench/gpu/bench_gpu.py --out "$out/gpu_results.json" 2>&1 | tee "$out/bench.log" | tail -40
+python3 bench/gpu/bench_gpu.py --out "$out/gpu_results.json" ${ONLY:+--only "$ONLY"} 2>&1 | tee "$out/bench.log" | tail -40
 echo "== total $(( $(date +%s) - start )) s"
