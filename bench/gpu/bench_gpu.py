@@ -13,6 +13,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import datarater as dr
 from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
-from datarater.models import CausalLM, Rater, TransformerConfig, preset
+from datarater.models import CausalLM, Rater, preset
 
 ROWS: list[dict] = []
 
@@ -203,7 +204,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
         row["tokens_per_s"] = round(batch * cfg.max_seq_len / row["ms"] * 1e3)
 
     # the pipeline, with the byte tokenizer (the rater's vocabulary must match it)
-    byte_cfg = TransformerConfig(**{**cfg.to_dict(), "vocab_size": 258})
+    byte_cfg = replace(cfg, vocab_size=258)
     rater = Rater(byte_cfg, pad_id=257)
     words = "the of and data model rater score token corpus filter quality text".split()
     gen = torch.Generator().manual_seed(0)

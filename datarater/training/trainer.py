@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -371,7 +372,6 @@ def save_rater(
     be paired wrongly: each file is replaced atomically, and a reader checks that they agree.
     """
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -389,18 +389,17 @@ def save_rater(
         "step": step,
         "tokenizer": tokenizer,
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rater-", suffix=".tmp")
-    os.close(fd)
+    # a unique temporary name (concurrent writers cannot collide), then an atomic rename
+    tmp = folder / f".rater.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         tensors = {k: v.contiguous() for k, v in rater.state_dict().items()}
-        save_file(tensors, tmp, metadata={"datarater": json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={"datarater": json.dumps(meta)})
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file would be, not mkstemp's 0600
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; make it an ordinary file
         os.replace(tmp, folder / "rater.safetensors")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     atomic_write_text(folder / "config.json", json.dumps(meta, indent=1))
 
 
