@@ -178,3 +178,61 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(backend):
     regular, _ = peak_tensor_bytes(lambda: grads(False))
     if backend != "torch":  # the reference materialises its temporaries anyway
         assert ours <= regular - 0.9 * n * v * 4  # one N x V buffer fewer
+
+
+FUSED_CASES = [  # every backend here, triton too (interpreter); the C++ one takes float32
+    (b, d)
+    for b in available_backends("cpu")
+    for d in (torch.float32, torch.bfloat16)
+    if not (b == "cpu" and d == torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("backend,dtype", FUSED_CASES, ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduced_inplace_loss_computes_its_gradient_in_the_forward(backend, reduction, dtype):
+    z, t, w, *_ = make_inputs(23, 1031, dtype=dtype, seed=8)
+    ref_z = z.double().requires_grad_(True)
+    ref = weighted_cross_entropy(ref_z, t, w.double(), ignore_index=IGNORE, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(3.0 * ref, ref_z)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    h = z.clone().requires_grad_(True)
+    logits = h * 1.0  # a non-leaf, like a projection's output
+    loss = weighted_cross_entropy(
+        logits, t, w, ignore_index=IGNORE, reduction=reduction, backend=backend,
+        inplace_backward=True,
+    )  # fmt: skip
+    assert rel(loss, ref) <= tol
+    assert rel(logits.detach(), ref_grad / 3.0) <= tol  # the forward wrote the gradient
+    (3.0 * loss).backward()  # a scaled loss: the handed-back buffer is rescaled
+    assert rel(h.grad, ref_grad) <= tol
+    with pytest.raises(RuntimeError, match="once"):  # first order only
+        logits2 = z.clone().requires_grad_(True) * 1.0
+        out = weighted_cross_entropy(
+            logits2, t, w, ignore_index=IGNORE, reduction=reduction, backend=backend,
+            inplace_backward=True,
+        )  # fmt: skip
+        (g,) = torch.autograd.grad(out, logits2, create_graph=True)
+        g.sum().backward()
+
+
+def test_reduced_inplace_loss_takes_the_regular_path_when_more_is_asked():
+    z, t, w, *_ = make_inputs(9, 70, seed=9)
+    zz = z.double().requires_grad_(True)
+    ww = w.double().requires_grad_(True)
+    ref_gz, ref_gw = torch.autograd.grad(
+        weighted_cross_entropy(zz, t, ww, reduction="mean"), (zz, ww)
+    )
+    # under torch.func nothing is overwritten and the gradient is the regular one
+    before = z.clone()
+    g = torch.func.grad(
+        lambda x: weighted_cross_entropy(x, t, w, reduction="mean", inplace_backward=True)
+    )(z)
+    assert torch.equal(z, before)
+    assert rel(g, ref_gz) <= 1e-5
+    # weights that need gradients get them
+    h, wg = z.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = weighted_cross_entropy(h * 1.0, t, wg, reduction="mean", inplace_backward=True)
+    gz, gw = torch.autograd.grad(loss, (h, wg))
+    assert rel(gz, ref_gz) <= 1e-5 and rel(gw, ref_gw) <= 1e-5

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from ._ext import extension, load_error
-from .cross_entropy import cross_entropy_per_token
+from .cross_entropy import cross_entropy_per_token, fused_reduced_cross_entropy
 from .native import CPU, CUDA
-from .primitives import TORCH, Primitives
+from .primitives import TORCH, Primitives, _wrapped
 from .reference import weighted_cross_entropy_reference
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
@@ -116,6 +116,34 @@ def _reduce(
     return loss.sum() / denom
 
 
+def _first_order_only(logits: Tensor, weights: Tensor | None) -> bool:
+    """Whether a loss computed now can only be differentiated once, in reverse mode."""
+    from torch.autograd import forward_ad
+
+    return (
+        torch.is_grad_enabled()
+        and logits.requires_grad
+        and not (weights is not None and weights.requires_grad)
+        and not _wrapped(logits, weights)
+        and forward_ad._current_level < 0
+    )
+
+
+def _reduction_coef(
+    targets: Tensor, weights: Tensor | None, ignore_index: int, reduction: str, like: Tensor
+) -> Tensor:
+    """Per-token factors c with ``sum(c * nll)`` equal to the reduced loss."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    w = (
+        torch.ones(targets.shape[0], dtype=acc, device=like.device)
+        if weights is None
+        else weights.detach().to(acc)
+    )
+    if reduction == "mean":
+        w = w / (w * (targets != ignore_index)).sum()
+    return w
+
+
 def weighted_cross_entropy(
     logits: Tensor,
     targets: Tensor,
@@ -132,15 +160,22 @@ def weighted_cross_entropy(
     their weighted ``"mean"`` (sum over the weights of non-ignored tokens). Differentiable in
     ``logits`` and ``weights`` in reverse and forward mode, to second order.
 
-    ``inplace_backward=True`` writes the gradient into the logits' memory during a plain
-    (first-order) backward, saving an N x V allocation: the logits are destroyed, so use it
-    only when nothing reads them after the backward. Double backward and torch.func
-    transforms ignore it and take the regular path.
+    ``inplace_backward=True`` writes the gradient into the logits' memory, saving an N x V
+    allocation: the logits are destroyed, so use it only when nothing reads them later. With
+    ``reduction="none"`` that happens during a plain (first-order) backward, and double
+    backward takes the regular path. With ``"sum"`` or ``"mean"`` the gradient is computed
+    in the forward pass already (one kernel: the least memory traffic there is), so the
+    logits are overwritten as soon as the call returns and the loss can be differentiated
+    once, to first order. torch.func transforms, forward-mode AD and weights that require
+    gradients always take the regular path.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     validate(logits, targets, weights, ignore_index)
     prim = select_backend(logits, backend)
+    if inplace_backward and reduction != "none" and _first_order_only(logits, weights):
+        coef = _reduction_coef(targets, weights, ignore_index, reduction, logits)
+        return fused_reduced_cross_entropy(logits, targets, coef, ignore_index, prim)
     loss = cross_entropy_per_token(logits, targets, weights, ignore_index, prim, inplace_backward)
     return _reduce(loss, targets, weights, ignore_index, reduction)
 

@@ -11,7 +11,8 @@ they work under ``loss.backward()``, ``torch.func.grad/vjp/jvp``, forward-over-r
 * ``_NLL(z) = nll(z)``: the gradient in the weights, for the same reason.
 
 Each is two streaming passes of a backend's primitives (see ``primitives.py``); none of them
-builds an N x V temporary beyond the gradient it returns.
+builds an N x V temporary beyond the gradient it returns. ``_FusedReducedCE`` is the fast path
+for first-order training on a summed or averaged loss (``inplace_backward=True``).
 """
 
 from __future__ import annotations
@@ -162,3 +163,44 @@ def cross_entropy_per_token(
     """Per-token ``w * nll`` through the Functions above (inputs already validated)."""
     loss, _, _ = _CrossEntropy.apply(logits, weights, targets, prim, ignore_index, inplace_backward)
     return loss
+
+
+class _FusedReducedCE(Function):
+    """sum_n c_n nll_n with its gradient computed in the forward pass, over the logits.
+
+    First-order training only: the forward writes ``c (p - e_y)`` into the logits' memory
+    (``forward_grad``: two passes over the logits in all, the least memory traffic there is)
+    and the backward hands that buffer back, rescaled only if the upstream gradient is not 1.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, coef, targets, prim: Primitives, ignore_index: int):
+        loss, _, _, grad = prim.forward_grad(logits, targets, coef, ignore_index, out=logits)
+        # The logits now hold the gradient: anything that saved them must fail loudly.
+        torch.autograd.graph.increment_version(logits)
+        ctx.grad = grad
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, ctx.grad = ctx.grad, None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "weighted_cross_entropy(inplace_backward=True) with a reduction is differentiable "
+                "once, to first order: call it without inplace_backward for create_graph=True"
+            )
+        if grad is None:
+            raise RuntimeError(
+                "weighted_cross_entropy(inplace_backward=True): the gradient was handed out "
+                "already; backward through it runs once"
+            )
+        if bool(g != 1):  # a loss scaled after the call (one synchronisation)
+            grad.mul_(g.to(grad.dtype))
+        return grad, None, None, None, None
+
+
+def fused_reduced_cross_entropy(
+    logits: Tensor, targets: Tensor, coef: Tensor, ignore_index: int, prim: Primitives
+) -> Tensor:
+    """``sum(coef * nll)`` whose backward is already done (see ``_FusedReducedCE``)."""
+    return _FusedReducedCE.apply(logits, coef, targets, prim, ignore_index)

@@ -48,6 +48,21 @@ class Primitives:
     ) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
+    def forward_grad(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        coef: Tensor,
+        ignore_index: int,
+        out: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``forward`` with weights ``coef`` and the gradient ``coef * (p - e_y)`` written to
+        ``out`` (which may be the logits themselves). Backends that can fuse the two passes do
+        it in one kernel, so the second read of a row comes from cache."""
+        loss, lse, nll = self.forward(logits, targets, coef, ignore_index)
+        _, g = self.directional(logits, targets, lse, None, None, coef, ignore_index, True, out)
+        return loss, lse, nll, g
+
 
 def accum_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32

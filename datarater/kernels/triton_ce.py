@@ -3,8 +3,9 @@
 One program per row; each streams the row in blocks of ``BLOCK`` columns. The forward keeps a
 running max and sum (online softmax), so the row is read once; the directional pass reads the
 row (and the direction) once to get ``p . D`` and, when an output is wanted, once more to write
-it, in place over the logits if asked. On the CPU these kernels run under
-``TRITON_INTERPRET=1`` (slowly: the tests use small shapes).
+it, in place over the logits if asked. ``forward_grad`` fuses the forward with the gradient for
+first-order training: each row is read twice, the second time mostly from L2, and written once.
+On the CPU these kernels run under ``TRITON_INTERPRET=1`` (slowly: the tests use small shapes).
 """
 
 from __future__ import annotations
@@ -129,6 +130,53 @@ if triton is not None:
                 val -= tl.where(offs == y, b, 0.0)
                 tl.store(o_row + offs, val.to(o_row.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _ce_fused_kernel(
+        z_ptr,
+        stride_z,
+        t_ptr,
+        c_ptr,
+        loss_ptr,
+        lse_ptr,
+        nll_ptr,
+        g_ptr,
+        stride_g,
+        V,
+        ignore_index,
+        BLOCK: tl.constexpr,
+    ):
+        """Forward and gradient of one row: pass 1 streams the row for lse, pass 2 walks it
+        backwards (the blocks read last are the likeliest still in L2) writing
+        ``c * (p - e_y)``, possibly over the logits."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride_z
+        g_row = g_ptr + row * stride_g
+        cols = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        y = tl.load(t_ptr + row)
+        valid = y != ignore_index
+        z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
+        nll = tl.where(valid, lse - z_y, 0.0)
+        c = tl.where(valid, tl.load(c_ptr + row).to(tl.float32), 0.0)
+        tl.store(lse_ptr + row, lse)
+        tl.store(nll_ptr + row, nll)
+        tl.store(loss_ptr + row, c * nll)
+        n_blocks = tl.cdiv(V, BLOCK)
+        for i in range(0, n_blocks):
+            offs = (n_blocks - 1 - i) * BLOCK + cols
+            mask = offs < V
+            x = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            val = c * tl.exp(x - lse) - tl.where(offs == y, c, 0.0)
+            tl.store(g_row + offs, val.to(g_row.dtype.element_ty), mask=mask)
+
 
 def _block(v: int) -> int:
     cap = 1 << 16 if _interpreting() else 8192
@@ -219,6 +267,30 @@ class TritonPrimitives(Primitives):
             num_warps=_warps(block),
         )
         return dot, res
+
+    def forward_grad(self, logits, targets, coef, ignore_index, out):
+        n, v = logits.shape
+        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        lse, nll = torch.zeros_like(loss), torch.zeros_like(loss)
+        if n == 0 or v == 0:
+            return loss, lse, nll, out.zero_()
+        block = _block(v)
+        _ce_fused_kernel[(n,)](
+            logits,
+            logits.stride(0),
+            targets.contiguous(),
+            _f32(coef),
+            loss,
+            lse,
+            nll,
+            out,
+            out.stride(0),
+            v,
+            ignore_index,
+            BLOCK=block,
+            num_warps=_warps(block),
+        )
+        return loss, lse, nll, out
 
 
 TRITON = TritonPrimitives()
