@@ -30,6 +30,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("targets"), py::arg("lse"), py::arg("direction"), py::arg("coef_h"),
         py::arg("coef_g"), py::arg("ignore_index"), py::arg("want_out"),
         py::arg("out_buffer"));
+  m.def("ce_forward_grad_cuda", &datarater::gpu::ce_forward_grad_cuda,
+        "cross-entropy forward and gradient in one pass (CUDA, compute capability 9.0)",
+        py::arg("logits"), py::arg("targets"), py::arg("coef"), py::arg("ignore_index"),
+        py::arg("out"), py::arg("part_bytes"));
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

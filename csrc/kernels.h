@@ -61,6 +61,10 @@ std::vector<at::Tensor> ce_directional_cuda(const at::Tensor& logits, const at::
                                             const c10::optional<at::Tensor>& coef_g,
                                             int64_t ignore_index, bool want_out,
                                             const c10::optional<at::Tensor>& out_buffer);
+// Forward and gradient in one kernel (compute capability 9.0); empty when it cannot run.
+std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                             const at::Tensor& coef, int64_t ignore_index,
+                                             const at::Tensor& out, int64_t part_bytes);
 }  // namespace gpu
 #endif
 

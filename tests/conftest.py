@@ -7,12 +7,14 @@ import socket
 import sys
 from types import SimpleNamespace
 
-# Triton kernels run on the CPU through the interpreter; it must be chosen before import.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 from torch import nn
+
+# Without a GPU, Triton kernels run on the CPU through the interpreter (chosen before triton
+# is imported); with one they are compiled, as users run them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from datarater.models import CausalLM, Rater, TransformerConfig
 

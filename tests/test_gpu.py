@@ -46,8 +46,12 @@ def test_gpu_derivatives_match_float64(backend, dtype, shape):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(37, 50257), (129, 300), (5, 1), (0, 13)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(37, 50257), (9, 131072), (3, 200003), (129, 300), (5, 1), (0, 13)], ids=str
+)
 def test_gpu_fused_forward_and_gradient_match_float64(backend, dtype, shape):
+    # CUDA: rows split over clusters of 1 to 8 blocks, vector and element paths, and rows too
+    # long for a cluster (the two-kernel path)
     z, t, w, *_ = (x.cuda() for x in make_inputs(*shape, dtype=dtype, seed=3))
     red = "mean" if shape[0] else "sum"  # no tokens: a mean is 0 / 0
     zz = z.double().requires_grad_(True)

@@ -155,6 +155,30 @@ def bench_fused_ce(device, z0, t, w, ref_grad, backend: str, tag: dict, name: st
     )
 
 
+def sweep_cuda_fused(device, n: int, v: int) -> None:
+    """Shared memory per block of the fused CUDA kernel (the row is split over a cluster)."""
+    import os
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z0 = torch.randn(n, v, generator=g).to(device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    w = torch.rand(n, generator=g).to(device)
+    zz = z0[:256].double().requires_grad_(True)
+    loss = (F.cross_entropy(zz, t[:256], reduction="none") * w[:256].double()).sum()
+    (ref,) = torch.autograd.grad(loss, zz)
+    keep = os.environ.get("DATARATER_CE_PART_BYTES")
+    try:
+        for kb in (32, 48, 64, 96, 128, 200):
+            os.environ["DATARATER_CE_PART_BYTES"] = str(kb * 1024)
+            tag = dict(N=n, V=v, part_kb=kb)
+            bench_fused_ce(device, z0, t, w, ref, "cuda", tag, name=" (sweep)")
+    finally:
+        if keep is None:
+            os.environ.pop("DATARATER_CE_PART_BYTES", None)
+        else:
+            os.environ["DATARATER_CE_PART_BYTES"] = keep
+
+
 def sweep_triton_fused(device, n: int, v: int) -> None:
     """Block size and warps of the fused Triton kernel, to choose its defaults."""
     from datarater.kernels import triton_ce
@@ -203,7 +227,9 @@ def bench_linear_ce(device, n: int, d: int, v: int, backends: list[str]) -> None
 
         case("linear+CE bf16 fwd+bwd", "torch.compile", comp, device, **tag)
     for b in backends:
-        for mb in (32, 1024):
+        # 32 MB: vocabulary tiles (four projections, ~chunk_bytes extra); 256 MB and 1 GB: row
+        # chunks whose logits also give the gradients (three projections, more memory)
+        for mb in (32, 256, 1024) if b == backends[0] else (32,):
 
             def ours(b=b, mb=mb):
                 loss = linear_weighted_cross_entropy(h, wt, t, sw, backend=b,
@@ -285,6 +311,21 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
 
         variants.append(("rater forward, cuDNN attention", cudnn))
         variants.append(("rater forward, compiled", compiled))
+        # the same parameters with 128-wide heads (fewer, wider heads suit flash attention)
+        wide = Rater(replace(cfg, n_heads=cfg.d_model // 128), pad_id=cfg.vocab_size - 1)
+        wide = wide.to(device=device, dtype=dtype).eval()
+        compiled_wide = torch.compile(wide)
+
+        def wide_eager():
+            with torch.inference_mode():
+                wide(ids, padded=False)
+
+        def wide_compiled():
+            with torch.inference_mode():
+                compiled_wide(ids, padded=False)
+
+        variants.append(("rater forward, head dim 128", wide_eager))
+        variants.append(("rater forward, head dim 128, compiled", wide_compiled))
     for name, fn in variants:
         case("scoring", name, fn, device, **tag)
         row = ROWS[-1]
@@ -332,7 +373,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
             traceback.print_exc()
 
 
-GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep")
+GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep")
 
 
 def _save(path: str | None, device_name: str) -> None:
@@ -363,6 +404,7 @@ def main(argv=None) -> int:
             "ce": lambda: bench_weighted_ce(device, 64, 515, backends),
             "ce32k": lambda: bench_weighted_ce(device, 32, 129, backends),
             "sweep": lambda: None,
+            "tsweep": lambda: None,
             "linear": lambda: bench_linear_ce(device, 48, 32, 300, backends),
             "meta": lambda: bench_meta_step(device, "toy", 4, 32, [1, 2]),
             "scoring": lambda: bench_scoring(device, preset("toy", max_seq_len=64), 8, 2, 20),
@@ -372,7 +414,8 @@ def main(argv=None) -> int:
         plan = {
             "ce": lambda: bench_weighted_ce(device, 16384, 131072, backends),
             "ce32k": lambda: bench_weighted_ce(device, 16384, 32768, backends),
-            "sweep": lambda: "triton" in backends and sweep_triton_fused(device, 16384, 131072),
+            "sweep": lambda: "cuda" in backends and sweep_cuda_fused(device, 16384, 131072),
+            "tsweep": lambda: "triton" in backends and sweep_triton_fused(device, 16384, 131072),
             "linear": lambda: bench_linear_ce(device, 8192, 4096, 131072, backends),
             "meta": lambda: bench_meta_step(device, "17m", 16, 256, [1, 2, 4, 8]),
             "scoring": lambda: bench_scoring(device, preset("rater-70m"), 64, 8, 2000),

@@ -8,7 +8,12 @@
 // address allow, else element by element. The forward keeps a running (max, sum) per thread
 // (online softmax, one exponential per element plus one per vector), reduced across the block;
 // the directional pass reads the row (and the direction) once for p . D and once more to write.
+//
+// The fused forward + gradient (first-order training) holds each row in shared memory, split
+// over a cluster of thread blocks (Hopper's distributed shared memory): the logits are read from
+// memory once and the gradient written once, the least traffic there is.
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -238,6 +243,149 @@ cudaError_t launch_directional(const void* logits, const int64_t* targets, const
   return cudaGetLastError();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused forward + gradient. Block r of a cluster of c blocks owns columns [r * part, (r+1) * part)
+// of one row: it copies them to shared memory while reducing (max, sum of exp), the cluster
+// combines its c partial results through distributed shared memory, and each block writes
+// coef * (p - e_y) for its columns from shared memory. grad may alias logits: every read of the
+// row (the target's logit included) happens before the first cluster barrier, every write after.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_fused_kernel(const T* logits, const int64_t* __restrict__ targets,
+                    const float* __restrict__ coef, int64_t v, int64_t part, int64_t ignore_index,
+                    float* __restrict__ loss, float* __restrict__ lse_out,
+                    float* __restrict__ nll_out, T* grad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* buf = reinterpret_cast<T*>(smem_raw);
+  __shared__ float part_m, part_s, row_lse, z_target;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), csize = cluster.num_blocks();
+  const int64_t row = blockIdx.x / csize;
+  const int64_t lo = rank * part, hi = min(v, lo + part);
+  const T* z = logits + row * v;
+  T* g = grad + row * v;
+  const int64_t y = targets[row];
+  const bool valid = y != ignore_index;
+  const bool vec = vectorizable(z, v) && vectorizable(g, v);  // then part is a multiple of n
+  constexpr int n = Vec<T>::n;
+
+  float m = -INFINITY, s = 0.0f;
+  if (vec) {
+    for (int64_t j = lo + static_cast<int64_t>(threadIdx.x) * n; j < hi; j += kThreads * n) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(z + j);
+      *reinterpret_cast<uint4*>(buf + (j - lo)) = raw;
+      const T* e = reinterpret_cast<const T*>(&raw);
+      float mx = to_f(e[0]);
+#pragma unroll
+      for (int k = 1; k < n; ++k) mx = fmaxf(mx, to_f(e[k]));
+      float sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < n; ++k) sum += __expf(to_f(e[k]) - mx);
+      merge(m, s, mx, sum);
+    }
+  } else {
+    for (int64_t j = lo + threadIdx.x; j < hi; j += kThreads) {
+      const T x = z[j];
+      buf[j - lo] = x;
+      merge(m, s, to_f(x), 1.0f);
+    }
+  }
+  block_max_sum(m, s);
+  if (threadIdx.x == 0) {
+    part_m = m;
+    part_s = s;
+    if (rank == 0) z_target = valid ? to_f(z[y]) : 0.0f;
+  }
+  cluster.sync();  // every block's partial result is ready; no read of the row follows
+  if (threadIdx.x == 0) {
+    float cm = -INFINITY, cs = 0.0f;
+    for (unsigned r = 0; r < csize; ++r) {
+      merge(cm, cs, *cluster.map_shared_rank(&part_m, r), *cluster.map_shared_rank(&part_s, r));
+    }
+    row_lse = cm + __logf(cs);
+  }
+  __syncthreads();
+  const float lse = row_lse;
+  const float c = valid ? coef[row] : 0.0f;
+  if (rank == 0 && threadIdx.x == 0) {
+    const float nll = valid ? lse - z_target : 0.0f;
+    lse_out[row] = lse;
+    nll_out[row] = nll;
+    loss[row] = c * nll;
+  }
+  if (vec) {
+    for (int64_t j = lo + static_cast<int64_t>(threadIdx.x) * n; j < hi; j += kThreads * n) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(buf + (j - lo));
+      const T* e = reinterpret_cast<const T*>(&raw);
+      float r[n];
+#pragma unroll
+      for (int k = 0; k < n; ++k) {
+        r[k] = c * __expf(to_f(e[k]) - lse);
+        if (j + k == y) r[k] -= c;
+      }
+      store_vec(g + j, r);
+    }
+  } else {
+    for (int64_t j = lo + threadIdx.x; j < hi; j += kThreads) {
+      float r = c * __expf(to_f(buf[j - lo]) - lse);
+      if (j == y) r -= c;
+      g[j] = from_f<T>(r);
+    }
+  }
+  cluster.sync();  // no block leaves while another may still read its partial result
+#else
+  __trap();  // the launcher checks for compute capability 9.0 first
+#endif
+}
+
+template <typename T>
+cudaError_t launch_fused(const void* logits, const int64_t* targets, const float* coef,
+                         int64_t n, int64_t v, int64_t ignore_index, float* loss, float* lse,
+                         float* nll, void* grad, int64_t part_bytes, cudaStream_t stream) {
+  if (n == 0 || v == 0) return cudaSuccess;
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  if (major < 9) return cudaErrorNotSupported;
+  constexpr int64_t vn = Vec<T>::n;
+  const int64_t budget = part_bytes / static_cast<int64_t>(sizeof(T));
+  int64_t csize = (v + budget - 1) / budget;
+  if (csize > 8) return cudaErrorNotSupported;  // beyond the portable cluster size
+  int64_t part = (v + csize - 1) / csize;
+  part = (part + vn - 1) / vn * vn;  // whole vectors per block
+  csize = (v + part - 1) / part;
+  const size_t smem = static_cast<size_t>(part) * sizeof(T);
+  auto kernel = ce_fused_kernel<T>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(n * csize));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+  if (err != cudaSuccess) return err;
+  if (clusters < 1) return cudaErrorNotSupported;
+  err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(logits), targets, coef, v, part,
+                           ignore_index, loss, lse, nll, static_cast<T*>(grad));
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 namespace datarater {
@@ -268,6 +416,21 @@ cudaError_t ce_directional(DType dtype, const void* logits, const int64_t* targe
       return launch_directional<__nv_bfloat16>(logits, targets, lse, direction, coef_h, coef_g, n, v, ignore_index, dot, out, stream);
     case DType::kFloat16:
       return launch_directional<__half>(logits, targets, lse, direction, coef_h, coef_g, n, v, ignore_index, dot, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t ce_forward_grad(DType dtype, const void* logits, const int64_t* targets,
+                            const float* coef, int64_t n, int64_t v, int64_t ignore_index,
+                            float* loss, float* lse, float* nll, void* grad, int64_t part_bytes,
+                            cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_fused<float>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, stream);
+    case DType::kBFloat16:
+      return launch_fused<__nv_bfloat16>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, stream);
+    case DType::kFloat16:
+      return launch_fused<__half>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, stream);
   }
   return cudaErrorInvalidValue;
 }

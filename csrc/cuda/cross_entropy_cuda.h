@@ -21,5 +21,14 @@ cudaError_t ce_directional(DType dtype, const void* logits, const int64_t* targe
                            const float* coef_g, int64_t n, int64_t v, int64_t ignore_index,
                            float* dot, void* out, cudaStream_t stream);
 
+// Forward with weights coef and the gradient coef * (p - e_y) into grad [n, v] (may alias the
+// logits), each row held in shared memory over a cluster of blocks of at most part_bytes each.
+// cudaErrorNotSupported: no compute capability 9.0, or a row needs more than 8 blocks (the
+// caller then runs ce_forward and ce_directional).
+cudaError_t ce_forward_grad(DType dtype, const void* logits, const int64_t* targets,
+                            const float* coef, int64_t n, int64_t v, int64_t ignore_index,
+                            float* loss, float* lse, float* nll, void* grad, int64_t part_bytes,
+                            cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace datarater

@@ -7,8 +7,9 @@ tangents ``dz = dh W^T + h dW^T + db``; gradients ``gz W``, ``gz^T h``; their ta
 Function of its own (``_LinearGrad``) with a jvp and a backward, so meta-gradients and double
 backward work through it, and ``_LinearNLL`` gives the gradient in the weights.
 
-Peak extra memory: a few chunk x V buffers (set by ``chunk_bytes``) and float32 accumulators
-for the weight gradient.
+Peak extra memory for first-order use: about ``chunk_bytes`` (see the two strategies below).
+Higher-order uses (jvp of the gradient, double backward) keep float32 accumulators of the
+weight's shape.
 """
 
 from __future__ import annotations
@@ -47,6 +48,88 @@ def _tangent(h, dh, w, dw, db) -> Tensor:
     return dz
 
 
+# First-order gradients hold at most ``chunk_bytes`` of temporaries in one of two ways:
+# * row chunks (few of them): each chunk's logits give lse, the loss and the gradient at once;
+#   three projections in all, but the weight gradient is accumulated once per chunk, a full
+#   read and write of it each time, so this is used only when there are at most
+#   ``_FEW_CHUNKS`` chunks (a large ``chunk_bytes``);
+# * vocabulary chunks: a first projection gives lse, then each (row block, vocabulary chunk)
+#   tile is projected again and its gradient multiplied out at once; four projections, and
+#   the weight gradient is accumulated once per row block only. This is the default for large
+#   N x V, where memory, not the extra projection, is what limits.
+_FEW_CHUNKS = 8
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _few_chunks(n: int, rows: int) -> bool:
+    return -(-n // rows) <= _FEW_CHUNKS
+
+
+def _softmax_grad_(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int) -> Tensor:
+    """``coef * (softmax - onehot)`` for the columns [col0, col0 + z.shape[1]) of rows whose
+    full lse is known, computed in float32 (or float64) and returned in z's dtype."""
+    acc = torch.promote_types(z.dtype, torch.float32)
+    g = z.to(acc).sub_(lse.to(acc)[:, None]).exp_().mul_(coef.to(acc)[:, None])
+    local = targets - col0
+    hit = (local >= 0) & (local < z.shape[1])
+    rows = hit.nonzero().squeeze(1)
+    g[rows, local[rows]] -= coef.to(acc)[rows]
+    return g.to(z.dtype)
+
+
+def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
+    """Gradients of sum_n coef_n nll_n in (h, W, b) given lse, within ``budget`` bytes of
+    temporaries: a float32 accumulator for a block of rows of gh, and one tile of logits (in
+    the inputs' dtype and in float32)."""
+    n, d = h.shape
+    v = w.shape[0]
+    elem = h.element_size()
+    acc = torch.promote_types(h.dtype, torch.float32)
+    acc_elem = torch.tensor([], dtype=acc).element_size()
+    nb = max(1, min(n, (budget // 2) // max(1, d * acc_elem)))
+    cv = max(1, min(v, (budget // 2) // max(1, nb * (elem + acc_elem))))
+    if cv >= 128:
+        cv -= cv % 128  # matrix-unit friendly widths
+    valid = cfg.targets != cfg.ignore_index
+    coef = torch.where(valid, coef, torch.zeros_like(coef))
+    gh = torch.empty_like(h)
+    gw = torch.zeros_like(w)  # accumulated once per row block, in the GEMM's float32
+    gb = None if b is None else torch.zeros(v, dtype=acc, device=w.device)
+    for r in _chunks(n, nb):
+        hb, lb, cb, tb = h[r], lse[r], coef[r], cfg.targets[r]
+        ghb = torch.zeros(hb.shape, dtype=acc, device=h.device)
+        for c in _chunks(v, cv):
+            wc = w[c]
+            gz = _softmax_grad_(_project(hb, wc, None if b is None else b[c]), lb, cb, tb, c.start)
+            ghb += gz @ wc
+            gw[c].addmm_(gz.T, hb)
+            if gb is not None:
+                gb[c] += gz.sum(0).to(acc)
+        gh[r] = ghb.to(h.dtype)
+    return gh, gw, None if gb is None else gb.to(b.dtype)
+
+
+def _grads_by_row_chunks(h, w, b, coef, lse, cfg: _Ctx):
+    """The same gradients, one row chunk (all of V) at a time: for few chunks only."""
+    gh = torch.empty_like(h)
+    gw = torch.zeros_like(w)
+    gb = None if b is None else torch.zeros(b.shape, dtype=_acc(b), device=b.device)
+    for sl in _chunks(h.shape[0], cfg.rows):
+        hc = h[sl]
+        z = _project(hc, w, b)
+        gz = cfg.prim.directional(
+            z, cfg.targets[sl], lse[sl], None, None, coef[sl], cfg.ignore_index, True, out=z
+        )[1]
+        gh[sl] = gz @ w
+        gw.addmm_(gz.T, hc)
+        if gb is not None:
+            gb += gz.sum(0).to(gb.dtype)
+    return gh, gw, None if gb is None else gb.to(b.dtype)
+
+
 class _Ctx:
     """Non-tensor settings shared by the three Functions."""
 
@@ -57,9 +140,10 @@ class _Ctx:
         ignore_index: int,
         rows: int,
         eager_grad: bool = False,
+        budget: int = 0,
     ):
         self.targets, self.prim, self.ignore_index, self.rows = targets, prim, ignore_index, rows
-        self.eager_grad = eager_grad
+        self.eager_grad, self.budget = eager_grad, budget
 
 
 class _LinearCE(Function):
@@ -74,29 +158,32 @@ class _LinearCE(Function):
         loss = h.new_empty(n, dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
         lse, nll = torch.empty_like(loss), torch.empty_like(loss)
         eager = cfg.eager_grad
-        if eager:
+        fused = eager and _few_chunks(n, cfg.rows)  # the gradient from the same logits
+        if fused:
             gh = torch.empty_like(h)
-            gw = torch.zeros(
-                w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device
-            )
-            gb = None if b is None else torch.zeros(b.shape, dtype=gw.dtype, device=b.device)
+            gw = torch.zeros_like(w)  # few chunks: few roundings of the accumulation
+            gb = None if b is None else torch.zeros(b.shape, dtype=_acc(b), device=b.device)
         for sl in _chunks(n, cfg.rows):
             hc, t = h[sl], cfg.targets[sl]
             z = _project(hc, w, b)
             wc = None if weights is None else weights[sl]
             loss[sl], lse[sl], nll[sl] = cfg.prim.forward(z, t, wc, cfg.ignore_index)
-            if eager:
+            if fused:
                 coef = torch.ones_like(lse[sl]) if wc is None else wc.to(lse.dtype)
                 gz = cfg.prim.directional(
                     z, t, lse[sl], None, None, coef, cfg.ignore_index, True, out=z
                 )[1]
                 gh[sl] = gz @ w
-                gw += (gz.T @ hc).to(gw.dtype)
+                gw.addmm_(gz.T, hc)
                 if gb is not None:
                     gb += gz.sum(0).to(gb.dtype)
         if not eager:
             return loss, lse, nll, None, None, None
-        return loss, lse, nll, gh, gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
+        if not fused:
+            coef = torch.ones_like(lse) if weights is None else weights.to(lse.dtype)
+            gh, gw, gb = _grads_by_vocab_chunks(h, w, b, coef, lse, cfg, cfg.budget)
+            return loss, lse, nll, gh, gw, gb
+        return loss, lse, nll, gh, gw, None if gb is None else gb.to(b.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -189,22 +276,9 @@ class _LinearGrad(Function):
 
     @staticmethod
     def forward(h, w, b, coef, lse, cfg: _Ctx):
-        gh = torch.empty_like(h)
-        gw = torch.zeros(
-            w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device
-        )
-        gb = None if b is None else torch.zeros(b.shape, dtype=gw.dtype, device=b.device)
-        for sl in _chunks(h.shape[0], cfg.rows):
-            hc = h[sl]
-            z = _project(hc, w, b)
-            gz = cfg.prim.directional(
-                z, cfg.targets[sl], lse[sl], None, None, coef[sl], cfg.ignore_index, True, out=z
-            )[1]
-            gh[sl] = gz @ w
-            gw += (gz.T @ hc).to(gw.dtype)
-            if gb is not None:
-                gb += gz.sum(0).to(gb.dtype)
-        return gh, gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
+        if _few_chunks(h.shape[0], cfg.rows):
+            return _grads_by_row_chunks(h, w, b, coef, lse, cfg)
+        return _grads_by_vocab_chunks(h, w, b, coef, lse, cfg, cfg.budget)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -329,6 +403,6 @@ def linear_weighted_cross_entropy(
         eager_grad = (
             torch.is_grad_enabled() and needs and not _wrapped(hidden, weight, bias, weights)
         )
-    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad)
+    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad, chunk_bytes)
     loss = _LinearCE.apply(hidden, weight, bias, weights, cfg)[0]
     return _reduce(loss, targets, weights, ignore_index, reduction)

@@ -7,6 +7,8 @@ the backend is forced; nothing is copied behind the caller's back.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -69,6 +71,22 @@ class NativePrimitives(Primitives):
             out,
         )
         return dot, (res if want_out else None)
+
+    def forward_grad(self, logits, targets, coef, ignore_index, out):
+        fused = getattr(extension(), "ce_forward_grad" + self.suffix, None)
+        if fused is not None and logits.shape[0] and logits.shape[1]:
+            got = fused(logits, targets.contiguous(), _f32(coef), ignore_index, out, _part_bytes())
+            if got:  # empty: this GPU or row length cannot take it; the two passes run
+                loss, lse, nll, grad = got
+                return loss, lse, nll, grad
+        return super().forward_grad(logits, targets, coef, ignore_index, out)
+
+
+def _part_bytes() -> int:
+    """Shared memory per thread block of the fused CUDA kernel: a row of V logits is split
+    over ceil(V * itemsize / this) blocks of one cluster (at most 8). Chosen by the sweep in
+    bench/gpu/bench_gpu.py; ``DATARATER_CE_PART_BYTES`` overrides it."""
+    return int(os.environ.get("DATARATER_CE_PART_BYTES", 64 * 1024))
 
 
 CPU = NativePrimitives("cpu", "cpu", "")

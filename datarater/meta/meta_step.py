@@ -330,7 +330,7 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
         weights.append(w)
 
     # The outer loss and its gradient at theta_T start the backward sweep.
-    mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype)
+    mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype, device=theta.device)
     a_theta, outer_loss = _inner_grad(run, theta, outer, mean)
     final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
     meta = [torch.zeros_like(p) for p in run.phi]
