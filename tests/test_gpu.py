@@ -66,19 +66,29 @@ def test_gpu_fused_forward_and_gradient_match_float64(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_linear_matches_float64(backend):
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 1 << 16], ids=["rows", "vocab-tiles"])
+def test_gpu_linear_matches_float64(backend, chunk_bytes):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(301, 64, generator=g).cuda()
     wt = (torch.randn(5003, 64, generator=g) / 8).cuda()
-    t = torch.randint(0, 5003, (301,), generator=g).cuda()
+    bias = (torch.randn(5003, generator=g) / 10).cuda()
+    t = torch.randint(0, 5003, (301,), generator=g)
+    t[::7] = IGNORE
+    t = t.cuda()
     sw = torch.rand(301, generator=g).cuda()
-    hh, ww = h.requires_grad_(True), wt.requires_grad_(True)
-    loss = linear_weighted_cross_entropy(hh, ww, t, sw, backend=backend, chunk_bytes=1 << 20)
-    gh, gw = torch.autograd.grad(loss.sum(), (hh, ww))
-    h64, w64 = h.double().detach().requires_grad_(True), wt.double().detach().requires_grad_(True)
-    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, t, reduction="none") * sw.double()
-    rh, rw = torch.autograd.grad(ref.sum(), (h64, w64))
-    assert rel(loss, ref) < 1e-5 and rel(gh, rh) < 1e-5 and rel(gw, rw) < 1e-5
+    hh, ww, bb = (x.clone().requires_grad_(True) for x in (h, wt, bias))
+    loss = linear_weighted_cross_entropy(
+        hh, ww, t, sw, bias=bb, backend=backend, chunk_bytes=chunk_bytes, ignore_index=IGNORE
+    )
+    got = torch.autograd.grad(loss.sum(), (hh, ww, bb))
+    ref_in = [x.double().detach().requires_grad_(True) for x in (h, wt, bias)]
+    z = ref_in[0] @ ref_in[1].T + ref_in[2]
+    ref = torch.nn.functional.cross_entropy(z, t, reduction="none", ignore_index=IGNORE)
+    ref = ref * sw.double()
+    want = torch.autograd.grad(ref.sum(), ref_in)
+    assert rel(loss, ref) < 1e-5
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5
 
 
 def test_meta_step_on_the_gpu_mixed_equals_reverse():

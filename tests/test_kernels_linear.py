@@ -189,3 +189,22 @@ def test_first_order_gradients_by_row_and_by_vocabulary_chunks(backend, dtype, c
     )  # fmt: skip
     for g, r in zip(torch.autograd.grad(loss.sum(), args), want):
         assert rel(g, r) <= tol
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_first_order_extra_memory_stays_within_chunk_bytes(backend):
+    """Beyond the gradients themselves, a forward + backward holds at most ``chunk_bytes``
+    (the logits are 16 times that), and no zero buffers for the side outputs."""
+    n, d, v = 512, 64, 8192
+    h, w, _, t, sw, _, _ = inputs(n, d, v, bias=False)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    budget = 1 << 20
+
+    def run():
+        loss = linear_weighted_cross_entropy(h, w, t, sw, backend=backend, chunk_bytes=budget)
+        return torch.autograd.grad(loss.sum(), (h, w))
+
+    peak, _ = peak_tensor_bytes(run)
+    grads = (n * d + v * d) * 4
+    assert peak - grads <= budget, (peak - grads, budget)

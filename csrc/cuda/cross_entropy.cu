@@ -274,17 +274,32 @@ __global__ void __launch_bounds__(kThreads)
 
   float m = -INFINITY, s = 0.0f;
   if (vec) {
-    for (int64_t j = lo + static_cast<int64_t>(threadIdx.x) * n; j < hi; j += kThreads * n) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(z + j);
-      *reinterpret_cast<uint4*>(buf + (j - lo)) = raw;
-      const T* e = reinterpret_cast<const T*>(&raw);
-      float mx = to_f(e[0]);
+    // kInFlight vector loads are issued before any is used: enough bytes in flight per SM to
+    // keep memory busy while each block holds its slice (a 64 KiB slice is one round).
+    constexpr int kInFlight = 8;
+    constexpr int64_t step = static_cast<int64_t>(kThreads) * n;
+    for (int64_t base = lo + static_cast<int64_t>(threadIdx.x) * n; base < hi;
+         base += step * kInFlight) {
+      uint4 raw[kInFlight];
 #pragma unroll
-      for (int k = 1; k < n; ++k) mx = fmaxf(mx, to_f(e[k]));
-      float sum = 0.0f;
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t j = base + u * step;
+        if (j < hi) raw[u] = *reinterpret_cast<const uint4*>(z + j);
+      }
 #pragma unroll
-      for (int k = 0; k < n; ++k) sum += __expf(to_f(e[k]) - mx);
-      merge(m, s, mx, sum);
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t j = base + u * step;
+        if (j >= hi) break;
+        *reinterpret_cast<uint4*>(buf + (j - lo)) = raw[u];
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+        float mx = to_f(e[0]);
+#pragma unroll
+        for (int k = 1; k < n; ++k) mx = fmaxf(mx, to_f(e[k]));
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < n; ++k) sum += __expf(to_f(e[k]) - mx);
+        merge(m, s, mx, sum);
+      }
     }
   } else {
     for (int64_t j = lo + threadIdx.x; j < hi; j += kThreads) {

@@ -68,15 +68,21 @@ def _few_chunks(n: int, rows: int) -> bool:
     return -(-n // rows) <= _FEW_CHUNKS
 
 
-def _softmax_grad_(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int) -> Tensor:
-    """``coef * (softmax - onehot)`` for the columns [col0, col0 + z.shape[1]) of rows whose
-    full lse is known, computed in float32 (or float64) and returned in z's dtype."""
-    acc = torch.promote_types(z.dtype, torch.float32)
-    g = z.to(acc).sub_(lse.to(acc)[:, None]).exp_().mul_(coef.to(acc)[:, None])
+def _tile_grad(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int, cfg) -> Tensor:
+    """``coef * (softmax - onehot)`` on the columns [col0, col0 + z.shape[1]) of rows whose
+    full lse is known, in z's dtype, without a host synchronisation. On GPUs one pass of the
+    backend's directional kernel, in place (targets outside the tile point nowhere)."""
     local = targets - col0
-    hit = (local >= 0) & (local < z.shape[1])
-    rows = hit.nonzero().squeeze(1)
-    g[rows, local[rows]] -= coef.to(acc)[rows]
+    inside = (local >= 0) & (local < z.shape[1])
+    if cfg.prim.name in ("cuda", "triton") and cfg.ignore_index < 0:
+        nowhere = -1 if cfg.ignore_index != -1 else -2  # matches no column, is not ignored
+        local = torch.where(inside, local, torch.full_like(local, nowhere))
+        return cfg.prim.directional(z, local, lse, None, None, coef, cfg.ignore_index, True, z)[1]
+    acc = torch.promote_types(z.dtype, torch.float32)
+    c = coef.to(acc)
+    g = z.to(acc).sub_(lse.to(acc)[:, None]).exp_().mul_(c[:, None])
+    at = torch.where(inside, local, torch.zeros_like(local))[:, None]
+    g.scatter_add_(1, at, torch.where(inside, -c, torch.zeros_like(c))[:, None])
     return g.to(z.dtype)
 
 
@@ -103,7 +109,7 @@ def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
         ghb = torch.zeros(hb.shape, dtype=acc, device=h.device)
         for c in _chunks(v, cv):
             wc = w[c]
-            gz = _softmax_grad_(_project(hb, wc, None if b is None else b[c]), lb, cb, tb, c.start)
+            gz = _tile_grad(_project(hb, wc, None if b is None else b[c]), lb, cb, tb, c.start, cfg)
             ghb += gz @ wc
             gw[c].addmm_(gz.T, hb)
             if gb is not None:
@@ -163,6 +169,7 @@ class _LinearCE(Function):
             gh = torch.empty_like(h)
             gw = torch.zeros_like(w)  # few chunks: few roundings of the accumulation
             gb = None if b is None else torch.zeros(b.shape, dtype=_acc(b), device=b.device)
+        z = None
         for sl in _chunks(n, cfg.rows):
             hc, t = h[sl], cfg.targets[sl]
             z = _project(hc, w, b)
@@ -177,6 +184,7 @@ class _LinearCE(Function):
                 gw.addmm_(gz.T, hc)
                 if gb is not None:
                     gb += gz.sum(0).to(gb.dtype)
+        del z  # the last chunk's logits: not held through the gradient pass
         if not eager:
             return loss, lse, nll, None, None, None
         if not fused:
@@ -190,6 +198,8 @@ class _LinearCE(Function):
         h, w, b, weights, cfg = inputs
         _, lse, nll, gh, gw, gb = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # no zero gradients for the side outputs: for gw that would be a weight-sized buffer
+        ctx.set_materialize_grads(False)
         ctx.cfg, ctx.has_b, ctx.has_weights = cfg, b is not None, weights is not None
         ctx.eager = (gh, gw, gb) if gh is not None else None
         ctx.save_for_backward(h, w, b, weights, lse, nll)
@@ -201,6 +211,8 @@ class _LinearCE(Function):
         cfg = ctx.cfg
         gh = gw = gb = g_weights = None
         eager, ctx.eager = ctx.eager, None
+        if g_loss is None:
+            return None, None, None, None, None
         if any(ctx.needs_input_grad[:3]):
             if (
                 eager is not None
