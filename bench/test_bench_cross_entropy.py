@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
+from datarater.kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 from datarater.profiling import peak_tensor_bytes
 
 N, V = 4096, 32768
@@ -87,16 +88,20 @@ def _linear_inputs():
     return h, wt, t, sw
 
 
-@pytest.mark.parametrize("case", ["torch eager", "datarater linear"])
+@pytest.mark.parametrize(
+    "case", ["torch eager", "datarater linear (default chunks)", "datarater linear (8 MiB chunks)"]
+)
 def test_linear_ce_forward_backward(benchmark, record, case):
     h0, w0, t, sw = _linear_inputs()
+    chunk = {"datarater linear (8 MiB chunks)": 8 << 20}.get(case, DEFAULT_CHUNK_BYTES)
 
     def run():
         h, wt = h0.detach().requires_grad_(True), w0.detach().requires_grad_(True)
         if case == "torch eager":
             loss = _eager(h @ wt.T, t, sw)
         else:
-            loss = linear_weighted_cross_entropy(h, wt, t, sw, backend="cpu").sum()
+            loss = linear_weighted_cross_entropy(h, wt, t, sw, backend="cpu", chunk_bytes=chunk)
+            loss = loss.sum()
         return torch.autograd.grad(loss, (h, wt))
 
     run()

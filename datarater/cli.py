@@ -24,6 +24,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(asked: str | None) -> str:
+    """``--device``, default cuda when there is one; under torchrun each process takes the
+    GPU of its local rank."""
+    import os
+
+    import torch
+
+    device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 def _train(args: argparse.Namespace) -> int:
     import os
 
@@ -32,7 +45,10 @@ def _train(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # under torchrun: inner models are spread over the processes (NCCL on GPUs, gloo else)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device(_device(args.device))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train_run(args)
     finally:
@@ -81,7 +97,10 @@ def _train_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, train, held, tok.vocab_size, out, tok.pad_id, tokenizer=tok.name)
+    device = _device(args.device)
+    trainer = Trainer(
+        cfg, train, held, tok.vocab_size, out, tok.pad_id, tokenizer=tok.name, device=device
+    )
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}")
     trainer.run(progress=not args.quiet)
@@ -92,8 +111,6 @@ def _train_run(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     import os
 
-    import torch
-
     from .data import get_tokenizer
     from .scoring.score import score_files
     from .training import load_rater
@@ -101,9 +118,7 @@ def _score(args: argparse.Namespace) -> int:
     rater = load_rater(args.rater)
     tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else None
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = _device(args.device)
     report = score_files(
         rater,
         args.data,
@@ -270,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", help="JSON file of TrainConfig settings")
     train.add_argument("--seed", type=int)
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--device", help="default: cuda if available, else cpu")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=_train)
 

@@ -33,7 +33,7 @@ def make_inputs(
 
 
 def rel(a, b) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     denom = b.norm()
     if float(denom) == 0.0:
         return float(a.norm())

@@ -104,3 +104,32 @@ def test_meta_step_on_the_gpu_mixed_equals_reverse():
         dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
         grads.append(torch.cat([p.grad.flatten() for p in rater.parameters()]))
     assert rel(grads[0], grads[1]) < 1e-4
+
+
+def test_meta_training_on_the_gpu_matches_the_cpu_and_resumes_across_devices(tmp_path):
+    from datarater.data import ByteTokenizer, per_document
+    from datarater.training import TrainConfig, Trainer
+
+    tiny = dict(d_model=16, n_layers=1, n_heads=2)
+    cfg = TrainConfig.from_dict(
+        dict(steps=3, population=2, inner_steps=2, inner_batch=4, outer_batch=4, lifetime=3,
+             checkpoint_every=1, lm=tiny, rater=tiny, meta_warmup=2)
+    )  # fmt: skip
+    docs = [f"document number {i} is about item {i * 7 % 13} " * 2 for i in range(24)]
+    seqs = per_document(docs, ByteTokenizer(), 32)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        trainer = Trainer(cfg, seqs, seqs, 258, tmp_path / device, 257, device=device)
+        trainer.run(progress=False)
+        runs[device] = trainer
+    flat = {d: torch.cat([p.detach().cpu().flatten() for p in t.rater.parameters()])
+            for d, t in runs.items()}  # fmt: skip
+    assert rel(flat["cuda"], flat["cpu"]) < 1e-3  # same draws, same maths, other device
+    outer = {d: [r["outer_loss"] for r in t.history] for d, t in runs.items()}
+    assert outer["cuda"] == pytest.approx(outer["cpu"], rel=1e-3)
+    # a GPU checkpoint resumes on the CPU
+    back = Trainer(cfg, seqs, seqs, 258, tmp_path / "cuda", 257, device="cpu")
+    assert back.resume() and back.step == 3
+    assert (
+        rel(torch.cat([p.detach().flatten() for p in back.rater.parameters()]), flat["cuda"]) == 0.0
+    )

@@ -69,7 +69,7 @@ def case(group: str, name: str, fn, device, setup=None, **extra) -> None:
 
 
 def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 

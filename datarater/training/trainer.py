@@ -99,7 +99,11 @@ class Trainer:
         out: Path | str | None = None,
         pad_id: int | None = None,
         tokenizer: str = "bytes",
+        device: str | torch.device = "cpu",
     ):
+        """``device``: where the rater, the inner models and the batches live; models are
+        initialised on the CPU first, so a seed gives the same run on any device (up to
+        floating-point order). Checkpoints hold CPU tensors and resume on any device."""
         if len(train) < config.inner_batch or len(heldout) < config.outer_batch:
             raise ValueError(
                 f"not enough sequences: {len(train)} training (need >= inner_batch = "
@@ -108,14 +112,17 @@ class Trainer:
             )
         self.cfg, self.train, self.heldout = config, train, heldout
         self.out = Path(out) if out is not None else None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
         seq_len = train.input_ids.shape[1]
         self.lm_cfg = _model_config(config.lm, vocab_size, seq_len)
         self.rater_cfg = _model_config(config.rater, vocab_size, seq_len)
         self.pad_id, self.tokenizer = pad_id, tokenizer
+        self.device = torch.device(device)
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            self.rater = Rater(self.rater_cfg, pad_id=pad_id)
-        self.template = CausalLM(self.lm_cfg)
+            self.rater = Rater(self.rater_cfg, pad_id=pad_id).to(self.device)
+        self.template = CausalLM(self.lm_cfg).to(self.device)
         self.inner_opt = Adam(
             config.inner_lr, weight_decay=config.inner_weight_decay, clip_norm=config.inner_clip
         )
@@ -134,7 +141,10 @@ class Trainer:
         self.population = {p: self._fresh(p) for p in self.mine}
         n = sum(p.numel() for p in self.rater.parameters())
         self.meta_state = {
-            p: {"exp_avg": {"flat": torch.zeros(n)}, "exp_avg_sq": {"flat": torch.zeros(n)}}
+            p: {
+                "exp_avg": {"flat": torch.zeros(n, device=self.device)},
+                "exp_avg_sq": {"flat": torch.zeros(n, device=self.device)},
+            }
             for p in self.mine
         }
         self.history: list[dict] = []
@@ -144,13 +154,14 @@ class Trainer:
         """A newly initialised inner model; its seed depends only on (seed, p, reset count)."""
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.seed * 1_000_003 + p * 10_007 + self.resets[p] + 17)
-            return InnerState.init(CausalLM(self.lm_cfg), self.inner_opt)
+            return InnerState.init(CausalLM(self.lm_cfg).to(self.device), self.inner_opt)
 
     def _offset(self, p: int) -> int:
         return p * self.cfg.lifetime // self.cfg.population
 
     def _draw(self, p: int, data: Sequences, n: int) -> dict[str, Tensor]:
-        return data.batch(torch.randint(0, len(data), (n,), generator=self.gens[p]))
+        idx = torch.randint(0, len(data), (n,), generator=self.gens[p])  # CPU: any device
+        return {k: v.to(self.device, non_blocking=True) for k, v in data.batch(idx).items()}
 
     def _meta_lr(self) -> float:
         cfg = self.cfg
@@ -214,7 +225,9 @@ class Trainer:
                 continue
             grad = torch.cat(
                 [
-                    q.grad.reshape(-1) if q.grad is not None else torch.zeros(q.numel())
+                    q.grad.reshape(-1)
+                    if q.grad is not None
+                    else torch.zeros(q.numel(), device=self.device)
                     for q in self.rater.parameters()
                 ]
             )
@@ -256,8 +269,10 @@ class Trainer:
         """Sum of all models' proposals in model order (the same bits on 1 or many ranks)."""
         if self.world > 1:
             dist = torch.distributed
+            # NCCL gathers device tensors, gloo CPU ones
+            comm = phi.device if dist.get_backend() == "nccl" else torch.device("cpu")
             k = max(len(range(r, self.cfg.population, self.world)) for r in range(self.world))
-            mine = torch.zeros(k, phi.numel() + 2, dtype=phi.dtype)
+            mine = torch.zeros(k, phi.numel() + 2, dtype=phi.dtype, device=comm)
             for i, p in enumerate(self.mine):
                 mine[i, 0] = p
                 if p in proposals:
@@ -266,8 +281,9 @@ class Trainer:
                 mine[i, 0] = -1
             parts = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(parts, mine)
-            rows = torch.cat(parts)
-            proposals = {int(r[0]): r[2:] for r in rows if r[0] >= 0 and r[1] > 0}
+            rows = torch.cat(parts).to(phi.device)
+            keep = rows[:, :2].tolist()  # one transfer, not one per row
+            proposals = {int(a): r[2:] for (a, ok), r in zip(keep, rows) if a >= 0 and ok > 0}
         total = torch.zeros_like(phi)
         for p in sorted(proposals):
             total = total + proposals[p]
@@ -300,13 +316,14 @@ class Trainer:
         return self.rater
 
     def state_tensors(self) -> dict[str, Tensor]:
+        """Everything a resume needs, as CPU tensors (a checkpoint resumes on any device)."""
         t = {f"rater.{k}": v for k, v in self.rater.state_dict().items()}
         for p, st in self.population.items():
             t.update(flatten(f"pop.{p}.params", st.params))
             t.update(flatten(f"pop.{p}.opt", st.opt_state))
             t.update(flatten(f"meta.{p}", self.meta_state[p]))
             t[f"rng.{p}"] = self.gens[p].get_state()
-        return t
+        return {k: v.detach().cpu() for k, v in t.items()}
 
     def save(self) -> Path:
         meta = {
@@ -348,12 +365,14 @@ class Trainer:
             p = int(key)
             like = self._fresh(p)
             self.population[p] = InnerState(
-                unflatten(f"pop.{p}.params", tensors, like.params),
+                _to(unflatten(f"pop.{p}.params", tensors, like.params), self.device),
                 dict(like.buffers),
-                unflatten(f"pop.{p}.opt", tensors, like.opt_state),
+                _to(unflatten(f"pop.{p}.opt", tensors, like.opt_state), self.device),
                 done,
             )
-            self.meta_state[p] = unflatten(f"meta.{p}", tensors, self.meta_state[p])
+            self.meta_state[p] = _to(
+                unflatten(f"meta.{p}", tensors, self.meta_state[p]), self.device
+            )
             self.gens[p].set_state(tensors[f"rng.{p}"])
         return True
 
@@ -392,7 +411,7 @@ def save_rater(
     # a unique temporary name (concurrent writers cannot collide), then an atomic rename
     tmp = folder / f".rater.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tensors = {k: v.contiguous() for k, v in rater.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in rater.state_dict().items()}
         save_file(tensors, str(tmp), metadata={"datarater": json.dumps(meta)})
         umask = os.umask(0)
         os.umask(umask)
@@ -449,6 +468,11 @@ def load_rater(folder: Path | str) -> Rater:
         )
     rater.load_state_dict(state)
     return rater
+
+
+def _to(tree: dict, device: torch.device) -> dict:
+    """A nested dict of tensors moved to ``device``."""
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in tree.items()}
 
 
 def _mean(xs) -> float:
