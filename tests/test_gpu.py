@@ -133,3 +133,29 @@ def test_meta_training_on_the_gpu_matches_the_cpu_and_resumes_across_devices(tmp
     assert (
         rel(torch.cat([p.detach().flatten() for p in back.rater.parameters()]), flat["cuda"]) == 0.0
     )
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_masked_vocabulary_stays_finite(backend, dtype):
+    """Whole vectors and blocks of -inf logits (a padded vocabulary masked out)."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(33, 50176, generator=g)
+    z[:, :20000] = float("-inf")
+    z[:, -1000:] = float("-inf")
+    t = torch.randint(20000, 49176, (33,), generator=g)
+    w = torch.rand(33, generator=g)
+    ref_z = z.double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_z, t, reduction="none") * w.double()
+    (ref_g,) = torch.autograd.grad(ref.sum(), ref_z)
+    zc, tc, wc = z.to(dtype).cuda(), t.cuda(), w.cuda()
+    zz = zc.clone().requires_grad_(True)
+    loss = weighted_cross_entropy(zz, tc, wc, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), zz)
+    assert rel(loss, ref) <= TOL[dtype] and rel(grad, ref_g) <= TOL[dtype]
+    h = zc.clone().requires_grad_(True)
+    total = weighted_cross_entropy(
+        h * 1, tc, wc, backend=backend, reduction="sum", inplace_backward=True
+    )
+    (fused,) = torch.autograd.grad(total, h)
+    assert rel(total, ref.sum()) <= TOL[dtype] and rel(fused, ref_g) <= TOL[dtype]

@@ -236,3 +236,53 @@ def test_reduced_inplace_loss_takes_the_regular_path_when_more_is_asked():
     loss = weighted_cross_entropy(h * 1.0, t, wg, reduction="mean", inplace_backward=True)
     gz, gw = torch.autograd.grad(loss, (h, wg))
     assert rel(gz, ref_gz) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unweighted_loss_is_differentiable(backend):
+    """Without weights the loss is a tensor of its own, never the (non-differentiable) nll."""
+    z, t, *_ = make_inputs(7, 31, seed=12)
+    zz = z.clone().requires_grad_(True)
+    loss = weighted_cross_entropy(zz, t, ignore_index=IGNORE, backend=backend)
+    assert loss.grad_fn is not None
+    (g,) = torch.autograd.grad(loss.sum(), zz)
+    ref_z = z.double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_z, t, ignore_index=IGNORE, reduction="sum")
+    assert rel(g, torch.autograd.grad(ref, ref_z)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_reduced_inplace_loss_agrees_with_the_regular_path_on_edge_cases(backend):
+    """A mean over no token is nan on both paths; a loss scaled by 1/3 in bfloat16 gets its
+    gradient rescaled without rounding the factor; float16 takes the regular path."""
+    z, t, w, *_ = make_inputs(6, 40, seed=13)
+    t_none = torch.full_like(t, IGNORE)
+    for targets, n in ((t_none, 6), (t[:0], 0)):
+        zz = z[:n].clone().requires_grad_(True)
+        fused = weighted_cross_entropy(
+            zz * 1, targets, w[:n], ignore_index=IGNORE, reduction="mean", backend=backend,
+            inplace_backward=True,
+        )  # fmt: skip
+        regular = weighted_cross_entropy(
+            z[:n], targets, w[:n], ignore_index=IGNORE, reduction="mean", backend=backend
+        )
+        assert torch.isnan(fused) and torch.isnan(regular)
+    if backend != "torch":
+        # bfloat16 below: the C++ backend takes float32 only, and Triton's interpreter
+        # truncates float32 -> bfloat16 (GPUs round to nearest), a bias of its own
+        return
+    z, t, w, *_ = make_inputs(256, 512, seed=13)  # enough values for a bias to show
+    zb = z.to(torch.bfloat16)
+    h = zb.clone().requires_grad_(True)
+    loss = weighted_cross_entropy(h * 1, t, w, ignore_index=IGNORE, reduction="sum",
+                                  backend=backend, inplace_backward=True)  # fmt: skip
+    (g,) = torch.autograd.grad(loss / 3, h)
+    ref_z = zb.double().requires_grad_(True)
+    ref = weighted_cross_entropy(ref_z, t, w.double(), ignore_index=IGNORE, reduction="sum")
+    (ref_g,) = torch.autograd.grad(ref / 3, ref_z)
+    bias = float(((g.double() - ref_g) * ref_g.sign()).sum() / ref_g.abs().sum())
+    assert abs(bias) < 1e-3, bias  # the factor itself was not rounded to bfloat16
+    zh = z.to(torch.float16).requires_grad_(True)
+    out = weighted_cross_entropy(zh * 1, t, w, ignore_index=IGNORE, reduction="mean",
+                                 backend=backend, inplace_backward=True)  # fmt: skip
+    assert "Fused" not in type(out.grad_fn).__name__

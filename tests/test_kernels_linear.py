@@ -208,3 +208,23 @@ def test_first_order_extra_memory_stays_within_chunk_bytes(backend):
     peak, _ = peak_tensor_bytes(run)
     grads = (n * d + v * d) * 4
     assert peak - grads <= budget, (peak - grads, budget)
+
+
+def test_bfloat16_weight_gradient_is_rounded_a_bounded_number_of_times():
+    """With a tiny chunk_bytes (vocabulary tiles, many row blocks by the budget alone) the
+    weight gradient is still accumulated over at most 8 row blocks: its error stays close to
+    that of one chunk (it was 2.3 % before the bound, against 0.27 %)."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 8192, 64, 512
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / 8
+    t, sw = torch.randint(0, v, (n,), generator=g), torch.rand(n, generator=g)
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, t, reduction="none") * sw.double()
+    _, ref_w = torch.autograd.grad(ref.sum(), (h64, w64))
+    errors = []
+    for chunk_bytes in (1 << 30, 16 << 10):
+        hb, wb = h.bfloat16().requires_grad_(True), w.bfloat16().requires_grad_(True)
+        loss = linear_weighted_cross_entropy(hb, wb, t, sw, backend="torch",
+                                             chunk_bytes=chunk_bytes)  # fmt: skip
+        errors.append(rel(torch.autograd.grad(loss.sum(), (hb, wb))[1], ref_w))
+    assert errors[1] <= 2 * errors[0] and errors[1] < 1e-2, errors

@@ -425,3 +425,35 @@ def test_windows_scores_are_plain_tensors_and_single_token_tails_fold_away():
     ids = torch.randint(0, 256, (3, 32))
     with torch.inference_mode():
         torch.testing.assert_close(rater(ids, padded=False), rater(ids))
+
+
+def test_a_failure_while_queueing_a_shard_keeps_the_shard_scored_before(tmp_path):
+    """Shard k is written only after shard k+1 is queued; if queueing k+1 fails, shard k is
+    still written (with its marker) before the error, and a rerun finishes the rest."""
+    from datarater.scoring.score import score_files
+
+    rater, _ = _rater_in_memory()
+    for i in range(3):
+        rows = [json.dumps({"text": f"shard {i} row {j} " * (j + 1)}) for j in range(5)]
+        (tmp_path / f"s{i}.jsonl").write_text("\n".join(rows))
+    files = [str(tmp_path / f"s{i}.jsonl") for i in range(3)]
+
+    class Broken(torch.nn.Module):  # fails on the second shard's only batch
+        def __init__(self):
+            super().__init__()
+            self.inner, self.cfg, self.pad_id, self.calls = rater, rater.cfg, rater.pad_id, 0
+
+        def forward(self, ids, padded=True):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("out of memory (simulated)")
+            return self.inner(ids, padded=padded)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        score_files(Broken(), files, "text", tmp_path / "out", batch_size=64, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.done")) == ["part-00000.done"]
+    report = score_files(rater, files, "text", tmp_path / "out", batch_size=64, progress=False)
+    assert report["skipped"] == 1 and report["done"] == 2
+    texts = [pq.read_table(p).column("text").to_pylist()
+             for p in sorted((tmp_path / "out").glob("part-*.parquet"))]  # fmt: skip
+    assert sum(len(t) for t in texts) == 15

@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kThreads)
       float mx = x[0];
 #pragma unroll
       for (int k = 1; k < n; ++k) mx = fmaxf(mx, x[k]);
+      if (mx == -INFINITY) continue;  // a masked stretch: nothing to add (and no inf - inf)
       float part = 0.0f;
 #pragma unroll
       for (int k = 0; k < n; ++k) part += __expf(x[k] - mx);
@@ -295,6 +296,7 @@ __global__ void __launch_bounds__(kThreads)
         float mx = to_f(e[0]);
 #pragma unroll
         for (int k = 1; k < n; ++k) mx = fmaxf(mx, to_f(e[k]));
+        if (mx == -INFINITY) continue;  // a masked stretch: nothing to add (and no inf - inf)
         float sum = 0.0f;
 #pragma unroll
         for (int k = 0; k < n; ++k) sum += __expf(to_f(e[k]) - mx);
@@ -375,10 +377,20 @@ cudaError_t launch_fused(const void* logits, const int64_t* targets, const float
   part = (part + vn - 1) / vn * vn;  // whole vectors per block
   csize = (v + part - 1) / part;
   const size_t smem = static_cast<size_t>(part) * sizeof(T);
+  if (n * csize > INT32_MAX) return cudaErrorNotSupported;
   auto kernel = ce_fused_kernel<T>;
+  // The kernel body exists only where it was compiled for compute capability 9.0 (an
+  // extension built for older GPUs and run on a newer one would reach the __trap()).
+  cudaFuncAttributes attrs;
+  err = cudaFuncGetAttributes(&attrs, kernel);
+  if (err != cudaSuccess) return err;
+  if (attrs.ptxVersion < 90) return cudaErrorNotSupported;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) {  // more shared memory than a block may have: the caller falls back
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(n * csize));
   cfg.blockDim = dim3(kThreads);

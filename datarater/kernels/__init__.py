@@ -124,25 +124,13 @@ def _first_order_only(logits: Tensor, weights: Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
         and logits.requires_grad
+        # float16 would store the unscaled gradient (coef = 1 / N under a mean) before a loss
+        # scaler multiplies it: small values would flush to zero
+        and logits.dtype != torch.float16
         and not (weights is not None and weights.requires_grad)
         and not _wrapped(logits, weights)
         and forward_ad._current_level < 0
     )
-
-
-def _reduction_coef(
-    targets: Tensor, weights: Tensor | None, ignore_index: int, reduction: str, like: Tensor
-) -> Tensor:
-    """Per-token factors c with ``sum(c * nll)`` equal to the reduced loss."""
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    w = (
-        torch.ones(targets.shape[0], dtype=acc, device=like.device)
-        if weights is None
-        else weights.detach().to(acc)
-    )
-    if reduction == "mean":
-        w = w / (w * (targets != ignore_index)).sum()
-    return w
 
 
 def weighted_cross_entropy(
@@ -167,16 +155,15 @@ def weighted_cross_entropy(
     backward takes the regular path. With ``"sum"`` or ``"mean"`` the gradient is computed
     in the forward pass already (one kernel: the least memory traffic there is), so the
     logits are overwritten as soon as the call returns and the loss can be differentiated
-    once, to first order. torch.func transforms, forward-mode AD and weights that require
-    gradients always take the regular path.
+    once, to first order. torch.func transforms, forward-mode AD, float16 logits and weights
+    that require gradients always take the regular path.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     validate(logits, targets, weights, ignore_index)
     prim = select_backend(logits, backend)
     if inplace_backward and reduction != "none" and _first_order_only(logits, weights):
-        coef = _reduction_coef(targets, weights, ignore_index, reduction, logits)
-        return fused_reduced_cross_entropy(logits, targets, coef, ignore_index, prim)
+        return fused_reduced_cross_entropy(logits, targets, weights, ignore_index, reduction, prim)
     loss = cross_entropy_per_token(logits, targets, weights, ignore_index, prim, inplace_backward)
     return _reduce(loss, targets, weights, ignore_index, reduction)
 

@@ -174,33 +174,48 @@ class _FusedReducedCE(Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, coef, targets, prim: Primitives, ignore_index: int):
-        loss, _, _, grad = prim.forward_grad(logits, targets, coef, ignore_index, out=logits)
+    def forward(ctx, logits, coef, targets, prim: Primitives, ignore_index: int, value_w, denom):
+        _, _, nll, grad = prim.forward_grad(logits, targets, coef, ignore_index, out=logits)
         # The logits now hold the gradient: anything that saved them must fail loudly.
         torch.autograd.graph.increment_version(logits)
         ctx.grad = grad
-        return loss.sum()
+        # the value as the regular path computes it (a mean over no token is 0 / 0 = nan)
+        total = (nll if value_w is None else nll * value_w.to(nll.dtype)).sum()
+        return total if denom is None else total / denom
 
     @staticmethod
     def backward(ctx, g):
-        grad, ctx.grad = ctx.grad, None
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "weighted_cross_entropy(inplace_backward=True) with a reduction is differentiable "
                 "once, to first order: call it without inplace_backward for create_graph=True"
             )
+        grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError(
                 "weighted_cross_entropy(inplace_backward=True): the gradient was handed out "
                 "already; backward through it runs once"
             )
-        if bool(g != 1):  # a loss scaled after the call (one synchronisation)
-            grad.mul_(g.to(grad.dtype))
-        return grad, None, None, None, None
+        scale = float(g)  # one synchronisation; a Python float keeps the product unrounded
+        if scale != 1.0:  # a loss scaled after the call
+            grad.mul_(scale)
+        return grad, None, None, None, None, None, None
 
 
 def fused_reduced_cross_entropy(
-    logits: Tensor, targets: Tensor, coef: Tensor, ignore_index: int, prim: Primitives
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    prim: Primitives,
 ) -> Tensor:
-    """``sum(coef * nll)`` whose backward is already done (see ``_FusedReducedCE``)."""
-    return _FusedReducedCE.apply(logits, coef, targets, prim, ignore_index)
+    """The summed or averaged loss whose backward is already done (see ``_FusedReducedCE``)."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = None if weights is None else weights.detach().to(acc)
+    coef = torch.ones(targets.shape[0], dtype=acc, device=logits.device) if w is None else w
+    denom = None
+    if reduction == "mean":
+        denom = (coef * (targets != ignore_index)).sum()
+        coef = coef / denom
+    return _FusedReducedCE.apply(logits, coef, targets, prim, ignore_index, w, denom)

@@ -98,14 +98,17 @@ def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
     elem = h.element_size()
     acc = torch.promote_types(h.dtype, torch.float32)
     acc_elem = torch.tensor([], dtype=acc).element_size()
-    nb = max(1, min(n, (budget // 2) // max(1, d * acc_elem)))
+    # row blocks of at least N / _FEW_CHUNKS rows: the weight gradient, accumulated in its own
+    # dtype, is rounded at most _FEW_CHUNKS times (the hidden-gradient accumulator may then
+    # exceed the budget for very large N)
+    nb = max(1, min(n, (budget // 2) // max(1, d * acc_elem)), -(-n // _FEW_CHUNKS))
     cv = max(1, min(v, (budget // 2) // max(1, nb * (elem + acc_elem))))
     if cv >= 128:
         cv -= cv % 128  # matrix-unit friendly widths
     valid = cfg.targets != cfg.ignore_index
     coef = torch.where(valid, coef, torch.zeros_like(coef))
     gh = torch.empty_like(h)
-    gw = torch.zeros_like(w)  # accumulated once per row block, in the GEMM's float32
+    gw = torch.zeros_like(w)  # one rounding per row block (the GEMM adds in float32)
     gb = None if b is None else torch.zeros(v, dtype=acc, device=w.device)
     for r in _chunks(n, nb):
         hb, lb, cb, tb = h[r], lse[r], coef[r], cfg.targets[r]
@@ -223,8 +226,8 @@ class _LinearCE(Function):
                 and g_loss.numel()
                 and bool((g_loss == g_loss[0]).all())
             ):
-                scale = g_loss[0]
-                gh, gw, gb = (None if x is None else x.mul_(scale.to(x.dtype)) for x in eager)
+                scale = float(g_loss[0])  # a Python float: the product is rounded once
+                gh, gw, gb = (x if x is None or scale == 1.0 else x.mul_(scale) for x in eager)
             else:
                 coef = g_loss if not ctx.has_weights else g_loss * weights.to(g_loss.dtype)
                 gh, gw, gb = _LinearGrad.apply(h, w, b, coef, lse, cfg)
@@ -415,8 +418,11 @@ def linear_weighted_cross_entropy(
     rows = _rows_per_chunk(n, v, hidden.element_size(), chunk_bytes)
     if eager_grad is None:
         needs = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        eager_grad = (
-            torch.is_grad_enabled() and needs and not _wrapped(hidden, weight, bias, weights)
+        eager_grad = (  # not for float16: a loss scaler's factor comes only at the backward
+            torch.is_grad_enabled()
+            and needs
+            and hidden.dtype != torch.float16
+            and not _wrapped(hidden, weight, bias, weights)
         )
     cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad, chunk_bytes)
     loss = _LinearCE.apply(hidden, weight, bias, weights, cfg)[0]

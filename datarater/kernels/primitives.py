@@ -85,7 +85,8 @@ class TorchPrimitives(Primitives):
             nll = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0)
         else:
             nll = z.new_zeros(z.shape[0])
-        loss = nll if weights is None else nll * weights.to(z.dtype)
+        # a tensor of its own: the Functions mark nll non-differentiable, never the loss
+        loss = nll.clone() if weights is None else nll * weights.to(z.dtype)
         return loss, lse, nll
 
     def directional(

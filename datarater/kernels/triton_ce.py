@@ -56,7 +56,8 @@ if triton is not None:
             offs = start + cols
             x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a masked block: no inf - inf
+            s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
             m = m_new
         lse = m + tl.log(s)
         y = tl.load(t_ptr + row)
@@ -158,7 +159,8 @@ if triton is not None:
             offs = start + cols
             x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a masked block: no inf - inf
+            s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
             m = m_new
         lse = m + tl.log(s)
         y = tl.load(t_ptr + row)

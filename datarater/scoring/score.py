@@ -144,9 +144,9 @@ def _launch(rater, windows, batch_size: int, pad: int) -> tuple:
         host = torch.empty(len(order), dtype=torch.float32, pin_memory=on_gpu)
         host.copy_(scores, non_blocking=on_gpu)
     event = None
-    if on_gpu:
+    if on_gpu:  # on the rater's device's stream, which need not be the current device
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(device))
     return order, host, event
 
 
@@ -155,8 +155,8 @@ def _collect(pending: tuple) -> Tensor:
     order, host, event = pending
     if event is not None:
         event.synchronize()
-    out = torch.empty(len(order), dtype=torch.float32)
-    out[order] = host.clone()  # an ordinary tensor, not an inference tensor
+    out = torch.empty(len(order), dtype=torch.float32)  # an ordinary tensor
+    out[order] = host
     return out
 
 
@@ -311,7 +311,12 @@ def score_files(
                 report["failed"][str(path)] = f"{type(e).__name__}: {e}"
                 bar.update(1)
                 continue
-            pending = _launch(rater, windows, batch_size, pad)
+            try:
+                pending = _launch(rater, windows, batch_size, pad)
+            except BaseException:
+                if queued is not None:  # the shard already scored is kept before failing
+                    finish(queued)
+                raise
             if queued is not None:
                 finish(queued)
             queued = (i, path, table, n_texts, windows, pending)
