@@ -5,7 +5,8 @@
 # network):
 #   bash bench/gpu/check.sh                  (results also go to $OUT, or /tmp/datarater-gpu)
 #   FIRST=ce,scoring THEN=meta bash bench/gpu/check.sh   (benchmark groups before and after
-#   the tests, in order, from ce, ce32k, sweep, linear, meta, scoring)
+#   the tests, in order, from ce, ce32k, sweep (CUDA fused), tsweep (Triton fused), linear,
+#   meta, scoring)
 # Every stage has its own time limit, rows print as they finish and the JSON is rewritten
 # after each group, so a slot that runs out keeps what was measured. A failed CUDA build is
 # reported and the rest runs on the Triton and torch backends.
