@@ -155,10 +155,8 @@ def bench_fused_ce(device, z0, t, w, ref_grad, backend: str, tag: dict, name: st
     )
 
 
-def sweep_cuda_fused(device, n: int, v: int) -> None:
-    """Shared memory per block of the fused CUDA kernel (the row is split over a cluster)."""
-    import os
-
+def _sweep_inputs(device, n: int, v: int):
+    """bf16 logits, targets, weights, and the float64 gradient of the first 256 rows."""
     g = torch.Generator(device="cpu").manual_seed(0)
     z0 = torch.randn(n, v, generator=g).to(device=device, dtype=torch.bfloat16)
     t = torch.randint(0, v, (n,), generator=g).to(device)
@@ -166,6 +164,14 @@ def sweep_cuda_fused(device, n: int, v: int) -> None:
     zz = z0[:256].double().requires_grad_(True)
     loss = (F.cross_entropy(zz, t[:256], reduction="none") * w[:256].double()).sum()
     (ref,) = torch.autograd.grad(loss, zz)
+    return z0, t, w, ref
+
+
+def sweep_cuda_fused(device, n: int, v: int) -> None:
+    """Shared memory per block of the fused CUDA kernel (the row is split over a cluster)."""
+    import os
+
+    z0, t, w, ref = _sweep_inputs(device, n, v)
     keep = os.environ.get("DATARATER_CE_PART_BYTES")
     try:
         for kb in (32, 64, 96, 128):
@@ -183,13 +189,7 @@ def sweep_triton_fused(device, n: int, v: int) -> None:
     """Block size and warps of the fused Triton kernel, to choose its defaults."""
     from datarater.kernels import triton_ce
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    z0 = torch.randn(n, v, generator=g).to(device=device, dtype=torch.bfloat16)
-    t = torch.randint(0, v, (n,), generator=g).to(device)
-    w = torch.rand(n, generator=g).to(device)
-    zz = z0[:256].double().requires_grad_(True)
-    loss = (F.cross_entropy(zz, t[:256], reduction="none") * w[:256].double()).sum()
-    (ref,) = torch.autograd.grad(loss, zz)
+    z0, t, w, ref = _sweep_inputs(device, n, v)
     keep = triton_ce._block, triton_ce._warps
     try:
         for block in (2048, 4096, 8192, 16384):
@@ -397,8 +397,8 @@ def main(argv=None) -> int:
         plan = {
             "ce": lambda: bench_weighted_ce(device, 64, 515, backends),
             "ce32k": lambda: bench_weighted_ce(device, 32, 129, backends),
-            "sweep": lambda: None,
-            "tsweep": lambda: None,
+            "sweep": lambda: None,  # the CUDA kernel needs a GPU
+            "tsweep": lambda: "triton" in backends and sweep_triton_fused(device, 8, 300),
             "linear": lambda: bench_linear_ce(device, 48, 32, 300, backends),
             "meta": lambda: bench_meta_step(device, "toy", 4, 32, [1, 2]),
             "scoring": lambda: bench_scoring(device, preset("toy", max_seq_len=64), 8, 2, 20),

@@ -34,6 +34,25 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row_nll(z_row, t_ptr, row, V, ignore_index, BLOCK: tl.constexpr):
+        """lse of a row (streamed once, online max and sum), its target and nll."""
+        cols = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a masked block: no inf - inf
+            s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        y = tl.load(t_ptr + row)
+        valid = y != ignore_index
+        z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
+        return lse, y, valid, tl.where(valid, lse - z_y, 0.0)
+
+    @triton.jit
     def _ce_forward_kernel(
         z_ptr,
         stride_z,
@@ -49,21 +68,7 @@ if triton is not None:
     ):
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_z
-        cols = tl.arange(0, BLOCK)
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a masked block: no inf - inf
-            s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
-            m = m_new
-        lse = m + tl.log(s)
-        y = tl.load(t_ptr + row)
-        valid = y != ignore_index
-        z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
-        nll = tl.where(valid, lse - z_y, 0.0)
+        lse, y, valid, nll = _row_nll(z_row, t_ptr, row, V, ignore_index, BLOCK)
         loss = nll
         if HAS_W:
             loss = nll * tl.load(w_ptr + row).to(tl.float32)
@@ -152,28 +157,14 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_z
         g_row = g_ptr + row * stride_g
-        cols = tl.arange(0, BLOCK)
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a masked block: no inf - inf
-            s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
-            m = m_new
-        lse = m + tl.log(s)
-        y = tl.load(t_ptr + row)
-        valid = y != ignore_index
-        z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
-        nll = tl.where(valid, lse - z_y, 0.0)
+        lse, y, valid, nll = _row_nll(z_row, t_ptr, row, V, ignore_index, BLOCK)
         c = tl.where(valid, tl.load(c_ptr + row).to(tl.float32), 0.0)
         tl.store(lse_ptr + row, lse)
         tl.store(nll_ptr + row, nll)
         tl.store(loss_ptr + row, c * nll)
         n_blocks = tl.cdiv(V, BLOCK)
         for i in range(0, n_blocks):
-            offs = (n_blocks - 1 - i) * BLOCK + cols
+            offs = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < V
             x = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
             val = c * tl.exp(x - lse) - tl.where(offs == y, c, 0.0)
