@@ -34,9 +34,9 @@ def _device(asked: str | None) -> str:
     device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    elif device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         warnings.warn(
-            f"--device {device} under torchrun puts every process on that one GPU; "
+            f"--device {device} under torchrun puts every process of this node on that GPU; "
             "--device cuda gives each process its local rank's GPU",
             stacklevel=1,
         )

@@ -159,3 +159,17 @@ def test_gpu_masked_vocabulary_stays_finite(backend, dtype):
     )
     (fused,) = torch.autograd.grad(total, h)
     assert rel(total, ref.sum()) <= TOL[dtype] and rel(fused, ref_g) <= TOL[dtype]
+
+
+def test_gpu_fused_kernel_falls_back_when_a_block_would_need_too_much_shared_memory(monkeypatch):
+    """1 MiB per block is more than a block may have: the two-kernel path runs instead."""
+    monkeypatch.setenv("DATARATER_CE_PART_BYTES", str(1 << 20))
+    z, t, w, *_ = (x.cuda() for x in make_inputs(9, 131072, dtype=torch.bfloat16, seed=4))
+    zz = z.double().requires_grad_(True)
+    ref = weighted_cross_entropy(zz, t, w.double(), ignore_index=IGNORE, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, zz)
+    h = z.clone().requires_grad_(True)
+    loss = weighted_cross_entropy(h * 1, t, w, ignore_index=IGNORE, reduction="sum",
+                                  backend="cuda", inplace_backward=True)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, h)
+    assert rel(loss, ref) <= 2e-2 and rel(grad, ref_grad) <= 2e-2

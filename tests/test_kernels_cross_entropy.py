@@ -286,3 +286,17 @@ def test_reduced_inplace_loss_agrees_with_the_regular_path_on_edge_cases(backend
     out = weighted_cross_entropy(zh * 1, t, w, ignore_index=IGNORE, reduction="mean",
                                  backend=backend, inplace_backward=True)  # fmt: skip
     assert "Fused" not in type(out.grad_fn).__name__
+
+
+def test_a_refused_create_graph_backward_leaves_the_gradient_for_a_plain_one():
+    z, t, w, *_ = make_inputs(5, 33, seed=14)
+    h = z.clone().requires_grad_(True)
+    logits = h * 1
+    loss = weighted_cross_entropy(logits, t, w, ignore_index=IGNORE, reduction="sum",
+                                  inplace_backward=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="first order"):
+        torch.autograd.grad(loss, logits, create_graph=True, retain_graph=True)
+    (g,) = torch.autograd.grad(loss, logits)
+    ref_z = z.double().requires_grad_(True)
+    ref = weighted_cross_entropy(ref_z, t, w.double(), ignore_index=IGNORE, reduction="sum")
+    assert rel(g, torch.autograd.grad(ref, ref_z)[0]) <= 1e-5

@@ -7,7 +7,8 @@ tangents ``dz = dh W^T + h dW^T + db``; gradients ``gz W``, ``gz^T h``; their ta
 Function of its own (``_LinearGrad``) with a jvp and a backward, so meta-gradients and double
 backward work through it, and ``_LinearNLL`` gives the gradient in the weights.
 
-Peak extra memory for first-order use: about ``chunk_bytes`` (see the two strategies below).
+Peak extra memory for first-order use: about ``chunk_bytes`` (see the two strategies below;
+for very large N the vocabulary-tile path may hold up to N * D * 4 / 8 bytes instead).
 Higher-order uses (jvp of the gradient, double backward) keep float32 accumulators of the
 weight's shape.
 """
@@ -90,9 +91,10 @@ def _tile_grad(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int,
 
 
 def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
-    """Gradients of sum_n coef_n nll_n in (h, W, b) given lse, within ``budget`` bytes of
-    temporaries: a float32 accumulator for a block of rows of gh, and one tile of logits (in
-    the inputs' dtype and in float32)."""
+    """Gradients of sum_n coef_n nll_n in (h, W, b) given lse. Temporaries: a float32
+    accumulator for a block of rows of gh and one tile of logits (in the inputs' dtype and in
+    float32), within ``budget`` bytes unless N is so large that a block of N/8 rows (the
+    rounding bound) or a 128-column tile exceeds it: at most about N * D * 4 / 8 bytes more."""
     n, d = h.shape
     v = w.shape[0]
     elem = h.element_size()
@@ -105,6 +107,7 @@ def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
     cv = max(1, min(v, (budget // 2) // max(1, nb * (elem + acc_elem))))
     if cv >= 128:
         cv -= cv % 128  # matrix-unit friendly widths
+    cv = max(cv, min(v, 128))  # never one-column products, whatever the budget
     valid = cfg.targets != cfg.ignore_index
     coef = torch.where(valid, coef, torch.zeros_like(coef))
     gh = torch.empty_like(h)

@@ -313,9 +313,12 @@ def score_files(
                 continue
             try:
                 pending = _launch(rater, windows, batch_size, pad)
-            except BaseException:
+            except Exception as e:
                 if queued is not None:  # the shard already scored is kept before failing
-                    finish(queued)
+                    try:
+                        finish(queued)
+                    except Exception as late:  # noqa: BLE001 - the first error is the one raised
+                        e.add_note(f"writing the shard scored before also failed: {late!r}")
                 raise
             if queued is not None:
                 finish(queued)
