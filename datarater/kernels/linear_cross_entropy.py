@@ -82,7 +82,7 @@ def _tile_grad(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int,
         nowhere = -1 if cfg.ignore_index != -1 else -2  # matches no column, is not ignored
         local = torch.where(inside, local, torch.full_like(local, nowhere))
         return cfg.prim.directional(z, local, lse, None, None, coef, cfg.ignore_index, True, z)[1]
-    acc = torch.promote_types(z.dtype, torch.float32)
+    acc = _acc(z)
     c = coef.to(acc)
     g = z.to(acc).sub_(lse.to(acc)[:, None]).exp_().mul_(c[:, None])
     at = torch.where(inside, local, torch.zeros_like(local))[:, None]
@@ -98,8 +98,8 @@ def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
     n, d = h.shape
     v = w.shape[0]
     elem = h.element_size()
-    acc = torch.promote_types(h.dtype, torch.float32)
-    acc_elem = torch.tensor([], dtype=acc).element_size()
+    acc = _acc(h)
+    acc_elem = torch.finfo(acc).bits // 8
     # row blocks of at least N / _FEW_CHUNKS rows: the weight gradient, accumulated in its own
     # dtype, is rounded at most _FEW_CHUNKS times (the hidden-gradient accumulator may then
     # exceed the budget for very large N)

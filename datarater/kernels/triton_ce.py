@@ -180,6 +180,12 @@ def _warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """loss, lse and nll: float32 [N], zero (what rows of no columns get)."""
+    loss = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    return loss, torch.zeros_like(loss), torch.zeros_like(loss)
+
+
 def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
@@ -200,8 +206,7 @@ class TritonPrimitives(Primitives):
 
     def forward(self, logits, targets, weights, ignore_index):
         n, v = logits.shape
-        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
-        lse, nll = torch.zeros_like(loss), torch.zeros_like(loss)
+        loss, lse, nll = _row_outputs(logits)
         if n == 0 or v == 0:
             return loss, lse, nll
         w = _f32(weights)
@@ -263,8 +268,7 @@ class TritonPrimitives(Primitives):
 
     def forward_grad(self, logits, targets, coef, ignore_index, out):
         n, v = logits.shape
-        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
-        lse, nll = torch.zeros_like(loss), torch.zeros_like(loss)
+        loss, lse, nll = _row_outputs(logits)
         if n == 0 or v == 0:
             return loss, lse, nll, out.zero_()
         block = _block(v)

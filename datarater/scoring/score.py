@@ -63,6 +63,12 @@ def check_tokenizer(rater, tokenizer):
     return tokenizer
 
 
+def _pad_id(rater, tokenizer) -> int:
+    """The rater's padding id, else the tokenizer's."""
+    pad = getattr(rater, "pad_id", None)
+    return tokenizer.pad_id if pad is None else pad
+
+
 def score_texts(
     rater,
     texts: Sequence[str],
@@ -82,8 +88,7 @@ def score_texts(
     windows = _windows(texts, tokenizer, seq_len or rater.cfg.max_seq_len, aggregate)
     if stats is not None:  # what was scored, for throughput figures
         stats["tokens"] = stats.get("tokens", 0) + sum(len(w[1]) for w in windows)
-    pad = getattr(rater, "pad_id", None)
-    pad = tokenizer.pad_id if pad is None else pad
+    pad = _pad_id(rater, tokenizer)
     rater = scoring_copy(rater, device, pad)
     pending = _launch(rater, windows, batch_size, pad)
     return _aggregate(windows, _collect(pending), len(texts), aggregate)
@@ -248,7 +253,8 @@ def score_files(
     out = Path(out)
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
-    rater = scoring_copy(rater, device, tokenizer.pad_id)  # once, not per shard
+    pad = _pad_id(rater, tokenizer)
+    rater = scoring_copy(rater, device, pad)  # once, not per shard
     out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, files)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
@@ -272,8 +278,6 @@ def score_files(
     # are queued, so the GPU is not idle while the CPU writes. On an error the pending read is
     # cancelled rather than awaited, and the bar closed.
     seq_len = rater.cfg.max_seq_len
-    pad = getattr(rater, "pad_id", None)
-    pad = tokenizer.pad_id if pad is None else pad
 
     def prepare(path: Path):
         table, texts = _load_shard(path, text_column)
