@@ -33,7 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_forward_grad_cuda", &datarater::gpu::ce_forward_grad_cuda,
         "cross-entropy forward and gradient in one pass (CUDA, compute capability 9.0)",
         py::arg("logits"), py::arg("targets"), py::arg("coef"), py::arg("ignore_index"),
-        py::arg("out"), py::arg("part_bytes"));
+        py::arg("out"), py::arg("part_bytes"), py::arg("slots"));
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

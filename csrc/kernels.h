@@ -64,7 +64,8 @@ std::vector<at::Tensor> ce_directional_cuda(const at::Tensor& logits, const at::
 // Forward and gradient in one kernel (compute capability 9.0); empty when it cannot run.
 std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                              const at::Tensor& coef, int64_t ignore_index,
-                                             const at::Tensor& out, int64_t part_bytes);
+                                             const at::Tensor& out, int64_t part_bytes,
+                                             int64_t slots);
 }  // namespace gpu
 #endif
 

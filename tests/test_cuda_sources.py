@@ -56,9 +56,14 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path):
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", report)]
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert len(kernels) == 9, report  # 3 kernels x 3 dtypes
+    # forward, directional, fused in shared memory, fused in registers (16 and 32 logits per
+    # thread), each for float32, bfloat16 and float16
+    assert len(kernels) == len(registers) == 15, report
     assert spills and max(spills) == 0, report
-    assert max(registers) <= 64, report  # 512-thread blocks need <= 128; keep occupancy high
+    for name, regs in zip(kernels, registers):
+        # 512-thread blocks: <= 64 registers lets two blocks share an SM; the 32-slot kernel
+        # holds 32 logits per thread and runs one block per SM (<= 128 registers)
+        assert regs <= (128 if "regs_kernel" in name and "Li32E" in name else 64), (name, regs)
     REPORT.append(
         f"nvcc sm_90a: {len(kernels)} kernels, registers {registers}, spill stores {spills} bytes"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import datarater as dr
 from datarater.kernels import (
@@ -173,3 +174,29 @@ def test_gpu_fused_kernel_falls_back_when_a_block_would_need_too_much_shared_mem
                                   backend="cuda", inplace_backward=True)  # fmt: skip
     (grad,) = torch.autograd.grad(loss, h)
     assert rel(loss, ref) <= 2e-2 and rel(grad, ref_grad) <= 2e-2
+
+
+@pytest.mark.parametrize("slots", ["16", "32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [(129, 304), (37, 50264), (9, 131072), (5, 262144), (3, 270000), (37, 50257), (1, 8)],
+    ids=str,
+)
+def test_gpu_fused_kernel_in_registers_matches_float64(monkeypatch, slots, dtype, shape):
+    """The register-resident fused kernel (the CUDA primitive itself, in place): clusters of 1
+    to 16 blocks, a masked stretch of -inf, rows whose length is not whole vectors (the
+    shared-memory kernel runs) and rows too long for 16 blocks (the two-kernel path)."""
+    from datarater.kernels.native import CUDA
+
+    monkeypatch.setenv("DATARATER_CE_FUSED_SLOTS", slots)
+    z, t, w, *_ = (x.cuda() for x in make_inputs(*shape, dtype=dtype, seed=5))
+    z[0, : shape[1] // 3] = float("-inf")
+    t[0] = shape[1] - 1
+    zz = z.double().requires_grad_(True)
+    ref = F.cross_entropy(zz, t, ignore_index=IGNORE, reduction="none") * w.double()
+    (ref_grad,) = torch.autograd.grad(ref.sum(), zz)
+    loss, _, _, grad = CUDA.forward_grad(z, t, w, IGNORE, out=z)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert grad.data_ptr() == z.data_ptr() and torch.isfinite(grad).all()
+    assert rel(loss, ref) <= tol and rel(grad, ref_grad) <= tol

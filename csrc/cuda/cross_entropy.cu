@@ -6,12 +6,15 @@
 //
 // One thread block per row. A row is streamed with 16-byte vector loads when its length and
 // address allow, else element by element. The forward keeps a running (max, sum) per thread
-// (online softmax, one exponential per element plus one per vector), reduced across the block;
-// the directional pass reads the row (and the direction) once for p . D and once more to write.
+// (online softmax, rescaled only when the max grows: one exponential per element), reduced
+// across the block; the directional pass reads the row (and the direction) once for p . D and
+// once more to write.
 //
 // The fused forward + gradient (first-order training) holds each row in shared memory, split
 // over a cluster of thread blocks (Hopper's distributed shared memory): the logits are read from
-// memory once and the gradient written once, the least traffic there is.
+// memory once and the gradient written once, the least traffic there is. A second version holds
+// the row in registers instead (16 or 32 logits per thread) and evaluates one exponential per
+// logit instead of two; which one runs is the caller's choice (DATARATER_CE_FUSED_SLOTS).
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -68,6 +71,22 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   if (mm == -INFINITY) return;  // both empty
   s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
   m = mm;
+}
+
+// Adds a vector of logits to a running (max, sum of exp): the sum is rescaled only when the
+// max grows (rarely, after the first vectors of a row), so a logit costs one exponential.
+template <int n>
+__device__ __forceinline__ void accumulate(float& m, float& s, const float (&x)[n]) {
+  float mx = x[0];
+#pragma unroll
+  for (int k = 1; k < n; ++k) mx = fmaxf(mx, x[k]);
+  if (mx > m) {
+    s *= __expf(m - mx);  // 0 while m is -inf (s is 0 then too)
+    m = mx;
+  }
+  if (m == -INFINITY) return;  // nothing but masked logits so far: no inf - inf
+#pragma unroll
+  for (int k = 0; k < n; ++k) s += __expf(x[k] - m);
 }
 
 __device__ __forceinline__ void block_max_sum(float& m, float& s) {
@@ -137,14 +156,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = static_cast<int64_t>(threadIdx.x) * n; j < v; j += kThreads * n) {
       float x[n];
       load_vec(z + j, x);
-      float mx = x[0];
-#pragma unroll
-      for (int k = 1; k < n; ++k) mx = fmaxf(mx, x[k]);
-      if (mx == -INFINITY) continue;  // a masked stretch: nothing to add (and no inf - inf)
-      float part = 0.0f;
-#pragma unroll
-      for (int k = 0; k < n; ++k) part += __expf(x[k] - mx);
-      merge(m, s, mx, part);
+      accumulate(m, s, x);
     }
   } else {
     for (int64_t j = threadIdx.x; j < v; j += kThreads) merge(m, s, to_f(z[j]), 1.0f);
@@ -293,14 +305,10 @@ __global__ void __launch_bounds__(kThreads)
         if (j >= hi) break;
         *reinterpret_cast<uint4*>(buf + (j - lo)) = raw[u];
         const T* e = reinterpret_cast<const T*>(&raw[u]);
-        float mx = to_f(e[0]);
+        float x[n];
 #pragma unroll
-        for (int k = 1; k < n; ++k) mx = fmaxf(mx, to_f(e[k]));
-        if (mx == -INFINITY) continue;  // a masked stretch: nothing to add (and no inf - inf)
-        float sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < n; ++k) sum += __expf(to_f(e[k]) - mx);
-        merge(m, s, mx, sum);
+        for (int k = 0; k < n; ++k) x[k] = to_f(e[k]);
+        accumulate(m, s, x);
       }
     }
   } else {
@@ -358,38 +366,167 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused forward + gradient with the row held in registers: one exponential per logit. Block r of
+// a cluster owns columns [r * part, (r+1) * part), at most kThreads * kSlots of them, kSlots per
+// thread. Each thread loads its slots, takes its own max m_t, turns its slots into
+// e = exp(z - m_t) in place and sums them; the block and then the cluster merge the (max, sum)
+// pairs into the row's lse, and each thread writes coef * (e * exp(m_t - lse) - [j == y]): a
+// multiply per logit where the shared-memory kernel above evaluates a second exponential. The
+// cluster barrier is split (arrive once the partial results are read, wait before leaving), so
+// a block writes its gradient without waiting for the rest of the cluster.
+
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// A 16-byte vector of -inf in T's encoding: absent slots read as masked logits.
 template <typename T>
-cudaError_t launch_fused(const void* logits, const int64_t* targets, const float* coef,
-                         int64_t n, int64_t v, int64_t ignore_index, float* loss, float* lse,
-                         float* nll, void* grad, int64_t part_bytes, cudaStream_t stream) {
-  if (n == 0 || v == 0) return cudaSuccess;
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return err;
-  if (major < 9) return cudaErrorNotSupported;
-  constexpr int64_t vn = Vec<T>::n;
-  const int64_t budget = part_bytes / static_cast<int64_t>(sizeof(T));
-  int64_t csize = (v + budget - 1) / budget;
-  if (csize > 8) return cudaErrorNotSupported;  // beyond the portable cluster size
-  int64_t part = (v + csize - 1) / csize;
-  part = (part + vn - 1) / vn * vn;  // whole vectors per block
-  csize = (v + part - 1) / part;
-  const size_t smem = static_cast<size_t>(part) * sizeof(T);
+__device__ __forceinline__ uint4 neg_inf_vec();
+template <>
+__device__ __forceinline__ uint4 neg_inf_vec<float>() {
+  return make_uint4(0xff800000u, 0xff800000u, 0xff800000u, 0xff800000u);
+}
+template <>
+__device__ __forceinline__ uint4 neg_inf_vec<__nv_bfloat16>() {
+  return make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+}
+template <>
+__device__ __forceinline__ uint4 neg_inf_vec<__half>() {
+  return make_uint4(0xfc00fc00u, 0xfc00fc00u, 0xfc00fc00u, 0xfc00fc00u);
+}
+
+template <typename T, int kSlots>
+__global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 2 : 1)
+    ce_fused_regs_kernel(const T* logits, const int64_t* __restrict__ targets,
+                         const float* __restrict__ coef, int64_t v, int64_t part,
+                         int64_t ignore_index, float* __restrict__ loss,
+                         float* __restrict__ lse_out, float* __restrict__ nll_out, T* grad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int n = Vec<T>::n;
+  constexpr int kVecs = kSlots / n;
+  static_assert(kSlots % n == 0, "whole vectors per thread");
+  constexpr float kLog2e = 1.4426950408889634f;
+  __shared__ float part_m, part_s, row_lse, z_target;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), csize = cluster.num_blocks();
+  const int64_t row = blockIdx.x / csize;
+  const int64_t lo = rank * part;
+  const int len = static_cast<int>(min(v, lo + part) - lo);  // columns of this block
+  const T* zb = logits + row * v + lo;
+  const int tid = threadIdx.x;
+
+  // Slot (u, k) of a thread is column (u * kThreads + tid) * n + k of the block's part (rows
+  // are whole 16-byte vectors: the launcher checks).
+  float x[kSlots];
+  {
+    uint4 raw[kVecs];
+#pragma unroll
+    for (int u = 0; u < kVecs; ++u) {  // every load in flight before any is used
+      const int j = (u * kThreads + tid) * n;
+      raw[u] = j < len ? *reinterpret_cast<const uint4*>(zb + j) : neg_inf_vec<T>();
+    }
+#pragma unroll
+    for (int u = 0; u < kVecs; ++u) {
+      const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+      for (int k = 0; k < n; ++k) x[u * n + k] = to_f(e[k]);
+    }
+  }
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) m = fmaxf(m, x[k]);
+  const float m_own = m;
+  float s = 0.0f;
+  if (m_own == -INFINITY) {  // nothing but masked or absent slots: no inf - inf
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) x[k] = 0.0f;
+  } else {
+    const float shift = m_own * kLog2e;
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      x[k] = exp2f(fmaf(x[k], kLog2e, -shift));
+      s += x[k];
+    }
+  }
+  block_max_sum(m, s);
+  // The row's scalars are (re)read here rather than kept in registers across the loads.
+  const int64_t y = targets[row];
+  const bool valid = y != ignore_index;
+  if (tid == 0) {
+    part_m = m;
+    part_s = s;
+    if (rank == 0) z_target = valid ? to_f(logits[row * v + y]) : 0.0f;
+  }
+  cluster.sync();  // every block's partial result is ready; no read of the row follows
+  if (tid == 0) {
+    float cm = -INFINITY, cs = 0.0f;
+    for (unsigned r = 0; r < csize; ++r) {
+      merge(cm, cs, *cluster.map_shared_rank(&part_m, r), *cluster.map_shared_rank(&part_s, r));
+    }
+    row_lse = cm + __logf(cs);
+  }
+  __syncthreads();
+  cluster_arrive();  // this block has read what it needs from the others
+  const float lse = row_lse;
+  const float c = valid ? coef[row] : 0.0f;
+  if (rank == 0 && tid == 0) {
+    const float nll = valid ? lse - z_target : 0.0f;
+    lse_out[row] = lse;
+    nll_out[row] = nll;
+    loss[row] = c * nll;
+  }
+  const float scale = m_own == -INFINITY ? 0.0f : c * __expf(m_own - lse);
+  const int y_local = (valid && y >= lo && y < lo + len) ? static_cast<int>(y - lo) : -1;
+  T* gb = grad + row * v + lo;
+#pragma unroll
+  for (int u = 0; u < kVecs; ++u) {
+    const int j = (u * kThreads + tid) * n;
+    if (j >= len) break;  // the later slots lie further right
+    float r[n];
+#pragma unroll
+    for (int k = 0; k < n; ++k) r[k] = x[u * n + k] * scale - (j + k == y_local ? c : 0.0f);
+    store_vec(gb + j, r);
+  }
+  cluster_wait();  // no block leaves while another may still read its partial result
+#else
+  __trap();  // the launcher checks for compute capability 9.0 first
+#endif
+}
+
+// Launches one cluster of csize blocks per row, each block with smem bytes of dynamic shared
+// memory and `part` columns; cudaErrorNotSupported when this GPU or binary cannot run it.
+template <typename T, typename Kernel>
+cudaError_t launch_clusters(Kernel kernel, const void* logits, const int64_t* targets,
+                            const float* coef, int64_t n, int64_t v, int64_t part, int64_t csize,
+                            size_t smem, int64_t ignore_index, float* loss, float* lse,
+                            float* nll, void* grad, cudaStream_t stream) {
   if (n * csize > INT32_MAX) return cudaErrorNotSupported;
-  auto kernel = ce_fused_kernel<T>;
   // The kernel body exists only where it was compiled for compute capability 9.0 (an
   // extension built for older GPUs and run on a newer one would reach the __trap()).
   cudaFuncAttributes attrs;
-  err = cudaFuncGetAttributes(&attrs, kernel);
+  cudaError_t err = cudaFuncGetAttributes(&attrs, kernel);
   if (err != cudaSuccess) return err;
   if (attrs.ptxVersion < 90) return cudaErrorNotSupported;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-  if (err != cudaSuccess) {  // more shared memory than a block may have: the caller falls back
-    (void)cudaGetLastError();
-    return cudaErrorNotSupported;
+  if (smem > 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) {  // more shared memory than a block may have: the caller falls back
+      (void)cudaGetLastError();
+      return cudaErrorNotSupported;
+    }
+  }
+  if (csize > 8) {  // Hopper runs clusters of up to 16 blocks when asked to
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return cudaErrorNotSupported;
+    }
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(n * csize));
@@ -405,12 +542,60 @@ cudaError_t launch_fused(const void* logits, const int64_t* targets, const float
   cfg.numAttrs = 1;
   int clusters = 0;
   err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
-  if (err != cudaSuccess) return err;
-  if (clusters < 1) return cudaErrorNotSupported;
+  if (err != cudaSuccess || clusters < 1) {
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
   err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(logits), targets, coef, v, part,
                            ignore_index, loss, lse, nll, static_cast<T*>(grad));
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
+}
+
+// Splits a row of v columns over the fewest blocks of at most `capacity` columns (whole
+// vectors each); false when that takes more than max_blocks.
+template <typename T>
+bool split_row(int64_t v, int64_t capacity, int64_t max_blocks, int64_t& part, int64_t& csize) {
+  constexpr int64_t vn = Vec<T>::n;
+  csize = (v + capacity - 1) / capacity;
+  if (csize > max_blocks) return false;
+  part = (v + csize - 1) / csize;
+  part = (part + vn - 1) / vn * vn;
+  csize = (v + part - 1) / part;
+  return true;
+}
+
+template <typename T>
+cudaError_t launch_fused(const void* logits, const int64_t* targets, const float* coef,
+                         int64_t n, int64_t v, int64_t ignore_index, float* loss, float* lse,
+                         float* nll, void* grad, int64_t part_bytes, int64_t slots,
+                         cudaStream_t stream) {
+  if (n == 0 || v == 0) return cudaSuccess;
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  if (major < 9) return cudaErrorNotSupported;
+  int64_t part = 0, csize = 0;
+  const auto go = [&](auto kernel, size_t smem) {
+    return launch_clusters<T>(kernel, logits, targets, coef, n, v, part, csize, smem,
+                              ignore_index, loss, lse, nll, grad, stream);
+  };
+  if (slots != 0 && slots != 16 && slots != 32) return cudaErrorInvalidValue;
+  if (slots != 0) {  // the row in registers, slots per thread, up to 16 blocks, whole vectors
+    const bool aligned = v % Vec<T>::n == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(grad) % 16 == 0;
+    if (aligned && split_row<T>(v, slots * kThreads, 16, part, csize)) {
+      err = slots == 16 ? go(ce_fused_regs_kernel<T, 16>, 0) : go(ce_fused_regs_kernel<T, 32>, 0);
+      if (err != cudaErrorNotSupported) return err;
+    }
+  }
+  // the row in shared memory, at most part_bytes per block, 8 blocks
+  if (!split_row<T>(v, part_bytes / static_cast<int64_t>(sizeof(T)), 8, part, csize)) {
+    return cudaErrorNotSupported;
+  }
+  return go(ce_fused_kernel<T>, static_cast<size_t>(part) * sizeof(T));
 }
 
 }  // namespace
@@ -450,14 +635,14 @@ cudaError_t ce_directional(DType dtype, const void* logits, const int64_t* targe
 cudaError_t ce_forward_grad(DType dtype, const void* logits, const int64_t* targets,
                             const float* coef, int64_t n, int64_t v, int64_t ignore_index,
                             float* loss, float* lse, float* nll, void* grad, int64_t part_bytes,
-                            cudaStream_t stream) {
+                            int64_t slots, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
-      return launch_fused<float>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, stream);
+      return launch_fused<float>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, slots, stream);
     case DType::kBFloat16:
-      return launch_fused<__nv_bfloat16>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, stream);
+      return launch_fused<__nv_bfloat16>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, slots, stream);
     case DType::kFloat16:
-      return launch_fused<__half>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, stream);
+      return launch_fused<__half>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, slots, stream);
   }
   return cudaErrorInvalidValue;
 }

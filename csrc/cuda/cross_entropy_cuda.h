@@ -22,13 +22,15 @@ cudaError_t ce_directional(DType dtype, const void* logits, const int64_t* targe
                            float* dot, void* out, cudaStream_t stream);
 
 // Forward with weights coef and the gradient coef * (p - e_y) into grad [n, v] (may alias the
-// logits), each row held in shared memory over a cluster of blocks of at most part_bytes each.
-// cudaErrorNotSupported: no compute capability 9.0, or a row needs more than 8 blocks (the
+// logits), in one read of the logits and one write: each row is split over a cluster of thread
+// blocks that hold it in shared memory (slots == 0: at most part_bytes per block, 8 blocks) or in
+// registers (slots = 16 or 32 logits per thread, up to 16 blocks).
+// cudaErrorNotSupported: no compute capability 9.0, or a row too long for that layout (the
 // caller then runs ce_forward and ce_directional).
 cudaError_t ce_forward_grad(DType dtype, const void* logits, const int64_t* targets,
                             const float* coef, int64_t n, int64_t v, int64_t ignore_index,
                             float* loss, float* lse, float* nll, void* grad, int64_t part_bytes,
-                            cudaStream_t stream);
+                            int64_t slots, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace datarater

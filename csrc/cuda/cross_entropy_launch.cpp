@@ -99,7 +99,8 @@ std::vector<at::Tensor> ce_directional_cuda(const at::Tensor& logits, const at::
 
 std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                              const at::Tensor& coef, int64_t ignore_index,
-                                             const at::Tensor& out, int64_t part_bytes) {
+                                             const at::Tensor& out, int64_t part_bytes,
+                                             int64_t slots) {
   cuda::check(logits, targets, "ce_forward_grad_cuda");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), v = logits.size(1);
@@ -107,12 +108,14 @@ std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at:
                   out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
               "ce_forward_grad_cuda: out must be a contiguous tensor like logits");
   TORCH_CHECK(part_bytes >= 1024, "ce_forward_grad_cuda: part_bytes must be at least 1024");
+  TORCH_CHECK(slots == 0 || slots == 16 || slots == 32,
+              "ce_forward_grad_cuda: slots must be 0 (shared memory), 16 or 32, got ", slots);
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::zeros({n}, opts), lse = at::zeros({n}, opts), nll = at::zeros({n}, opts);
   auto err = cuda::ce_forward_grad(
       cuda::dtype_of(logits), logits.data_ptr(), targets.data_ptr<int64_t>(),
       cuda::opt_f32(coef, n, "coef"), n, v, ignore_index, loss.data_ptr<float>(),
-      lse.data_ptr<float>(), nll.data_ptr<float>(), out.data_ptr(), part_bytes,
+      lse.data_ptr<float>(), nll.data_ptr<float>(), out.data_ptr(), part_bytes, slots,
       c10::cuda::getCurrentCUDAStream().stream());
   if (err == cudaErrorNotSupported) {
     (void)cudaGetLastError();  // clear it: the caller runs the two-kernel path instead

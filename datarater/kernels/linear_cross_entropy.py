@@ -72,13 +72,18 @@ def _few_chunks(n: int, rows: int) -> bool:
     return -(-n // rows) <= _FEW_CHUNKS
 
 
+def _tile_in_place(cfg) -> bool:
+    """Whether ``_tile_grad`` overwrites the tile in place (no float32 copy of it)."""
+    return cfg.prim.name in ("cuda", "triton") and cfg.ignore_index < 0
+
+
 def _tile_grad(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int, cfg) -> Tensor:
     """``coef * (softmax - onehot)`` on the columns [col0, col0 + z.shape[1]) of rows whose
     full lse is known, in z's dtype, without a host synchronisation. On GPUs one pass of the
     backend's directional kernel, in place (targets outside the tile point nowhere)."""
     local = targets - col0
     inside = (local >= 0) & (local < z.shape[1])
-    if cfg.prim.name in ("cuda", "triton") and cfg.ignore_index < 0:
+    if _tile_in_place(cfg):
         nowhere = -1 if cfg.ignore_index != -1 else -2  # matches no column, is not ignored
         local = torch.where(inside, local, torch.full_like(local, nowhere))
         return cfg.prim.directional(z, local, lse, None, None, coef, cfg.ignore_index, True, z)[1]
@@ -92,9 +97,10 @@ def _tile_grad(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int,
 
 def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
     """Gradients of sum_n coef_n nll_n in (h, W, b) given lse. Temporaries: a float32
-    accumulator for a block of rows of gh and one tile of logits (in the inputs' dtype and in
-    float32), within ``budget`` bytes unless N is so large that a block of N/8 rows (the
-    rounding bound) or a 128-column tile exceeds it: at most about N * D * 4 / 8 bytes more."""
+    accumulator for a block of rows of gh and one tile of logits (in the inputs' dtype, and in
+    float32 where the backend cannot write the tile's gradient in place), within ``budget``
+    bytes unless N is so large that a block of N/8 rows (the rounding bound) or a 128-column
+    tile exceeds it: at most about N * D * 4 / 8 bytes more."""
     n, d = h.shape
     v = w.shape[0]
     elem = h.element_size()
@@ -104,7 +110,8 @@ def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
     # dtype, is rounded at most _FEW_CHUNKS times (the hidden-gradient accumulator may then
     # exceed the budget for very large N)
     nb = max(1, min(n, (budget // 2) // max(1, d * acc_elem)), -(-n // _FEW_CHUNKS))
-    cv = max(1, min(v, (budget // 2) // max(1, nb * (elem + acc_elem))))
+    tile_elem = elem if _tile_in_place(cfg) else elem + acc_elem
+    cv = max(1, min(v, (budget // 2) // max(1, nb * tile_elem)))
     if cv >= 128:
         cv -= cv % 128  # matrix-unit friendly widths
     cv = max(cv, min(v, 128))  # never one-column products, whatever the budget

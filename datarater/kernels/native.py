@@ -75,7 +75,9 @@ class NativePrimitives(Primitives):
     def forward_grad(self, logits, targets, coef, ignore_index, out):
         fused = getattr(extension(), "ce_forward_grad" + self.suffix, None)
         if fused is not None and logits.shape[0] and logits.shape[1]:
-            got = fused(logits, targets.contiguous(), _f32(coef), ignore_index, out, _part_bytes())
+            got = fused(
+                logits, targets.contiguous(), _f32(coef), ignore_index, out, _part_bytes(), _slots()
+            )
             if got:  # empty: this GPU or row length cannot take it; the two passes run
                 loss, lse, nll, grad = got
                 return loss, lse, nll, grad
@@ -87,6 +89,17 @@ def _part_bytes() -> int:
     over ceil(V * itemsize / this) blocks of one cluster (at most 8). Chosen by the sweep in
     bench/gpu/bench_gpu.py; ``DATARATER_CE_PART_BYTES`` overrides it."""
     return int(os.environ.get("DATARATER_CE_PART_BYTES", 64 * 1024))
+
+
+def _slots() -> int:
+    """Which fused CUDA kernel runs: 0 holds each row in shared memory (measured on an H200,
+    the default), 16 or 32 hold it in registers, that many logits per thread, and evaluate one
+    exponential per logit instead of two (written after the last GPU run: not yet measured).
+    ``DATARATER_CE_FUSED_SLOTS`` chooses."""
+    raw = os.environ.get("DATARATER_CE_FUSED_SLOTS", "0")
+    if raw not in ("0", "16", "32"):
+        raise ValueError(f"DATARATER_CE_FUSED_SLOTS must be 0, 16 or 32, got {raw!r}")
+    return int(raw)
 
 
 CPU = NativePrimitives("cpu", "cpu", "")
