@@ -401,7 +401,7 @@ __device__ __forceinline__ uint4 neg_inf_vec<__half>() {
 }
 
 template <typename T, int kSlots>
-__global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 3 : 1)
     ce_fused_regs_kernel(const T* logits, const int64_t* __restrict__ targets,
                          const float* __restrict__ coef, int64_t v, int64_t part,
                          int64_t ignore_index, float* __restrict__ loss,
