@@ -376,12 +376,13 @@ __global__ void __launch_bounds__(kThreads)
 // cluster barrier is split (arrive once the partial results are read, wait before leaving), so
 // a block writes its gradient without waiting for the rest of the cluster.
 
+// Not the .aligned forms: threads may reach the wait from different trips of a loop.
 __device__ __forceinline__ void cluster_arrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
 // A 16-byte vector of -inf in T's encoding: absent slots read as masked logits.
@@ -411,7 +412,6 @@ __global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 3 : 1)
   constexpr int n = Vec<T>::n;
   constexpr int kVecs = kSlots / n;
   static_assert(kSlots % n == 0, "whole vectors per thread");
-  constexpr float kLog2e = 1.4426950408889634f;
   __shared__ float part_m, part_s, row_lse, z_target;
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), csize = cluster.num_blocks();
@@ -447,10 +447,9 @@ __global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 3 : 1)
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) x[k] = 0.0f;
   } else {
-    const float shift = m_own * kLog2e;
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
-      x[k] = exp2f(fmaf(x[k], kLog2e, -shift));
+      x[k] = __expf(x[k] - m_own);  // the difference first: exact near the max, any magnitude
       s += x[k];
     }
   }
