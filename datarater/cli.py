@@ -137,6 +137,8 @@ def _score(args: argparse.Namespace) -> int:
         rank=rank,
         world=world,
         progress=not args.quiet,
+        precision=args.precision,
+        compile=args.compile,
     )
     print(json.dumps(report, indent=1))
     if report["failed"]:
@@ -314,6 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--batch-size", type=int, default=64)
     score.add_argument("--tokenizer", help="default: the tokenizer recorded with the rater")
     score.add_argument("--device", help="default: cuda if available, else cpu")
+    score.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32", "fp8"],
+        default="auto",
+        help="auto: bf16 on GPUs, fp32 on CPUs; fp8: the blocks' linear layers in FP8 (GPUs "
+        "of compute capability >= 8.9; allowed on CPUs as a slow reference path)",
+    )
+    score.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the rater, batches padded to a few fixed shapes (slow first "
+        "batches while it compiles; for large corpora)",
+    )
     score.add_argument("--quiet", action="store_true")
     score.set_defaults(func=_score)
 

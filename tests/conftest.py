@@ -82,6 +82,25 @@ def make_batches(
     return [one() for _ in range(steps)], one()
 
 
+def gpu_meta_grads() -> list[torch.Tensor]:
+    """The rater's meta-gradient from ``meta_step`` on the GPU, mixed mode then reverse mode,
+    on the tiny models in float32 (the GPU tests compare the two)."""
+    import datarater as dr
+
+    model, rater = tiny_lm(torch.float32).cuda(), tiny_rater(torch.float32).cuda()
+    inner, outer = make_batches(3, batch=8, masked=True)
+    inner = [{k: v.cuda() for k, v in b.items()} for b in inner]
+    outer = {k: v.cuda() for k, v in outer.items()}
+    opt = dr.optim.Adam(1e-2, clip_norm=1.0)
+    state = dr.InnerState.init(model, opt)
+    grads = []
+    for mode in ("mixed", "reverse"):
+        rater.zero_grad(set_to_none=True)
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
+        grads.append(torch.cat([p.grad.flatten() for p in rater.parameters()]))
+    return grads
+
+
 def torchrun(*args: str, procs: int = 2) -> list[str]:
     """A ``torchrun`` command line for ``procs`` local processes on a free port."""
     with socket.socket() as s:

@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import datarater as dr
 from datarater.kernels import (
     available_backends,
     linear_weighted_cross_entropy,
     weighted_cross_entropy,
 )
 
-from .conftest import make_batches, tiny_lm, tiny_rater
+from .conftest import gpu_meta_grads
 from .kernel_cases import IGNORE, make_inputs, ours_all, reference_all, rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,17 +92,7 @@ def test_gpu_linear_matches_float64(backend, chunk_bytes):
 
 
 def test_meta_step_on_the_gpu_mixed_equals_reverse():
-    model, rater = tiny_lm(torch.float32).cuda(), tiny_rater(torch.float32).cuda()
-    inner, outer = make_batches(3, batch=8, masked=True)
-    inner = [{k: v.cuda() for k, v in b.items()} for b in inner]
-    outer = {k: v.cuda() for k, v in outer.items()}
-    opt = dr.optim.Adam(1e-2, clip_norm=1.0)
-    state = dr.InnerState.init(model, opt)
-    grads = []
-    for mode in ("mixed", "reverse"):
-        rater.zero_grad(set_to_none=True)
-        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
-        grads.append(torch.cat([p.grad.flatten() for p in rater.parameters()]))
+    grads = gpu_meta_grads()
     assert rel(grads[0], grads[1]) < 1e-4
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,6 +68,20 @@ def case(group: str, name: str, fn, device, setup=None, **extra) -> None:
     finally:
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextmanager
+def env_var(key: str, value: str):
+    """Sets an environment variable for the duration (the kernels read theirs per call)."""
+    keep = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if keep is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = keep
 
 
 def rel_err(a, b) -> float:
@@ -127,6 +143,11 @@ def bench_weighted_ce(device, n: int, v: int, backends: list[str]) -> None:
             **tag,
         )
         bench_fused_ce(device, z0, t, w, ref_grad, b, tag)
+        if b == "cuda":  # the register-resident fused kernels, beside the default above
+            for slots in ("16", "32"):
+                with env_var("DATARATER_CE_FUSED_SLOTS", slots):
+                    name = f" (registers, {slots} per thread)"
+                    bench_fused_ce(device, z0, t, w, ref_grad, b, {**tag, "slots": slots}, name)
 
 
 def bench_fused_ce(device, z0, t, w, ref_grad, backend: str, tag: dict, name: str = "") -> None:
@@ -168,21 +189,17 @@ def _sweep_inputs(device, n: int, v: int):
 
 
 def sweep_cuda_fused(device, n: int, v: int) -> None:
-    """Shared memory per block of the fused CUDA kernel (the row is split over a cluster)."""
-    import os
-
+    """The fused CUDA kernels: shared memory per block of the one that holds the row in shared
+    memory, and logits per thread of the one that holds it in registers."""
     z0, t, w, ref = _sweep_inputs(device, n, v)
-    keep = os.environ.get("DATARATER_CE_PART_BYTES")
-    try:
-        for kb in (32, 64, 96, 128):
-            os.environ["DATARATER_CE_PART_BYTES"] = str(kb * 1024)
+    for kb in (32, 64, 96, 128):
+        with env_var("DATARATER_CE_PART_BYTES", str(kb * 1024)):
             tag = dict(N=n, V=v, part_kb=kb)
             bench_fused_ce(device, z0, t, w, ref, "cuda", tag, name=" (sweep)")
-    finally:
-        if keep is None:
-            os.environ.pop("DATARATER_CE_PART_BYTES", None)
-        else:
-            os.environ["DATARATER_CE_PART_BYTES"] = keep
+    for slots in ("16", "32"):
+        with env_var("DATARATER_CE_FUSED_SLOTS", slots):
+            tag = dict(N=n, V=v, slots=slots)
+            bench_fused_ce(device, z0, t, w, ref, "cuda", tag, name=" (sweep)")
 
 
 def sweep_triton_fused(device, n: int, v: int) -> None:
@@ -263,26 +280,46 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
     case("meta_step", "plain training step", plain, device, T=0, **tag)
     for t_steps in steps:
         inner = [batch_of() for _ in range(t_steps)]
-        for mode, hvp in (("reverse", "auto"), ("mixed", "auto"), ("mixed", "func")):
+        variants = (
+            ("reverse", "reverse", "auto", "1"),
+            ("mixed", "mixed", "auto", "1"),
+            ("mixed (plain-torch tangent ops)", "mixed", "auto", "0"),
+            ("mixed (torch.func)", "mixed", "func", "1"),
+        )
+        for name, mode, hvp, triton_tangent in variants:
 
             def run(mode=mode, hvp=hvp, inner=inner):
                 rater.zero_grad(set_to_none=True)
                 dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode, hvp=hvp)
 
-            name = mode if hvp == "auto" else "mixed (torch.func)"
-            case("meta_step", name, run, device, T=t_steps, **tag)
+            with env_var("DATARATER_TANGENT_TRITON", triton_tangent):
+                case("meta_step", name, run, device, T=t_steps, **tag)
+
+
+def _inference_only(rater) -> None:
+    """What scoring_copy does: fused attention without the inference-mode query that breaks a
+    compiled graph in every layer (the compiled figure in bench/RESULTS.md, 3.21M tokens/s,
+    was measured with those breaks)."""
+    for m in rater.modules():
+        if hasattr(m, "inference_only"):
+            m.inference_only = True
 
 
 def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> None:
     """Rater forward throughput (inference, bf16 on GPUs) and the whole ``score`` pipeline
-    (read jsonl, tokenise, score, write parquet) on synthetic documents of one context each."""
+    (read jsonl, tokenise, score, write parquet) on synthetic documents of one context each,
+    eager and with the opt-in options (FP8 linear layers, torch.compile on bucketed shapes).
+    FP8 rows carry ``score_rel_err`` and ``spearman`` against the eager forward's scores."""
     import tempfile
 
-    from datarater.scoring.score import score_files
+    from datarater.models.fp8 import to_float8
+    from datarater.scoring.metrics import spearman
+    from datarater.scoring.score import score_files, scoring_copy
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rater = Rater(cfg, pad_id=cfg.vocab_size - 1).to(device=device, dtype=dtype).eval()
+    _inference_only(rater)
     n_params = sum(p.numel() for p in rater.parameters())
     ids = torch.randint(0, cfg.vocab_size - 2, (batch, cfg.max_seq_len), device=device)
 
@@ -296,6 +333,18 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
 
     tag = dict(params_m=round(n_params / 1e6, 1), tokens=f"{batch}x{cfg.max_seq_len}")
     variants = [("rater forward (inference)", forward), ("rater forward, padding mask", masked)]
+    fp8_rater = None
+    try:  # FP8 needs compute capability >= 8.9 on GPUs; on the CPU it is the reference path
+        fp8_rater = to_float8(rater)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        ROWS.append(dict(group="scoring", case="rater forward, fp8", error=str(e)[:200]))
+
+    def fp8_forward():
+        with torch.inference_mode():
+            return fp8_rater(ids, padded=False)
+
+    if fp8_rater is not None:
+        variants.append(("rater forward, fp8 linear layers", fp8_forward))
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -314,17 +363,32 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
         # the same parameters with 64-wide heads (the preset has 128-wide ones)
         narrow = Rater(replace(cfg, n_heads=cfg.d_model // 64), pad_id=cfg.vocab_size - 1)
         narrow = narrow.to(device=device, dtype=dtype).eval()
+        _inference_only(narrow)
 
         def narrow_eager():
             with torch.inference_mode():
                 narrow(ids, padded=False)
 
         variants.append(("rater forward, head dim 64", narrow_eager))
+        if fp8_rater is not None:
+            compiled_fp8 = torch.compile(fp8_rater, dynamic=False)
+
+            def fp8_compiled():
+                with torch.inference_mode():
+                    return compiled_fp8(ids, padded=False)
+
+            variants.append(("rater forward, fp8 linear layers, compiled", fp8_compiled))
+    with torch.inference_mode():
+        ref_scores = rater(ids, padded=False).float()
     for name, fn in variants:
         case("scoring", name, fn, device, **tag)
         row = ROWS[-1]
         if "ms" in row:
             row["tokens_per_s"] = round(batch * cfg.max_seq_len / row["ms"] * 1e3)
+        if "fp8" in name and "ms" in row:
+            got = fn().float()
+            row["score_rel_err"] = f"{rel_err(got, ref_scores):.1e}"
+            row["spearman"] = round(spearman(got.cpu(), ref_scores.cpu()), 4)
 
     # the pipeline, with the byte tokenizer (the rater's vocabulary must match it)
     byte_cfg = replace(cfg, vocab_size=258)
@@ -343,28 +407,40 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
             )
             (tmp / "in" / f"shard{i:03d}.jsonl").write_text("\n".join(rows) + "\n")
         files = sorted(str(p) for p in (tmp / "in").iterdir())
-        score_files(rater, files[:1], "text", tmp / "warm", batch_size=batch, device=device,
-                    progress=False)  # fmt: skip
-        t0 = time.perf_counter()
-        try:
-            rep = score_files(rater, files, "text", tmp / "out", batch_size=batch, device=device,
-                              progress=False)  # fmt: skip
-            seconds = time.perf_counter() - t0
-            if rep["failed"] or rep["rows"] != shards * docs_per_shard:
-                raise RuntimeError(f"pipeline incomplete: {rep['rows']} rows, {rep['failed']}")
-            ROWS.append(
-                dict(
-                    group="scoring",
-                    case="score pipeline (jsonl -> parquet)",
-                    ms=round(1e3 * seconds, 1),
-                    params_m=round(sum(p.numel() for p in rater.parameters()) / 1e6, 1),
-                    docs=rep["rows"],
-                    tokens_per_s=round(rep["tokens_per_s"]),
+        pipelines = [  # (row name, precision, compile)
+            ("score pipeline (jsonl -> parquet)", "auto", False),
+            ("score pipeline, compiled (bucketed shapes)", "auto", True),
+            ("score pipeline, fp8 + compiled (bucketed shapes)", "fp8", True),
+        ]
+        for k, (name, precision, compiled) in enumerate(pipelines):
+            try:
+                # prepared once (and compiled by the warm-up shard), as a long run would be
+                ready = scoring_copy(rater, device, 257, precision, compiled)
+                opts = dict(batch_size=batch, device=device, progress=False,
+                            precision=precision, compile=compiled)  # fmt: skip
+                score_files(ready, files[:1], "text", tmp / f"warm{k}", **opts)
+                t0 = time.perf_counter()
+                rep = score_files(ready, files, "text", tmp / f"out{k}", **opts)
+                seconds = time.perf_counter() - t0
+                if rep["failed"] or rep["rows"] != shards * docs_per_shard:
+                    raise RuntimeError(f"pipeline incomplete: {rep['rows']} rows, {rep['failed']}")
+                ROWS.append(
+                    dict(
+                        group="scoring",
+                        case=name,
+                        ms=round(1e3 * seconds, 1),
+                        params_m=round(sum(p.numel() for p in rater.parameters()) / 1e6, 1),
+                        docs=rep["rows"],
+                        tokens_per_s=round(rep["tokens_per_s"]),
+                    )
                 )
-            )
-        except Exception as e:  # noqa: BLE001 - report and go on
-            ROWS.append(dict(group="scoring", case="score pipeline", error=str(e)[:200]))
-            traceback.print_exc()
+            except Exception as e:  # noqa: BLE001 - report and go on
+                ROWS.append(dict(group="scoring", case=name, error=str(e)[:200]))
+                traceback.print_exc()
+            finally:
+                ready = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
 
 
 GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep")

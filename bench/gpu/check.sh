@@ -28,8 +28,10 @@ stamp "benchmarks (first)"
 timeout "${FIRST_S:-300}" python3 bench/gpu/bench_gpu.py --out "$out/gpu_first.json" \
     --only "${FIRST:-ce,scoring,linear}" 2>&1 | tee "$out/bench_first.log" | grep -v "^row:"
 stamp "GPU tests"
-timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    tests/test_forward_over_reverse.py 2>&1 | tee "$out/tests.log" | tail -15
+timeout "${TESTS_S:-210}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_gpu_fast_scoring.py tests/test_forward_over_reverse.py \
+    tests/test_tangent_ops_triton.py 2>&1 \
+    | tee "$out/tests.log" | tail -15
 stamp "benchmarks (then)"
 timeout "${THEN_S:-240}" python3 bench/gpu/bench_gpu.py --out "$out/gpu_then.json" \
     --only "${THEN:-meta,sweep,ce32k}" 2>&1 | tee "$out/bench_then.log" | grep -v "^row:"

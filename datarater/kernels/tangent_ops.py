@@ -1,14 +1,21 @@
 """Forward-over-reverse building blocks of the transformer: value, tangent, backward and the
-backward's tangent of GELU and of the attention softmax, each in one fused pass.
+backward's tangent of GELU, of the attention softmax and of LayerNorm, each in one fused pass.
 
-The functions here are the plain-torch reference (any device and dtype); on CPU float32 tensors
-they dispatch to the fused C++ kernels of ``csrc/cpu/tangent_ops.cpp``. Used by the
-hand-written pass in :mod:`datarater.models.forward_over_reverse`.
+The ``*_reference`` functions are plain torch (any device and dtype). The public ones pick an
+implementation per call (:func:`_route`): the fused C++ kernels of ``csrc/cpu/tangent_ops.cpp``
+for contiguous CPU float32 tensors; the Triton kernels of :mod:`.triton_tangent` for contiguous
+CUDA float32/bfloat16/float16 tensors when triton imports, unless the environment has
+``DATARATER_TANGENT_TRITON=0`` (read on every call, so that one benchmark run can compare both);
+the reference otherwise. Used by the hand-written pass in
+:mod:`datarater.models.forward_over_reverse`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -17,12 +24,37 @@ from ._ext import extension
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+TRITON_ENV = "DATARATER_TANGENT_TRITON"
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused(*tensors: Tensor) -> bool:
-    return extension() is not None and all(
+@functools.cache
+def _triton() -> ModuleType | None:
+    """The Triton kernels, imported on first use on a GPU (None without triton)."""
+    from . import triton_tangent
+
+    return triton_tangent if triton_tangent.AVAILABLE else None
+
+
+def _route(*tensors: Tensor) -> str:
+    """Which implementation a call on these tensors runs: "cpp", "triton" or "reference"."""
+    if extension() is not None and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
+    ):
+        return "cpp"
+    first = tensors[0]
+    if (
+        first.device.type == "cuda"
+        and first.dtype in _TRITON_DTYPES
+        and os.environ.get(TRITON_ENV, "1").strip() != "0"
+        and all(
+            t.device == first.device and t.dtype == first.dtype and t.is_contiguous()
+            for t in tensors
+        )
+        and _triton() is not None
+    ):
+        return "triton"
+    return "reference"
 
 
 def gelu_fwd_tangent_reference(u: Tensor, du: Tensor):
@@ -34,8 +66,11 @@ def gelu_fwd_tangent_reference(u: Tensor, du: Tensor):
 
 def gelu_fwd_tangent(u: Tensor, du: Tensor):
     """(gelu(u), gelu'(u) du, gelu'(u), gelu''(u)) for the exact (erf) GELU."""
-    if _fused(u, du):
+    route = _route(u, du)
+    if route == "cpp":
         return tuple(extension().gelu_fwd_tangent(u, du))
+    if route == "triton":
+        return _triton().gelu_fwd_tangent(u, du)
     return gelu_fwd_tangent_reference(u, du)
 
 
@@ -45,8 +80,11 @@ def gelu_bwd_tangent_reference(ga, dga, g1, g2, du):
 
 def gelu_bwd_tangent(ga: Tensor, dga: Tensor, g1: Tensor, g2: Tensor, du: Tensor):
     """(gu, dgu) = (ga gelu', dga gelu' + ga gelu'' du)."""
-    if _fused(ga, dga, g1, g2, du):
+    route = _route(ga, dga, g1, g2, du)
+    if route == "cpp":
         return tuple(extension().gelu_bwd_tangent(ga, dga, g1, g2, du))
+    if route == "triton":
+        return _triton().gelu_bwd_tangent(ga, dga, g1, g2, du)
     return gelu_bwd_tangent_reference(ga, dga, g1, g2, du)
 
 
@@ -62,8 +100,11 @@ def softmax_fwd_tangent_reference(s: Tensor, ds: Tensor, scale: float, causal: b
 
 def softmax_fwd_tangent(s: Tensor, ds: Tensor, scale: float, causal: bool):
     """a = softmax(scale s) (causally masked if asked) and its tangent along ds."""
-    if _fused(s, ds):
+    route = _route(s, ds)
+    if route == "cpp":
         return tuple(extension().softmax_fwd_tangent(s, ds, scale, causal))
+    if route == "triton":
+        return _triton().softmax_fwd_tangent(s, ds, scale, causal)
     return softmax_fwd_tangent_reference(s, ds, scale, causal)
 
 
@@ -75,8 +116,11 @@ def softmax_bwd_tangent_reference(a, da, ga, dga, scale: float):
 
 def softmax_bwd_tangent(a: Tensor, da: Tensor, ga: Tensor, dga: Tensor, scale: float):
     """Gradient in the raw scores s (scale folded in) and its tangent."""
-    if _fused(a, da, ga, dga):
+    route = _route(a, da, ga, dga)
+    if route == "cpp":
         return tuple(extension().softmax_bwd_tangent(a, da, ga, dga, scale))
+    if route == "triton":
+        return _triton().softmax_bwd_tangent(a, da, ga, dga, scale)
     return softmax_bwd_tangent_reference(a, da, ga, dga, scale)
 
 
@@ -94,11 +138,14 @@ def layer_norm_fwd_tangent_reference(x, dx, gamma, dgamma, beta, dbeta, eps: flo
 
 def layer_norm_fwd_tangent(x, dx, gamma, dgamma, beta, dbeta, eps: float):
     """LayerNorm of rows and its tangent; the third item is saved for the backward."""
-    if _fused(x, dx, gamma, dgamma, beta, dbeta):
+    route = _route(x, dx, gamma, dgamma, beta, dbeta)
+    if route == "cpp":
         y, dy, xh, dxh, r, m = extension().layer_norm_fwd_tangent(
             x, dx, gamma, dgamma, beta, dbeta, eps
         )
         return y, dy, (xh, dxh, r[:, None], m[:, None])
+    if route == "triton":
+        return _triton().layer_norm_fwd_tangent(x, dx, gamma, dgamma, beta, dbeta, eps)
     return layer_norm_fwd_tangent_reference(x, dx, gamma, dgamma, beta, dbeta, eps)
 
 
@@ -122,10 +169,13 @@ def layer_norm_bwd_tangent_reference(gy, dgy, saved, gamma, dgamma):
 def layer_norm_bwd_tangent(gy, dgy, saved, gamma, dgamma):
     """(gx, its tangent, tangent of the gamma gradient, tangent of the beta gradient)."""
     xh, dxh, r, m = saved
-    if _fused(gy, dgy, xh, dxh, gamma, dgamma) and r.is_contiguous() and m.is_contiguous():
+    route = _route(gy, dgy, xh, dxh, r, m, gamma, dgamma)
+    if route == "cpp":
         return tuple(
             extension().layer_norm_bwd_tangent(
                 gy, dgy, xh, dxh, r.reshape(-1), m.reshape(-1), gamma, dgamma
             )
         )
+    if route == "triton":
+        return _triton().layer_norm_bwd_tangent(gy, dgy, saved, gamma, dgamma)
     return layer_norm_bwd_tangent_reference(gy, dgy, saved, gamma, dgamma)

@@ -15,16 +15,9 @@ import os
 import torch
 from torch import Tensor
 
+from ._triton import IMPORT_ERROR as _IMPORT_ERROR
+from ._triton import tl, triton
 from .primitives import Primitives
-
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = None
-except ImportError as e:  # triton is optional
-    triton = tl = None
-    _IMPORT_ERROR = str(e)
 
 
 def _interpreting() -> bool:

@@ -104,12 +104,17 @@ class Attention(nn.Module):
         self.causal = causal
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        # Set on copies that only ever run inference (scoring): fused attention without asking
+        # torch.is_inference_mode_enabled(), which torch.compile cannot trace (a graph break
+        # in every layer).
+        self.inference_only = False
 
     def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         h = self.n_heads
         q, k, v = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        if torch.is_inference_mode_enabled() and not (self.causal and key_padding is not None):
+        fused = self.inference_only or torch.is_inference_mode_enabled()
+        if fused and not (self.causal and key_padding is not None):
             # Pure inference (scoring, evaluation) needs no derivatives, so PyTorch's fused
             # attention may run: flash attention on GPUs when there is no mask.
             mask = None if key_padding is None else ~key_padding[:, None, None, :]

@@ -25,30 +25,100 @@ AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
 
 
-def scoring_copy(rater, device: str | torch.device | None, pad_id: int):
-    """The rater as scoring runs it: on ``device`` (default: where it is), bf16 on GPUs and
-    float32 elsewhere, in eval mode, with padding masked. The caller's module is copied, not
-    changed, when anything differs (to score the same rater many times, prepare it once)."""
+PRECISIONS = ("auto", "bf16", "fp32", "fp8")
+# Under ``compile=True`` a batch of longest window w runs at width ``bucket_width(w)``: powers
+# of two from 64 to 256, then multiples of 256, capped at the context (10 widths at 2048).
+# Few widths mean few compilations; the padding they add is masked and costs only compute.
+_BUCKET_MIN, _BUCKET_STEP = 64, 256
+
+
+def bucket_width(width: int, context: int) -> int:
+    """The padded width of a batch whose longest window has ``width`` tokens (``compile``)."""
+    if width < 1:
+        raise ValueError(f"a batch width must be >= 1, got {width}")
+    if width <= _BUCKET_STEP:
+        bucket = max(_BUCKET_MIN, 1 << (width - 1).bit_length())
+    else:
+        bucket = -(-width // _BUCKET_STEP) * _BUCKET_STEP
+    return min(bucket, max(context, width))
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def scoring_copy(
+    rater,
+    device: str | torch.device | None,
+    pad_id: int,
+    precision: str = "auto",
+    compile: bool = False,
+):
+    """The rater as scoring runs it: on ``device`` (default: where it is), in eval mode, with
+    padding masked, at ``precision``: ``"auto"`` (bf16 on GPUs, float32 elsewhere), ``"bf16"``,
+    ``"fp32"``, or ``"fp8"`` (the blocks' linear layers in FP8, see
+    :mod:`datarater.models.fp8`; the rest in bf16 on GPUs and float32 on CPUs, where FP8 is a
+    slow reference path). ``compile=True`` compiles the forward for fixed shapes (scoring then
+    pads batches to a few widths and a constant row count). The caller's module is copied,
+    not changed, when anything differs (to score the same rater many times, prepare it once:
+    a prepared copy, which records its options in ``scoring_options``, is returned as it
+    is; with ``compile`` a fresh copy would compile again)."""
     import copy
 
+    from ..models.fp8 import check_fp8_device, float8_layers, to_float8
+
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     p = next(rater.parameters(), None)
     if p is None:
         raise ValueError("the rater has no parameters")
     device = p.device if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = _resolve_precision(precision, device)
+    fp8 = precision == "fp8"
+    if fp8:
+        check_fp8_device(device)
+    elif float8_layers(rater):
+        raise ValueError(
+            f"the rater's linear layers are already FP8; score it with precision='fp8', not "
+            f"{precision!r} (or pass the unconverted rater)"
+        )
+    if compile and not hasattr(rater, "pad_id"):
+        raise ValueError(
+            "compile=True pads batches to fixed shapes, which needs a rater that masks padding "
+            "(a `pad_id` attribute, as datarater's Rater has)"
+        )
+    # fp8 keeps its other layers in bf16 on GPUs; on CPUs, float32 isolates the quantisation
+    on_cpu_fp8 = fp8 and device.type != "cuda"
+    dtype = torch.float32 if precision == "fp32" or on_cpu_fp8 else torch.bfloat16
+    wanted = (precision, compile)
+    marker = getattr(rater, "scoring_options", None)
     ready = (
         p.dtype == dtype
         and p.device == device
         and not rater.training
         and getattr(rater, "pad_id", 0) is not None
+        and (marker == wanted or (marker is None and not fp8 and not compile))
+        and (not compile or getattr(rater, "_compiled_call_impl", None) is not None)
     )
     if ready:
         return rater
     rater = copy.deepcopy(rater).to(device=device, dtype=dtype).eval()
     if getattr(rater, "pad_id", None) is None and hasattr(rater, "pad_id"):
         rater.pad_id = pad_id  # never let padding change another document's score
+    for m in rater.modules():  # the copy never trains: fused attention, and no graph breaks
+        if hasattr(m, "inference_only"):
+            m.inference_only = True
+    if fp8:
+        rater = to_float8(rater, inplace=True)  # after the cast: quantises the cast weights
+    if compile:
+        rater.compile(dynamic=False)  # in place on the copy; one graph per batch shape
+    rater.scoring_options = wanted
     return rater
 
 
@@ -78,19 +148,21 @@ def score_texts(
     aggregate: str = "truncate",
     device: str | torch.device | None = None,
     stats: dict | None = None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Tensor:
     """One float32 score per text. Long texts are truncated to the rater's context, or split
     into windows whose scores are averaged (``"mean"``) or averaged by token count
     (``"token_weighted"``); a last window of a single token is folded away unless it is the
     text's only one. Batches are formed from texts of similar length. ``device`` defaults to
-    the rater's."""
+    the rater's; ``precision`` and ``compile`` are :func:`scoring_copy`'s."""
     tokenizer = check_tokenizer(rater, tokenizer)
     windows = _windows(texts, tokenizer, seq_len or rater.cfg.max_seq_len, aggregate)
     if stats is not None:  # what was scored, for throughput figures
         stats["tokens"] = stats.get("tokens", 0) + sum(len(w[1]) for w in windows)
     pad = _pad_id(rater, tokenizer)
-    rater = scoring_copy(rater, device, pad)
-    pending = _launch(rater, windows, batch_size, pad)
+    rater = scoring_copy(rater, device, pad, precision, compile)
+    pending = _launch(rater, windows, batch_size, pad, fixed_shapes=compile)
     return _aggregate(windows, _collect(pending), len(texts), aggregate)
 
 
@@ -125,26 +197,39 @@ def _aggregate(windows, win_scores: Tensor, n_texts: int, aggregate: str) -> Ten
     return (total / count.clamp_min(1e-30)).float()
 
 
-def _launch(rater, windows, batch_size: int, pad: int) -> tuple:
+def _launch(rater, windows, batch_size: int, pad: int, fixed_shapes: bool = False) -> tuple:
     """Queue the scoring of token windows, batched by length, without waiting for it: on a
     GPU the scores come back through pinned memory behind an event, so the caller can prepare
-    (or write) other work meanwhile. ``_collect`` waits for them."""
+    (or write) other work meanwhile. ``_collect`` waits for them.
+
+    ``fixed_shapes`` (what a compiled rater needs, so that it compiles a few graphs rather
+    than one per batch) pads every batch to ``batch_size`` rows and its width to
+    :func:`bucket_width`. The extra columns are padding, which the rater masks; the extra
+    rows copy the batch's last row, so they add no padding of their own, and their scores
+    are dropped."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(rater.parameters()).device
     order = sorted(range(len(windows)), key=lambda w: len(windows[w][1]))
     on_gpu = device.type == "cuda"
+    context = getattr(getattr(rater, "cfg", None), "max_seq_len", 0)
     pieces = []  # scores stay on the device until the end: no synchronisation per batch
-    with torch.inference_mode():
+    with torch.inference_mode(), _recompile_room(fixed_shapes):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             lengths = [len(windows[w][1]) for w in idx]
-            width = max(lengths)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long, pin_memory=on_gpu)
+            width, n_rows = max(lengths), len(idx)
+            if fixed_shapes:
+                width, n_rows = bucket_width(width, context), batch_size
+            ids = torch.full((n_rows, width), pad, dtype=torch.long, pin_memory=on_gpu)
             rows = ids.numpy()  # filling through numpy is ~8x faster than torch.tensor(list)
             for r, w in enumerate(idx):
                 rows[r, : lengths[r]] = windows[w][1]
+            rows[len(idx) :] = rows[len(idx) - 1]  # filler rows (fixed shapes only)
             # a batch without padding needs no mask, which lets flash attention run on GPUs
             padded = min(lengths) < width
-            pieces.append(rater(ids.to(device, non_blocking=True), padded=padded).float())
+            out = rater(ids.to(device, non_blocking=True), padded=padded)
+            pieces.append(out[: len(idx)].float())
         scores = torch.cat(pieces) if pieces else torch.empty(0)
         host = torch.empty(len(order), dtype=torch.float32, pin_memory=on_gpu)
         host.copy_(scores, non_blocking=on_gpu)
@@ -153,6 +238,19 @@ def _launch(rater, windows, batch_size: int, pad: int) -> tuple:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
     return order, host, event
+
+
+def _recompile_room(compiled: bool):
+    """Room for every (width, mask) graph a compiled rater needs: dynamo falls back to eager
+    after ``recompile_limit`` (8 by default) graphs of one function."""
+    import contextlib
+
+    if not compiled:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    limit = max(64, torch._dynamo.config.recompile_limit)
+    return torch._dynamo.config.patch(recompile_limit=limit)
 
 
 def _collect(pending: tuple) -> Tensor:
@@ -240,10 +338,13 @@ def score_files(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> dict:
     """Score every row of every input shard into ``out/part-NNNNN.parquet`` (all original
     columns plus ``datarater_score``). Returns counts: done, skipped (already finished),
-    failed (with the reason per file)."""
+    failed (with the reason per file). ``precision`` and ``compile`` are
+    :func:`scoring_copy`'s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -254,7 +355,7 @@ def score_files(
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
     pad = _pad_id(rater, tokenizer)
-    rater = scoring_copy(rater, device, pad)  # once, not per shard
+    rater = scoring_copy(rater, device, pad, precision, compile)  # once, not per shard
     out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, files)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
@@ -316,7 +417,7 @@ def score_files(
                 bar.update(1)
                 continue
             try:
-                pending = _launch(rater, windows, batch_size, pad)
+                pending = _launch(rater, windows, batch_size, pad, fixed_shapes=compile)
             except Exception as e:
                 if queued is not None:  # the shard already scored is kept before failing
                     try:
@@ -370,11 +471,21 @@ def read_scored(
     return out
 
 
-def score_dataset(rater, dataset, text_column: str = "text", **kwargs):
-    """A Hugging Face ``datasets.Dataset`` with a ``datarater_score`` column added."""
+def score_dataset(
+    rater,
+    dataset,
+    text_column: str = "text",
+    precision: str = "auto",
+    compile: bool = False,
+    **kwargs,
+):
+    """A Hugging Face ``datasets.Dataset`` with a ``datarater_score`` column added; the other
+    arguments are :func:`score_texts`'s."""
     if text_column not in dataset.column_names:
         raise ValueError(
             f"the dataset has no column {text_column!r} (columns: {dataset.column_names})"
         )
-    scores = score_texts(rater, dataset[text_column], **kwargs)
+    scores = score_texts(
+        rater, dataset[text_column], precision=precision, compile=compile, **kwargs
+    )
     return dataset.add_column(SCORE_COLUMN, scores.tolist())
