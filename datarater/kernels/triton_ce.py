@@ -15,9 +15,9 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import IMPORT_ERROR as _IMPORT_ERROR
-from ._triton import tl, triton
 from .primitives import Primitives
+from .triton_import import IMPORT_ERROR as _IMPORT_ERROR
+from .triton_import import tl, triton
 
 
 def _interpreting() -> bool:

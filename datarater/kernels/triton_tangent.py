@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import tangent_ops as _ops
-from ._triton import tl, triton
+from .triton_import import tl, triton
 
 AVAILABLE = triton is not None
 MAX_ROW = 16384  # longer rows would need a streamed kernel; the reference takes them
