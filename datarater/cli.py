@@ -139,6 +139,7 @@ def _score(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         precision=args.precision,
         compile=args.compile,
+        attention=args.attention,
     )
     print(json.dumps(report, indent=1))
     if report["failed"]:
@@ -328,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="torch.compile the rater, batches padded to a few fixed shapes (slow first "
         "batches while it compiles; for large corpora)",
+    )
+    score.add_argument(
+        "--attention",
+        choices=["sdpa", "triton"],
+        default="sdpa",
+        help="sdpa: PyTorch's fused attention; triton: datarater's Triton kernel (GPUs only)",
     )
     score.add_argument("--quiet", action="store_true")
     score.set_defaults(func=_score)

@@ -9,6 +9,7 @@ and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -305,11 +306,20 @@ def _inference_only(rater) -> None:
             m.inference_only = True
 
 
+def _attention_backend(rater, backend: str):
+    """The rater with its fused attention path set to ``backend`` ("sdpa" or "triton")."""
+    for m in rater.modules():
+        if hasattr(m, "attention_backend"):
+            m.attention_backend = backend
+    return rater
+
+
 def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> None:
     """Rater forward throughput (inference, bf16 on GPUs) and the whole ``score`` pipeline
     (read jsonl, tokenise, score, write parquet) on synthetic documents of one context each,
-    eager and with the opt-in options (FP8 linear layers, torch.compile on bucketed shapes).
-    FP8 rows carry ``score_rel_err`` and ``spearman`` against the eager forward's scores."""
+    eager and with the opt-in options (FP8 linear layers, torch.compile on bucketed shapes,
+    the Triton attention). FP8 and Triton rows carry ``score_rel_err`` and ``spearman``
+    against the eager forward's scores."""
     import tempfile
 
     from datarater.models.fp8 import to_float8
@@ -378,6 +388,31 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
                     return compiled_fp8(ids, padded=False)
 
             variants.append(("rater forward, fp8 linear layers, compiled", fp8_compiled))
+        # datarater's Triton attention instead of PyTorch's flash attention
+        tri = _attention_backend(copy.deepcopy(rater), "triton")
+
+        def tri_eager():
+            with torch.inference_mode():
+                return tri(ids, padded=False)
+
+        def tri_masked():
+            with torch.inference_mode():
+                return tri(ids)
+
+        variants.append(("rater forward, triton attention", tri_eager))
+        variants.append(("rater forward, triton attention, padding mask", tri_masked))
+        if fp8_rater is not None:
+            tri_fp8 = torch.compile(
+                _attention_backend(copy.deepcopy(fp8_rater), "triton"), dynamic=False
+            )
+
+            def tri_fp8_compiled():
+                with torch.inference_mode():
+                    return tri_fp8(ids, padded=False)
+
+            variants.append(
+                ("rater forward, fp8 linear layers + triton attention, compiled", tri_fp8_compiled)
+            )
     with torch.inference_mode():
         ref_scores = rater(ids, padded=False).float()
     for name, fn in variants:
@@ -385,7 +420,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
         row = ROWS[-1]
         if "ms" in row:
             row["tokens_per_s"] = round(batch * cfg.max_seq_len / row["ms"] * 1e3)
-        if "fp8" in name and "ms" in row:
+        if ("fp8" in name or "triton" in name) and "ms" in row:
             got = fn().float()
             row["score_rel_err"] = f"{rel_err(got, ref_scores):.1e}"
             row["spearman"] = round(spearman(got.cpu(), ref_scores.cpu()), 4)
@@ -407,17 +442,21 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
             )
             (tmp / "in" / f"shard{i:03d}.jsonl").write_text("\n".join(rows) + "\n")
         files = sorted(str(p) for p in (tmp / "in").iterdir())
-        pipelines = [  # (row name, precision, compile)
-            ("score pipeline (jsonl -> parquet)", "auto", False),
-            ("score pipeline, compiled (bucketed shapes)", "auto", True),
-            ("score pipeline, fp8 + compiled (bucketed shapes)", "fp8", True),
+        pipelines = [  # (row name, precision, compile, attention)
+            ("score pipeline (jsonl -> parquet)", "auto", False, "sdpa"),
+            ("score pipeline, compiled (bucketed shapes)", "auto", True, "sdpa"),
+            ("score pipeline, fp8 + compiled (bucketed shapes)", "fp8", True, "sdpa"),
         ]
-        for k, (name, precision, compiled) in enumerate(pipelines):
+        if device == "cuda":
+            pipelines.append(
+                ("score pipeline, fp8 + compiled + triton attention", "fp8", True, "triton")
+            )
+        for k, (name, precision, compiled, attn) in enumerate(pipelines):
             try:
                 # prepared once (and compiled by the warm-up shard), as a long run would be
-                ready = scoring_copy(rater, device, 257, precision, compiled)
+                ready = scoring_copy(rater, device, 257, precision, compiled, attn)
                 opts = dict(batch_size=batch, device=device, progress=False,
-                            precision=precision, compile=compiled)  # fmt: skip
+                            precision=precision, compile=compiled, attention=attn)  # fmt: skip
                 score_files(ready, files[:1], "text", tmp / f"warm{k}", **opts)
                 t0 = time.perf_counter()
                 rep = score_files(ready, files, "text", tmp / f"out{k}", **opts)

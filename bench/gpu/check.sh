@@ -38,7 +38,7 @@ timeout "$(limit "${FIRST_S:-300}")" python3 bench/gpu/bench_gpu.py --out "$out/
 stamp "GPU tests"
 timeout "$(limit "${TESTS_S:-210}")" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_gpu_fast_scoring.py tests/test_forward_over_reverse.py \
-    tests/test_tangent_ops_triton.py 2>&1 \
+    tests/test_tangent_ops_triton.py tests/test_attention_triton.py 2>&1 \
     | tee "$out/tests.log" | tail -15
 stamp "benchmarks (then)"
 timeout "$(limit "${THEN_S:-240}")" python3 bench/gpu/bench_gpu.py --out "$out/gpu_then.json" \

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.attention import attention
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -108,6 +110,8 @@ class Attention(nn.Module):
         # torch.is_inference_mode_enabled(), which torch.compile cannot trace (a graph break
         # in every layer).
         self.inference_only = False
+        # On the fused path: "sdpa" (PyTorch) or "triton" (datarater.kernels.attention).
+        self.attention_backend = "sdpa"
 
     def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
@@ -117,6 +121,10 @@ class Attention(nn.Module):
         if fused and not (self.causal and key_padding is not None):
             # Pure inference (scoring, evaluation) needs no derivatives, so PyTorch's fused
             # attention may run: flash attention on GPUs when there is no mask.
+            if self.attention_backend == "triton":  # [b, n, h, dh]: no transpose copy
+                keep = None if key_padding is None else ~key_padding
+                out = attention(q, k, v, keep, self.causal, backend="triton")
+                return self.proj(out.reshape(b, n, d))
             mask = None if key_padding is None else ~key_padding[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
             return self.proj(out.transpose(1, 2).reshape(b, n, d))

@@ -26,6 +26,7 @@ SCORE_COLUMN = "datarater_score"
 
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp8")
+ATTENTIONS = ("sdpa", "triton")
 # Under ``compile=True`` a batch of longest window w runs at width ``bucket_width(w)``: powers
 # of two from 64 to 256, then multiples of 256, capped at the context (10 widths at 2048).
 # Few widths mean few compilations; the padding they add is masked and costs only compute.
@@ -57,6 +58,7 @@ def scoring_copy(
     pad_id: int,
     precision: str = "auto",
     compile: bool = False,
+    attention: str = "sdpa",
 ):
     """The rater as scoring runs it: on ``device`` (default: where it is), in eval mode, with
     padding masked, at ``precision``: ``"auto"`` (bf16 on GPUs, float32 elsewhere), ``"bf16"``,
@@ -66,13 +68,17 @@ def scoring_copy(
     pads batches to a few widths and a constant row count). The caller's module is copied,
     not changed, when anything differs (to score the same rater many times, prepare it once:
     a prepared copy, which records its options in ``scoring_options``, is returned as it
-    is; with ``compile`` a fresh copy would compile again)."""
+    is; with ``compile`` a fresh copy would compile again). ``attention`` is ``"sdpa"``
+    (PyTorch's fused attention) or ``"triton"`` (:mod:`datarater.kernels.attention`, GPUs
+    only)."""
     import copy
 
     from ..models.fp8 import check_fp8_device, float8_layers, to_float8
 
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     p = next(rater.parameters(), None)
     if p is None:
         raise ValueError("the rater has no parameters")
@@ -96,14 +102,17 @@ def scoring_copy(
     # fp8 keeps its other layers in bf16 on GPUs; on CPUs, float32 isolates the quantisation
     on_cpu_fp8 = fp8 and device.type != "cuda"
     dtype = torch.float32 if precision == "fp32" or on_cpu_fp8 else torch.bfloat16
-    wanted = (precision, compile)
+    if attention == "triton" and device.type != "cuda":
+        raise ValueError(f"attention='triton' runs on GPUs; scoring on {device} uses 'sdpa'")
+    wanted = (precision, compile, attention)
     marker = getattr(rater, "scoring_options", None)
+    plain = not fp8 and not compile and attention == "sdpa"
     ready = (
         p.dtype == dtype
         and p.device == device
         and not rater.training
         and getattr(rater, "pad_id", 0) is not None
-        and (marker == wanted or (marker is None and not fp8 and not compile))
+        and (marker == wanted or (marker is None and plain))
         and (not compile or getattr(rater, "_compiled_call_impl", None) is not None)
     )
     if ready:
@@ -114,6 +123,7 @@ def scoring_copy(
     for m in rater.modules():  # the copy never trains: fused attention, and no graph breaks
         if hasattr(m, "inference_only"):
             m.inference_only = True
+            m.attention_backend = attention
     if fp8:
         rater = to_float8(rater, inplace=True)  # after the cast: quantises the cast weights
     if compile:
@@ -150,18 +160,19 @@ def score_texts(
     stats: dict | None = None,
     precision: str = "auto",
     compile: bool = False,
+    attention: str = "sdpa",
 ) -> Tensor:
     """One float32 score per text. Long texts are truncated to the rater's context, or split
     into windows whose scores are averaged (``"mean"``) or averaged by token count
     (``"token_weighted"``); a last window of a single token is folded away unless it is the
     text's only one. Batches are formed from texts of similar length. ``device`` defaults to
-    the rater's; ``precision`` and ``compile`` are :func:`scoring_copy`'s."""
+    the rater's; ``precision``, ``compile`` and ``attention`` are :func:`scoring_copy`'s."""
     tokenizer = check_tokenizer(rater, tokenizer)
     windows = _windows(texts, tokenizer, seq_len or rater.cfg.max_seq_len, aggregate)
     if stats is not None:  # what was scored, for throughput figures
         stats["tokens"] = stats.get("tokens", 0) + sum(len(w[1]) for w in windows)
     pad = _pad_id(rater, tokenizer)
-    rater = scoring_copy(rater, device, pad, precision, compile)
+    rater = scoring_copy(rater, device, pad, precision, compile, attention)
     pending = _launch(rater, windows, batch_size, pad, fixed_shapes=compile)
     return _aggregate(windows, _collect(pending), len(texts), aggregate)
 
@@ -340,10 +351,11 @@ def score_files(
     progress: bool = True,
     precision: str = "auto",
     compile: bool = False,
+    attention: str = "sdpa",
 ) -> dict:
     """Score every row of every input shard into ``out/part-NNNNN.parquet`` (all original
     columns plus ``datarater_score``). Returns counts: done, skipped (already finished),
-    failed (with the reason per file). ``precision`` and ``compile`` are
+    failed (with the reason per file). ``precision``, ``compile`` and ``attention`` are
     :func:`scoring_copy`'s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -355,7 +367,7 @@ def score_files(
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
     pad = _pad_id(rater, tokenizer)
-    rater = scoring_copy(rater, device, pad, precision, compile)  # once, not per shard
+    rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, files)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
@@ -477,6 +489,7 @@ def score_dataset(
     text_column: str = "text",
     precision: str = "auto",
     compile: bool = False,
+    attention: str = "sdpa",
     **kwargs,
 ):
     """A Hugging Face ``datasets.Dataset`` with a ``datarater_score`` column added; the other
@@ -486,6 +499,11 @@ def score_dataset(
             f"the dataset has no column {text_column!r} (columns: {dataset.column_names})"
         )
     scores = score_texts(
-        rater, dataset[text_column], precision=precision, compile=compile, **kwargs
+        rater,
+        dataset[text_column],
+        precision=precision,
+        compile=compile,
+        attention=attention,
+        **kwargs,
     )
     return dataset.add_column(SCORE_COLUMN, scores.tolist())

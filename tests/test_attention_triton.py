@@ -1,0 +1,158 @@
+"""The Triton inference attention against float64, its dispatch and errors, and the rater and
+scoring paths that use it. Without a GPU the kernel runs under the Triton interpreter (set by
+conftest.py) at small shapes; with one, the compiled kernel runs at the rater's shapes."""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datarater.kernels.attention import attention, attention_reference
+from datarater.models import Rater, TransformerConfig
+
+from .kernel_cases import rel
+
+HAS_TRITON = find_spec("triton") is not None
+interpreted = pytest.mark.skipif(
+    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="with a GPU the compiled kernel is tested by the GPU tests below",
+)
+on_gpu = pytest.mark.skipif(
+    not HAS_TRITON or not torch.cuda.is_available(), reason="needs a CUDA GPU and triton"
+)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _qkv(b: int, h: int, n: int, d: int, dtype, seed: int, device="cpu"):
+    """q, k, v as the rater makes them: strided views of one [B, L, 3, H, D] projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(device=device, dtype=dtype)
+    return qkv.permute(2, 0, 3, 1, 4)
+
+
+def _keep(b: int, n: int, seed: int, device="cpu", empty_row: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, n, generator=g) > 0.35
+    keep[:, 0] = True
+    if empty_row:
+        keep[-1] = False  # a sequence with no key at all: zeros, as the reference gives
+    return keep.to(device)
+
+
+def _check(q, k, v, keep, causal, dtype):
+    out = attention(q, k, v, keep, causal, backend="triton")
+    ref = attention_reference(q.double(), k.double(), v.double(), keep, causal)
+    assert out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) and out.dtype == dtype
+    assert rel(out, ref) <= TOL[dtype], rel(out, ref)
+
+
+def test_the_reference_is_pytorchs_attention():
+    q, k, v = _qkv(2, 3, 9, 8, torch.float64, 0)
+    keep = _keep(2, 9, 1)
+    for causal in (False, True):
+        mask = keep[:, None, None, :]
+        if causal:
+            mask = mask & torch.ones(9, 9, dtype=torch.bool).tril()
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        assert torch.allclose(attention_reference(q, k, v, keep, causal), want, atol=1e-12)
+    zero = attention_reference(q, k, v, torch.zeros(2, 9, dtype=torch.bool))
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((2, 3, 37, 16), torch.float32), ((1, 2, 1, 32), torch.float32),
+     ((2, 1, 70, 64), torch.float32), ((2, 3, 37, 16), torch.bfloat16),
+     ((1, 2, 33, 32), torch.float16)],
+    ids=str,
+)  # fmt: skip
+def test_triton_attention_matches_float64(shape, dtype, causal):
+    b, h, n, d = shape
+    q, k, v = _qkv(b, h, n, d, dtype, seed=n)
+    _check(q, k, v, None, causal, dtype)
+    _check(q, k, v, _keep(b, n, seed=n + 1, empty_row=b > 1), causal, dtype)
+
+
+@interpreted
+def test_triton_attention_takes_contiguous_inputs_too():
+    q, k, v = (t.contiguous() for t in _qkv(2, 2, 19, 16, torch.float32, seed=3))
+    _check(q, k, v, _keep(2, 19, seed=4), False, torch.float32)
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    q, k, v = _qkv(2, 2, 5, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="one shape"):
+        attention(q, k[:, :, :4], v)
+    with pytest.raises(ValueError, match="share a floating dtype"):
+        attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        attention(q, k, v, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, k, v, backend="flash")
+    q24, k24, v24 = _qkv(1, 1, 5, 24, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="head size 24"):
+        attention(q24, k24, v24, backend="triton")
+    # without a backend, what the kernel cannot take runs the reference
+    assert torch.equal(attention(q24, k24, v24), attention_reference(q24, k24, v24))
+
+
+def _rater(backend: str) -> Rater:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=40, max_seq_len=24, d_model=32, n_layers=2, n_heads=2)
+    rater = Rater(cfg, pad_id=0).eval()
+    for m in rater.modules():
+        if hasattr(m, "attention_backend"):
+            m.attention_backend = backend
+    return rater
+
+
+@interpreted
+def test_a_rater_scores_the_same_with_the_triton_attention():
+    ids = torch.randint(1, 40, (5, 21))
+    ids[1, 9:] = 0  # padding, masked
+    ids[3, 2:] = 0
+    with torch.inference_mode():
+        want = _rater("sdpa")(ids)
+        got = _rater("triton")(ids)
+    assert rel(got, want) <= 1e-5
+
+
+def test_scoring_refuses_the_triton_attention_off_the_gpu():
+    from datarater.scoring.score import scoring_copy
+
+    with pytest.raises(ValueError, match="runs on GPUs"):
+        scoring_copy(_rater("sdpa"), "cpu", 0, attention="triton")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        scoring_copy(_rater("sdpa"), "cpu", 0, attention="flash")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 2048, 128), (3, 4, 333, 64), (1, 2, 1, 128), (2, 3, 200, 32)], ids=str
+)
+def test_gpu_triton_attention_matches_float64(dtype, shape):
+    b, h, n, d = shape
+    q, k, v = _qkv(b, h, n, d, dtype, seed=n, device="cuda")
+    for causal in (False, True):
+        _check(q, k, v, None, causal, dtype)
+        _check(q, k, v, _keep(b, n, seed=n + 1, device="cuda", empty_row=b > 1), causal, dtype)
+
+
+@on_gpu
+def test_gpu_scoring_with_the_triton_attention_matches_sdpa():
+    from datarater.scoring.score import scoring_copy
+
+    rater = _rater("sdpa").cuda()
+    ids = torch.randint(1, 40, (16, 24), device="cuda")
+    ids[3, 10:] = 0
+    with torch.inference_mode():
+        want = scoring_copy(rater, "cuda", 0)(ids)
+        got = scoring_copy(rater, "cuda", 0, attention="triton")(ids)
+    assert rel(got, want) <= 2e-2
