@@ -69,7 +69,8 @@ def test_the_reference_is_pytorchs_attention():
     "shape,dtype",
     [((2, 3, 37, 16), torch.float32), ((1, 2, 1, 32), torch.float32),
      ((2, 1, 70, 64), torch.float32), ((2, 3, 37, 16), torch.bfloat16),
-     ((1, 2, 33, 32), torch.float16)],
+     ((1, 2, 33, 32), torch.float16),
+     ((2, 2, 32, 16), torch.float32), ((2, 2, 48, 32), torch.bfloat16)],  # whole blocks
     ids=str,
 )  # fmt: skip
 def test_triton_attention_matches_float64(shape, dtype, causal):

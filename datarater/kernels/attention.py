@@ -124,28 +124,34 @@ def _configs() -> list:
 if triton is not None:
 
     @triton.autotune(configs=_configs(), key=["L", "D", "HAS_KEEP", "CAUSAL"])
+    @triton.heuristics(
+        {"EVEN": lambda a: a["L"] % a["BLOCK_M"] == 0 and a["L"] % a["BLOCK_N"] == 0}
+    )
     @triton.jit
     def _attention_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, keep_ptr,
         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, s_keep,
         H, L, scale_log2,
         D: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
     ):  # fmt: skip
         """One program: BLOCK_M queries of one (batch, head), streamed over all keys with an
-        online softmax in base 2 (the scale folded into one multiply). ``DOT_F32`` multiplies
-        in float32 (Triton's CPU interpreter gets 16-bit products wrong)."""
+        online softmax in base 2 (the scale folded into one multiply). ``EVEN`` (L a multiple
+        of both blocks) drops the bounds masks; ``DOT_F32`` multiplies in float32 (Triton's
+        CPU interpreter gets 16-bit products wrong)."""
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         rows = start_m + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, D)
-        q = tl.load(
-            q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :],
-            mask=rows[:, None] < L,
-            other=0.0,
-        )
+        q_ptrs = q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :]
+        if EVEN:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=rows[:, None] < L, other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -154,33 +160,30 @@ if triton is not None:
         end = tl.minimum(L, start_m + BLOCK_M) if CAUSAL else L
         for start_n in range(0, end, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            inside = cols < L
-            kt = tl.load(
-                k_base + cols[None, :].to(tl.int64) * skl + dims[:, None],
-                mask=inside[None, :],
-                other=0.0,
-            )
-            if DOT_F32:
-                s = tl.dot(q.to(tl.float32), kt.to(tl.float32)) * scale_log2
+            k_ptrs = k_base + cols[:, None].to(tl.int64) * skl + dims[None, :]
+            v_ptrs = v_base + cols[:, None].to(tl.int64) * svl + dims[None, :]
+            if EVEN:
+                k = tl.load(k_ptrs)
+                vb = tl.load(v_ptrs)
             else:
-                s = tl.dot(q, kt) * scale_log2
-            ok = inside
-            if HAS_KEEP:
-                ok = ok & (tl.load(keep_ptr + b * s_keep + cols, mask=inside, other=0) != 0)
-            allowed = ok[None, :]
-            if CAUSAL:
-                allowed = allowed & (cols[None, :] <= rows[:, None])
-            s = tl.where(allowed, s, float("-inf"))
+                k = tl.load(k_ptrs, mask=cols[:, None] < L, other=0.0)
+                vb = tl.load(v_ptrs, mask=cols[:, None] < L, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            if HAS_KEEP or CAUSAL or not EVEN:
+                allowed = (cols < L)[None, :]
+                if HAS_KEEP:
+                    keep = tl.load(keep_ptr + b * s_keep + cols, mask=cols < L, other=0)
+                    allowed = allowed & (keep != 0)[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= rows[:, None])
+                s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: no inf - inf
             p = tl.math.exp2(s - ref[:, None])
             alpha = tl.math.exp2(m_i - ref)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vb = tl.load(
-                v_base + cols[:, None].to(tl.int64) * svl + dims[None, :],
-                mask=inside[:, None],
-                other=0.0,
-            )
             if DOT_F32:
                 pv = tl.dot(p.to(vb.dtype).to(tl.float32), vb.to(tl.float32))
             else:
@@ -188,11 +191,11 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # no allowed key: zeros
-        tl.store(
-            o_ptr + b * sob + h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=rows[:, None] < L,
-        )
+        o_ptrs = o_ptr + b * sob + h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :]
+        if EVEN:
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < L)
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool):
