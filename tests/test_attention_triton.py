@@ -157,3 +157,24 @@ def test_gpu_scoring_with_the_triton_attention_matches_sdpa():
         want = scoring_copy(rater, "cuda", 0)(ids)
         got = scoring_copy(rater, "cuda", 0, attention="triton")(ids)
     assert rel(got, want) <= 2e-2
+
+
+@interpreted
+def test_the_triton_attention_is_one_opaque_operator_to_torch_compile():
+    """No graph break at the kernel call: compiled scoring keeps one graph per shape."""
+    import torch._dynamo
+
+    rater = _rater("triton")
+    for m in rater.modules():
+        if hasattr(m, "inference_only"):
+            m.inference_only = True  # as scoring copies are
+    ids = torch.randint(1, 40, (3, 16))
+    ids[1, 5:] = 0
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        report = torch._dynamo.explain(rater)(ids)
+        want = rater(ids)
+    assert report.graph_count == 1 and report.graph_break_count == 0, report.break_reasons
+    with torch.inference_mode():
+        got = torch.compile(rater, dynamic=False)(ids)
+    assert rel(got, want) <= 1e-5

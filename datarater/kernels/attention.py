@@ -109,7 +109,20 @@ def attention(
         if backend == "triton":
             raise ValueError(f"the triton attention backend cannot run: {why}")
         return attention_reference(q, k, v, keep, causal)
+    return _attention_op(q, k, v, keep, causal)
+
+
+# One opaque operator to torch.compile (a traced call into the autotuned kernel would break the
+# graph); its fake implementation gives the output's shape.
+@torch.library.custom_op("datarater::triton_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Tensor:
     return _triton_attention(q, k, v, keep, causal)
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Tensor:
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d)
 
 
 def _configs() -> list:
