@@ -134,11 +134,15 @@ def test_scoring_refuses_the_triton_attention_off_the_gpu():
 
 
 @on_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
-    "shape", [(2, 5, 2048, 128), (3, 4, 333, 64), (1, 2, 1, 128), (2, 3, 200, 32)], ids=str
-)
-def test_gpu_triton_attention_matches_float64(dtype, shape):
+    "shape,dtype",
+    [((2, 5, 2048, 128), torch.bfloat16), ((2, 5, 2048, 128), torch.float32),
+     ((3, 4, 333, 64), torch.bfloat16), ((1, 2, 1, 128), torch.float16),
+     ((2, 3, 200, 32), torch.bfloat16)],
+    ids=str,
+)  # fmt: skip
+def test_gpu_triton_attention_matches_float64(monkeypatch, shape, dtype):
+    monkeypatch.setenv("DATARATER_ATTENTION_AUTOTUNE", "0")  # one block shape: fewer compiles
     b, h, n, d = shape
     q, k, v = _qkv(b, h, n, d, dtype, seed=n, device="cuda")
     for causal in (False, True):

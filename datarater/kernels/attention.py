@@ -125,18 +125,19 @@ def _(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Ten
     return q.new_empty(b, n, h, d)
 
 
-def _configs() -> list:
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
-    ]
+# Block shapes tried by the autotuner on GPUs (BLOCK_M, BLOCK_N, warps, stages); the first is
+# the fixed choice when tuning is off (DATARATER_ATTENTION_AUTOTUNE=0, used by the GPU tests to
+# spare compilations) and the interpreter's is small.
+_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
+_INTERPRETER_CONFIG = (16, 16, 4, 1)
+
+
+def _tuning() -> bool:
+    return os.environ.get("DATARATER_ATTENTION_AUTOTUNE", "1") != "0" and not _interpreting()
 
 
 if triton is not None:
 
-    @triton.autotune(configs=_configs(), key=["L", "D", "HAS_KEEP", "CAUSAL"])
     @triton.heuristics(
         {"EVEN": lambda a: a["L"] % a["BLOCK_M"] == 0 and a["L"] % a["BLOCK_N"] == 0}
     )
@@ -210,6 +211,14 @@ if triton is not None:
         else:
             tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < L)
 
+    _tuned_attention_kernel = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in _CONFIGS
+        ],
+        key=["L", "D", "HAS_KEEP", "CAUSAL"],
+    )(_attention_kernel)
+
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool):
     b, h, n, d = q.shape
@@ -221,8 +230,14 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
 
+    if _tuning():
+        kernel, fixed = _tuned_attention_kernel, {}
+    else:
+        bm, bn, w, st = _INTERPRETER_CONFIG if _interpreting() else _CONFIGS[0]
+        kernel = _attention_kernel
+        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _attention_kernel[grid](
+        kernel[grid](
             q, k, v, out, keep_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -230,6 +245,6 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
             out.stride(0), out.stride(2), out.stride(1),
             0 if keep is None else keep_arg.stride(0),
             h, n, math.log2(math.e) / math.sqrt(d),
-            D=d, HAS_KEEP=keep is not None, CAUSAL=causal, DOT_F32=_interpreting(),
+            D=d, HAS_KEEP=keep is not None, CAUSAL=causal, DOT_F32=_interpreting(), **fixed,
         )  # fmt: skip
     return out
