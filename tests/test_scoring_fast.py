@@ -177,7 +177,7 @@ def test_precision_options_are_checked_and_a_prepared_rater_is_reused():
     with pytest.raises(TypeError, match="compile must be"):
         scoring_copy(rater, "cpu", 257, compile="yes")
     prepared = scoring_copy(rater, "cpu", 257, precision="fp8")
-    assert float8_layers(prepared) and prepared.scoring_options == ("fp8", False)
+    assert float8_layers(prepared) and prepared.scoring_options == ("fp8", False, "sdpa")
     assert scoring_copy(prepared, "cpu", 257, precision="fp8") is prepared
     with pytest.raises(ValueError, match="already FP8"):
         scoring_copy(prepared, "cpu", 257, precision="fp32")

@@ -118,6 +118,8 @@ def scoring_copy(
     if ready:
         return rater
     rater = copy.deepcopy(rater).to(device=device, dtype=dtype).eval()
+    if not compile and getattr(rater, "_compiled_call_impl", None) is not None:
+        rater._compiled_call_impl = None  # a copy of a compiled copy: run it eagerly as asked
     if getattr(rater, "pad_id", None) is None and hasattr(rater, "pad_id"):
         rater.pad_id = pad_id  # never let padding change another document's score
     for m in rater.modules():  # the copy never trains: fused attention, and no graph breaks
