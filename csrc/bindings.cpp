@@ -34,6 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cross-entropy forward and gradient in one pass (CUDA, compute capability 9.0)",
         py::arg("logits"), py::arg("targets"), py::arg("coef"), py::arg("ignore_index"),
         py::arg("out"), py::arg("part_bytes"), py::arg("slots"));
+  m.def("ce_forward_grad_plan_cuda", &datarater::gpu::ce_forward_grad_plan_cuda,
+        "which fused kernel ce_forward_grad_cuda would run: (kind, slots, blocks per row)",
+        py::arg("logits"), py::arg("out"), py::arg("part_bytes"), py::arg("slots"));
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace datarater {
@@ -66,6 +68,11 @@ std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at:
                                              const at::Tensor& coef, int64_t ignore_index,
                                              const at::Tensor& out, int64_t part_bytes,
                                              int64_t slots);
+// Which fused kernel ce_forward_grad_cuda would run: (kind, slots per thread, blocks per row).
+std::tuple<std::string, int64_t, int64_t> ce_forward_grad_plan_cuda(const at::Tensor& logits,
+                                                                     const at::Tensor& out,
+                                                                     int64_t part_bytes,
+                                                                     int64_t slots);
 }  // namespace gpu
 #endif
 

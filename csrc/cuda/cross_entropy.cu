@@ -504,7 +504,7 @@ template <typename T, typename Kernel>
 cudaError_t launch_clusters(Kernel kernel, const void* logits, const int64_t* targets,
                             const float* coef, int64_t n, int64_t v, int64_t part, int64_t csize,
                             size_t smem, int64_t ignore_index, float* loss, float* lse,
-                            float* nll, void* grad, cudaStream_t stream) {
+                            float* nll, void* grad, cudaStream_t stream, bool launch) {
   if (n * csize > INT32_MAX) return cudaErrorNotSupported;
   // The kernel body exists only where it was compiled for compute capability 9.0 (an
   // extension built for older GPUs and run on a newer one would reach the __trap()).
@@ -545,6 +545,7 @@ cudaError_t launch_clusters(Kernel kernel, const void* logits, const int64_t* ta
     (void)cudaGetLastError();
     return cudaErrorNotSupported;
   }
+  if (!launch) return cudaSuccess;  // a plan only: it would run
   err = cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(logits), targets, coef, v, part,
                            ignore_index, loss, lse, nll, static_cast<T*>(grad));
   if (err != cudaSuccess) return err;
@@ -568,7 +569,9 @@ template <typename T>
 cudaError_t launch_fused(const void* logits, const int64_t* targets, const float* coef,
                          int64_t n, int64_t v, int64_t ignore_index, float* loss, float* lse,
                          float* nll, void* grad, int64_t part_bytes, int64_t slots,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, datarater::cuda::FusedPlan* plan = nullptr,
+                         bool launch = true) {
+  if (plan) *plan = datarater::cuda::FusedPlan{};
   if (n == 0 || v == 0) return cudaSuccess;
   int device = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -577,16 +580,20 @@ cudaError_t launch_fused(const void* logits, const int64_t* targets, const float
   if (err != cudaSuccess) return err;
   if (major < 9) return cudaErrorNotSupported;
   int64_t part = 0, csize = 0;
-  const auto go = [&](auto kernel, size_t smem) {
-    return launch_clusters<T>(kernel, logits, targets, coef, n, v, part, csize, smem,
-                              ignore_index, loss, lse, nll, grad, stream);
+  const auto go = [&](auto kernel, size_t smem, int kind, int64_t kslots) {
+    const cudaError_t e = launch_clusters<T>(kernel, logits, targets, coef, n, v, part, csize,
+                                             smem, ignore_index, loss, lse, nll, grad, stream,
+                                             launch);
+    if (e == cudaSuccess && plan) *plan = datarater::cuda::FusedPlan{kind, kslots, csize};
+    return e;
   };
   if (slots != 0 && slots != 16 && slots != 32) return cudaErrorInvalidValue;
   if (slots != 0) {  // the row in registers, slots per thread, up to 16 blocks, whole vectors
     const bool aligned = v % Vec<T>::n == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(grad) % 16 == 0;
     if (aligned && split_row<T>(v, slots * kThreads, 16, part, csize)) {
-      err = slots == 16 ? go(ce_fused_regs_kernel<T, 16>, 0) : go(ce_fused_regs_kernel<T, 32>, 0);
+      err = slots == 16 ? go(ce_fused_regs_kernel<T, 16>, 0, 2, 16)
+                        : go(ce_fused_regs_kernel<T, 32>, 0, 2, 32);
       if (err != cudaErrorNotSupported) return err;
     }
   }
@@ -594,7 +601,7 @@ cudaError_t launch_fused(const void* logits, const int64_t* targets, const float
   if (!split_row<T>(v, part_bytes / static_cast<int64_t>(sizeof(T)), 8, part, csize)) {
     return cudaErrorNotSupported;
   }
-  return go(ce_fused_kernel<T>, static_cast<size_t>(part) * sizeof(T));
+  return go(ce_fused_kernel<T>, static_cast<size_t>(part) * sizeof(T), 1, 0);
 }
 
 }  // namespace
@@ -642,6 +649,24 @@ cudaError_t ce_forward_grad(DType dtype, const void* logits, const int64_t* targ
       return launch_fused<__nv_bfloat16>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, slots, stream);
     case DType::kFloat16:
       return launch_fused<__half>(logits, targets, coef, n, v, ignore_index, loss, lse, nll, grad, part_bytes, slots, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t ce_forward_grad_plan(DType dtype, const void* logits, const void* grad, int64_t n,
+                                 int64_t v, int64_t part_bytes, int64_t slots, FusedPlan* plan) {
+  const auto at = [&](auto zero) {
+    using T = decltype(zero);
+    return launch_fused<T>(logits, nullptr, nullptr, n, v, 0, nullptr, nullptr, nullptr,
+                           const_cast<void*>(grad), part_bytes, slots, nullptr, plan, false);
+  };
+  switch (dtype) {
+    case DType::kFloat32:
+      return at(float{});
+    case DType::kBFloat16:
+      return at(__nv_bfloat16{});
+    case DType::kFloat16:
+      return at(__half{});
   }
   return cudaErrorInvalidValue;
 }

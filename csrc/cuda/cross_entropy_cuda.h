@@ -10,6 +10,14 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Which fused kernel a ce_forward_grad call runs: kind 0 none (the caller's two kernels),
+// 1 the row in shared memory, 2 the row in registers (slots per thread); blocks per row.
+struct FusedPlan {
+  int kind = 0;
+  int64_t slots = 0;
+  int64_t blocks = 0;
+};
+
 // See csrc/kernels.h (cpu::ce_forward) for the maths; all outputs are float32 [n].
 cudaError_t ce_forward(DType dtype, const void* logits, const int64_t* targets,
                        const float* weights, int64_t n, int64_t v, int64_t ignore_index,
@@ -31,6 +39,11 @@ cudaError_t ce_forward_grad(DType dtype, const void* logits, const int64_t* targ
                             const float* coef, int64_t n, int64_t v, int64_t ignore_index,
                             float* loss, float* lse, float* nll, void* grad, int64_t part_bytes,
                             int64_t slots, cudaStream_t stream);
+
+// What ce_forward_grad would run for these arguments on the current device, without running
+// it (benchmarks and tests report it: a fallback is otherwise silent).
+cudaError_t ce_forward_grad_plan(DType dtype, const void* logits, const void* grad, int64_t n,
+                                 int64_t v, int64_t part_bytes, int64_t slots, FusedPlan* plan);
 
 }  // namespace cuda
 }  // namespace datarater

@@ -3,6 +3,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "../kernels.h"
@@ -108,6 +110,7 @@ std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at:
                   out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
               "ce_forward_grad_cuda: out must be a contiguous tensor like logits");
   TORCH_CHECK(part_bytes >= 1024, "ce_forward_grad_cuda: part_bytes must be at least 1024");
+  TORCH_CHECK(coef.defined(), "ce_forward_grad_cuda: coef (the per-token weights) is required");
   TORCH_CHECK(slots == 0 || slots == 16 || slots == 32,
               "ce_forward_grad_cuda: slots must be 0 (shared memory), 16 or 32, got ", slots);
   auto opts = logits.options().dtype(at::kFloat);
@@ -123,6 +126,30 @@ std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at:
   }
   TORCH_CHECK(err == cudaSuccess, "ce_forward_grad_cuda: ", cudaGetErrorString(err));
   return {loss, lse, nll, out};
+}
+
+std::tuple<std::string, int64_t, int64_t> ce_forward_grad_plan_cuda(const at::Tensor& logits,
+                                                                     const at::Tensor& out,
+                                                                     int64_t part_bytes,
+                                                                     int64_t slots) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(),
+              "ce_forward_grad_plan_cuda: logits must be a contiguous CUDA tensor [N, V]");
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.is_contiguous() &&
+                  out.scalar_type() == logits.scalar_type(),
+              "ce_forward_grad_plan_cuda: out must be a contiguous tensor like logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  cuda::FusedPlan plan;
+  auto err = cuda::ce_forward_grad_plan(cuda::dtype_of(logits), logits.data_ptr(),
+                                        out.data_ptr(), logits.size(0), logits.size(1),
+                                        part_bytes, slots, &plan);
+  if (err == cudaErrorNotSupported) {
+    (void)cudaGetLastError();
+    plan = cuda::FusedPlan{};
+  } else {
+    TORCH_CHECK(err == cudaSuccess, "ce_forward_grad_plan_cuda: ", cudaGetErrorString(err));
+  }
+  const char* kinds[] = {"two kernels", "shared memory", "registers"};
+  return {kinds[plan.kind], plan.slots, plan.blocks};
 }
 
 }  // namespace gpu

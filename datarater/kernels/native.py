@@ -91,6 +91,17 @@ def _part_bytes() -> int:
     return int(os.environ.get("DATARATER_CE_PART_BYTES", 64 * 1024))
 
 
+def fused_plan(logits: Tensor) -> tuple[str, int, int] | None:
+    """Which fused CUDA kernel ``forward_grad`` runs on these logits (in place) with the current
+    settings: ("registers" | "shared memory" | "two kernels", slots per thread, blocks per row).
+    None without the CUDA extension. Benchmarks and tests report it: a fallback is silent."""
+    plan = getattr(extension(), "ce_forward_grad_plan_cuda", None)
+    if plan is None or not logits.is_cuda:
+        return None
+    kind, slots, blocks = plan(logits, logits, _part_bytes(), _slots())
+    return kind, slots, blocks
+
+
 def _slots() -> int:
     """Which fused CUDA kernel runs: 0 holds each row in shared memory (measured on an H200,
     the default), 16 or 32 hold it in registers, that many logits per thread, and evaluate one
