@@ -229,8 +229,9 @@ def _block(n: int) -> int:
 
 
 def _warps(block: int) -> int:
-    """About 4 elements of a row per thread: wider rows spill registers at 16 warps or fewer
-    (the LayerNorm backward keeps six row vectors live; checked with ptxas for sm_90)."""
+    """4 elements of a row per thread up to 4096-wide blocks (32 warps), more beyond: wide
+    rows spill registers at 16 warps or fewer (the LayerNorm backward keeps six row vectors
+    live; checked with ptxas for sm_90; rows near 16384 still spill a little)."""
     return min(32, max(4, block // 128))
 
 
