@@ -125,11 +125,25 @@ def _(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Ten
     return q.new_empty(b, n, h, d)
 
 
-# Block shapes tried by the autotuner on GPUs (BLOCK_M, BLOCK_N, warps, stages); the first is
-# the fixed choice when tuning is off (DATARATER_ATTENTION_AUTOTUNE=0, used by the GPU tests to
-# spare compilations) and the interpreter's is small.
-_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
+# Block shapes tried by the autotuner on GPUs (BLOCK_M, BLOCK_N, warps, stages), for 16-bit
+# and for float32 inputs (whose blocks take twice the shared memory: at head size 128 only
+# these fit Hopper's 227 KiB, checked by compiling for sm_90); the first of each is the fixed
+# choice when tuning is off (DATARATER_ATTENTION_AUTOTUNE=0, used by the GPU tests to spare
+# compilations). The interpreter's is small.
+_CONFIGS_16 = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
+_CONFIGS_32 = ((64, 32, 4, 2), (32, 32, 4, 2))
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's candidates for these inputs' element size."""
+    wide = named_args["q_ptr"].element_size() == 4
+    keep = _CONFIGS_32 if wide else _CONFIGS_16
+    return [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep
+    ]
 
 
 def _tuning() -> bool:
@@ -151,8 +165,8 @@ if triton is not None:
     ):  # fmt: skip
         """One program: BLOCK_M queries of one (batch, head), streamed over all keys with an
         online softmax in base 2 (the scale folded into one multiply). ``EVEN`` (L a multiple
-        of both blocks) drops the bounds masks; ``DOT_F32`` multiplies in float32 (Triton's
-        CPU interpreter gets 16-bit products wrong)."""
+        of both blocks) drops the bounds masks; ``DOT_F32`` multiplies in float32 without TF32
+        rounding (float32 inputs; and Triton's CPU interpreter gets 16-bit products wrong)."""
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -184,7 +198,10 @@ if triton is not None:
                 vb = tl.load(v_ptrs, mask=cols[:, None] < L, other=0.0)
             if DOT_F32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            if DOT_F32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale_log2
             if HAS_KEEP or CAUSAL or not EVEN:
                 allowed = (cols < L)[None, :]
                 if HAS_KEEP:
@@ -199,7 +216,9 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - ref)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DOT_F32:
-                pv = tl.dot(p.to(vb.dtype).to(tl.float32), vb.to(tl.float32))
+                pv = tl.dot(
+                    p.to(vb.dtype).to(tl.float32), vb.to(tl.float32), input_precision="ieee"
+                )
             else:
                 pv = tl.dot(p.to(vb.dtype), vb)
             acc = acc * alpha[:, None] + pv
@@ -214,9 +233,10 @@ if triton is not None:
     _tuned_attention_kernel = triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in _CONFIGS
+            for bm, bn, w, st in _CONFIGS_16 + _CONFIGS_32
         ],
-        key=["L", "D", "HAS_KEEP", "CAUSAL"],
+        key=["L", "D", "HAS_KEEP", "CAUSAL", "DOT_F32"],
+        prune_configs_by={"early_config_prune": _prune},
     )(_attention_kernel)
 
 
@@ -233,7 +253,10 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
     if _tuning():
         kernel, fixed = _tuned_attention_kernel, {}
     else:
-        bm, bn, w, st = _INTERPRETER_CONFIG if _interpreting() else _CONFIGS[0]
+        wide = q.element_size() == 4
+        bm, bn, w, st = (
+            _INTERPRETER_CONFIG if _interpreting() else (_CONFIGS_32 if wide else _CONFIGS_16)[0]
+        )
         kernel = _attention_kernel
         fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -245,6 +268,7 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
             out.stride(0), out.stride(2), out.stride(1),
             0 if keep is None else keep_arg.stride(0),
             h, n, math.log2(math.e) / math.sqrt(d),
-            D=d, HAS_KEEP=keep is not None, CAUSAL=causal, DOT_F32=_interpreting(), **fixed,
+            D=d, HAS_KEEP=keep is not None, CAUSAL=causal,
+            DOT_F32=_interpreting() or q.dtype == torch.float32, **fixed,
         )  # fmt: skip
     return out

@@ -1,0 +1,135 @@
+"""Compiles every Triton kernel of datarater for sm_90 (Hopper) without a GPU; run by
+tests/test_triton_sources.py in a process of its own (the test suite's Triton interpreter
+replaces compiled kernels by interpreted ones). Prints one line per kernel family; exits
+non-zero on the first failure."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET: the kernels must be compiled, not interpreted")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from datarater.kernels import attention as A  # noqa: E402
+from datarater.kernels import triton_ce as CE  # noqa: E402
+from datarater.kernels import triton_tangent as TT  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+SMEM_PER_BLOCK = 227 * 1024  # the most shared memory a Hopper block may opt into
+
+
+def _compile(fn, sig: dict, const: dict, warps: int = 4, stages: int = 3):
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn  # through @triton.heuristics / @triton.autotune
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    kernel = triton.compile(
+        ASTSource(fn, sig, constexprs=const),
+        target=HOPPER,
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    if kernel.metadata.shared > SMEM_PER_BLOCK:
+        raise RuntimeError(
+            f"{fn.__name__} {const}: {kernel.metadata.shared} bytes of shared memory"
+        )
+    return kernel
+
+
+ATT_PTRS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
+ATT_INTS = "sqb sqh sql skb skh skl svb svh svl sob soh sol s_keep H L".split()
+
+
+def attention(dtype: str, d: int) -> None:
+    configs = A._CONFIGS_32 if dtype == "fp32" else A._CONFIGS_16
+    sig = {p: f"*{dtype}" for p in ATT_PTRS} | {"keep_ptr": "*u8"}
+    sig |= {i: "i32" for i in ATT_INTS} | {"scale_log2": "fp32"}
+    for bm, bn, warps, stages in configs:
+        for keep, causal, even in ((False, False, True), (True, True, False)):
+            const = dict(D=d, HAS_KEEP=keep, CAUSAL=causal, DOT_F32=dtype == "fp32",
+                         BLOCK_M=bm, BLOCK_N=bn, EVEN=even)  # fmt: skip
+            kernel = _compile(A._attention_kernel, sig, const, warps, stages)
+            if dtype != "fp32" and "wgmma" not in kernel.asm["ptx"]:
+                raise RuntimeError(f"attention {dtype} {const}: no wgmma (Hopper's matrix unit)")
+    print(f"attention {dtype} head size {d}: {len(configs)} block shapes x 2 variants")
+
+
+def cross_entropy(dtype: str) -> None:
+    z = f"*{dtype}"
+    block = 8192
+    warps = CE._warps(block)
+    _compile(
+        CE._ce_forward_kernel,
+        {"z_ptr": z, "stride_z": "i64", "t_ptr": "*i64", "w_ptr": "*fp32", "loss_ptr": "*fp32",
+         "lse_ptr": "*fp32", "nll_ptr": "*fp32", "V": "i32", "ignore_index": "i64"},
+        {"HAS_W": True, "BLOCK": block}, warps,
+    )  # fmt: skip
+    _compile(
+        CE._ce_directional_kernel,
+        {"z_ptr": z, "stride_z": "i64", "t_ptr": "*i64", "lse_ptr": "*fp32", "d_ptr": z,
+         "stride_d": "i64", "ch_ptr": "*fp32", "cg_ptr": "*fp32", "dot_ptr": "*fp32",
+         "out_ptr": z, "stride_o": "i64", "V": "i32", "ignore_index": "i64"},
+        {"HAS_D": True, "HAS_CH": True, "HAS_CG": True, "WANT_OUT": True, "BLOCK": block}, warps,
+    )  # fmt: skip
+    _compile(
+        CE._ce_fused_kernel,
+        {"z_ptr": z, "stride_z": "i64", "t_ptr": "*i64", "c_ptr": "*fp32", "loss_ptr": "*fp32",
+         "lse_ptr": "*fp32", "nll_ptr": "*fp32", "g_ptr": z, "stride_g": "i64", "V": "i32",
+         "ignore_index": "i64"},
+        {"BLOCK": block}, warps,
+    )  # fmt: skip
+
+
+def tangents() -> None:
+    ty = "*bf16"
+    _compile(
+        TT._gelu_fwd_kernel,
+        {"u_ptr": ty, "du_ptr": ty, "act_ptr": ty, "dact_ptr": ty, "g1_ptr": ty, "g2_ptr": ty,
+         "n": "i32"},
+        {"BLOCK": 1024},
+    )  # fmt: skip
+    _compile(
+        TT._gelu_bwd_kernel,
+        {"ga_ptr": ty, "dga_ptr": ty, "g1_ptr": ty, "g2_ptr": ty, "du_ptr": ty, "gu_ptr": ty,
+         "dgu_ptr": ty, "n": "i32"},
+        {"BLOCK": 1024},
+    )  # fmt: skip
+    for block in (16, 2048):
+        warps = TT._warps(block)
+        _compile(
+            TT._softmax_fwd_kernel,
+            {"s_ptr": ty, "ds_ptr": ty, "a_ptr": ty, "da_ptr": ty, "L": "i32", "scale": "fp32"},
+            {"CAUSAL": True, "BLOCK": block}, warps,
+        )  # fmt: skip
+        _compile(
+            TT._softmax_bwd_kernel,
+            {"a_ptr": ty, "da_ptr": ty, "ga_ptr": ty, "dga_ptr": ty, "gs_ptr": ty, "dgs_ptr": ty,
+             "L": "i32", "scale": "fp32"},
+            {"BLOCK": block}, warps,
+        )  # fmt: skip
+        names = "x_ptr dx_ptr g_ptr dg_ptr b_ptr db_ptr y_ptr dy_ptr xh_ptr dxh_ptr r_ptr m_ptr"
+        _compile(
+            TT._layer_norm_fwd_kernel,
+            {n: ty for n in names.split()} | {"D": "i32", "eps": "fp32"},
+            {"BLOCK": block}, warps,
+        )  # fmt: skip
+        names = "gy_ptr dgy_ptr xh_ptr dxh_ptr r_ptr m_ptr g_ptr dg_ptr gx_ptr dgx_ptr"
+        _compile(
+            TT._layer_norm_bwd_kernel,
+            {n: ty for n in names.split()} | {"part_ptr": "*fp32", "N": "i32", "D": "i32",
+                                              "ROWS": "i32"},
+            {"BLOCK": block}, warps,
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    for dtype, d in (("bf16", 128), ("fp16", 64), ("bf16", 256), ("fp32", 128)):
+        attention(dtype, d)
+    for dtype in ("fp32", "bf16"):
+        cross_entropy(dtype)
+        print(f"cross-entropy {dtype}: forward, directional, fused")
+    tangents()
+    print("tangent ops: GELU, softmax, LayerNorm (forward and backward)")
