@@ -139,8 +139,8 @@ def batches():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Show the CUDA compile report (registers, spills) in CI's output."""
-    from .test_cuda_sources import REPORT
+    """Show the compile reports (CUDA registers and spills, Triton for sm_90) in CI's output."""
+    from . import test_cuda_sources, test_triton_sources
 
-    for line in REPORT:
+    for line in test_cuda_sources.REPORT + test_triton_sources.REPORT:
         terminalreporter.write_line(line)
