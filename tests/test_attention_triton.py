@@ -131,6 +131,9 @@ def test_scoring_refuses_the_triton_attention_off_the_gpu():
         scoring_copy(_rater("sdpa"), "cpu", 0, attention="triton")
     with pytest.raises(ValueError, match="attention must be one of"):
         scoring_copy(_rater("sdpa"), "cpu", 0, attention="flash")
+    q, k, v = _qkv(65536, 1, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="batch x heads = 65536"):
+        attention(q, k, v, backend="triton")  # more programs than the grid's second axis
 
 
 @on_gpu

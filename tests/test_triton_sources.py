@@ -21,6 +21,8 @@ REPORT: list[str] = []
 
 def test_every_triton_kernel_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     out = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("triton_aot.py"))],
         capture_output=True,
@@ -29,6 +31,10 @@ def test_every_triton_kernel_compiles_for_hopper():
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = [
+        line
+        for line in out.stdout.splitlines()
+        if line.startswith(("attention ", "cross-entropy ", "tangent ops"))
+    ]
     assert len(lines) == 7, out.stdout  # 4 attention cases, 2 cross-entropy, 1 tangent line
     REPORT.extend(f"triton sm_90: {line}" for line in lines)

@@ -47,14 +47,18 @@ def attention(dtype: str, d: int) -> None:
     configs = A._CONFIGS_32 if dtype == "fp32" else A._CONFIGS_16
     sig = {p: f"*{dtype}" for p in ATT_PTRS} | {"keep_ptr": "*u8"}
     sig |= {i: "i32" for i in ATT_INTS} | {"scale_log2": "fp32"}
+    variants = [(False, False, True), (True, True, False)]
+    if (dtype, d) == ("bf16", 128):  # the scoring case: every mask combination
+        variants += [(True, False, True), (False, True, False)]
     for bm, bn, warps, stages in configs:
-        for keep, causal, even in ((False, False, True), (True, True, False)):
+        for keep, causal, even in variants:
             const = dict(D=d, HAS_KEEP=keep, CAUSAL=causal, DOT_F32=dtype == "fp32",
                          BLOCK_M=bm, BLOCK_N=bn, EVEN=even)  # fmt: skip
             kernel = _compile(A._attention_kernel, sig, const, warps, stages)
             if dtype != "fp32" and "wgmma" not in kernel.asm["ptx"]:
                 raise RuntimeError(f"attention {dtype} {const}: no wgmma (Hopper's matrix unit)")
-    print(f"attention {dtype} head size {d}: {len(configs)} block shapes x 2 variants")
+    shapes = f"{len(configs)} block shapes x {len(variants)} variants"
+    print(f"attention {dtype} head size {d}: {shapes}")
 
 
 def cross_entropy(dtype: str) -> None:

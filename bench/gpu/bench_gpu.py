@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -57,18 +58,39 @@ def timed(fn, device, iters: int = 5, warmup: int = 2, setup=None) -> tuple[floa
     return sorted(times)[len(times) // 2], peak
 
 
-def case(group: str, name: str, fn, device, setup=None, check=None, **extra) -> None:
+OUT: dict = {"path": None, "device": ""}  # where add() keeps the JSON current
+
+
+def add(row: dict) -> None:
+    """Record a row: printed and saved at once, so a slot that runs out keeps it."""
+    ROWS.append(row)
+    print("row:", json.dumps(row), flush=True)
+    _save(OUT["path"], OUT["device"])
+
+
+def case(
+    group: str,
+    name: str,
+    fn,
+    device,
+    setup=None,
+    check=None,
+    tokens_per_call: int | None = None,
+    **extra,
+) -> None:
     """Time ``fn`` into a row; ``check()`` (untimed, first) returns more fields for it (an
-    error against float64, the kernel that ran). Any failure becomes an error row."""
+    error against float64, the kernel that ran); ``tokens_per_call`` adds a throughput. Any
+    failure becomes an error row."""
     try:
         if check is not None:
             extra = {**extra, **check()}
         ms, peak = timed(fn, device, setup=setup)
-        ROWS.append(
-            dict(group=group, case=name, ms=round(ms, 3), peak_mb=round(peak / 1e6, 1), **extra)
-        )
+        row = dict(group=group, case=name, ms=round(ms, 3), peak_mb=round(peak / 1e6, 1))
+        if tokens_per_call is not None:
+            row["tokens_per_s"] = round(tokens_per_call / ms * 1e3)
+        add({**row, **extra})
     except Exception as e:  # noqa: BLE001 - report and go on
-        ROWS.append(dict(group=group, case=name, error=f"{type(e).__name__}: {e}"[:200]))
+        add(dict(group=group, case=name, error=f"{type(e).__name__}: {e}"[:200]))
         traceback.print_exc()
     finally:
         if torch.device(device).type == "cuda":
@@ -143,11 +165,11 @@ def bench_weighted_ce(device, n: int, v: int, backends: list[str]) -> None:
         case("weighted CE bf16 fwd+bwd", f"datarater {b}", run_with(ours), device, check=check,
              **tag)  # fmt: skip
         bench_fused_ce(device, z0, t, w, ref_grad, b, tag)
-        if b == "cuda":  # the register-resident fused kernels, beside the default above
-            for slots in ("16", "32"):
-                with env_var("DATARATER_CE_FUSED_SLOTS", slots):
-                    name = f" (registers, {slots} per thread)"
-                    bench_fused_ce(device, z0, t, w, ref_grad, b, {**tag, "slots": slots}, name)
+    if "cuda" in backends:  # the register-resident fused kernels (new: last, after the rest)
+        for slots in ("16", "32"):
+            with env_var("DATARATER_CE_FUSED_SLOTS", slots):
+                name = f" (registers, {slots} per thread)"
+                bench_fused_ce(device, z0, t, w, ref_grad, "cuda", {**tag, "slots": slots}, name)
 
 
 def bench_fused_ce(device, z0, t, w, ref_grad, backend: str, tag: dict, name: str = "") -> None:
@@ -354,7 +376,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
     try:  # FP8 needs compute capability >= 8.9 on GPUs; on the CPU it is the reference path
         fp8_rater = to_float8(rater)
     except Exception as e:  # noqa: BLE001 - report and go on
-        ROWS.append(dict(group="scoring", case="rater forward, fp8", error=str(e)[:200]))
+        add(dict(group="scoring", case="rater forward, fp8", error=str(e)[:200]))
 
     def fp8_forward():
         with torch.inference_mode():
@@ -413,14 +435,17 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
     with torch.inference_mode():
         ref_scores = rater(ids, padded=False).float()
     for name, fn in variants:
-        case("scoring", name, fn, device, **tag)
-        row = ROWS[-1]
-        if "ms" in row:
-            row["tokens_per_s"] = round(batch * cfg.max_seq_len / row["ms"] * 1e3)
-        if ("fp8" in name or "triton" in name) and "ms" in row:
+
+        def agreement(fn=fn):  # scores against the bf16 eager forward's
             got = fn().float()
-            row["score_rel_err"] = f"{rel_err(got, ref_scores):.1e}"
-            row["spearman"] = round(spearman(got.cpu(), ref_scores.cpu()), 4)
+            return dict(
+                score_rel_err=f"{rel_err(got, ref_scores):.1e}",
+                spearman=round(spearman(got.cpu(), ref_scores.cpu()), 4),
+            )
+
+        check = agreement if ("fp8" in name or "triton" in name) else None
+        tokens = batch * cfg.max_seq_len
+        case("scoring", name, fn, device, check=check, tokens_per_call=tokens, **tag)
 
     # the pipeline, with the byte tokenizer (the rater's vocabulary must match it)
     byte_cfg = replace(cfg, vocab_size=258)
@@ -459,7 +484,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
                 seconds = time.perf_counter() - t0
                 if rep["failed"] or rep["rows"] != shards * docs_per_shard:
                     raise RuntimeError(f"pipeline incomplete: {rep['rows']} rows, {rep['failed']}")
-                ROWS.append(
+                add(
                     dict(
                         group="scoring",
                         case=name,
@@ -470,7 +495,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
                     )
                 )
             except Exception as e:  # noqa: BLE001 - report and go on
-                ROWS.append(dict(group="scoring", case=name, error=str(e)[:200]))
+                add(dict(group="scoring", case=name, error=str(e)[:200]))
                 traceback.print_exc()
             finally:
                 ready = None
@@ -525,22 +550,26 @@ def main(argv=None) -> int:
             "meta": lambda: bench_meta_step(device, "17m", 16, 256, [1, 8]),
             "scoring": lambda: bench_scoring(device, preset("rater-70m"), 64, 8, 2000),
         }
-    for group in only:  # in the order asked: a short slot runs what matters first
-        done = len(ROWS)
-        try:
-            plan[group]()
-        except Exception as e:  # noqa: BLE001 - one group's failure must not cost the others
-            ROWS.append(dict(group=group, case="(the whole group)", error=f"{e!r}"[:200]))
-            traceback.print_exc()
-        for row in ROWS[done:]:  # as they come: a slot that runs out still shows them
-            print("row:", json.dumps(row), flush=True)
+    OUT.update(path=args.out, device=name)
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM first: print the table, then leave
+        raise SystemExit(124)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for group in only:  # in the order asked: a short slot runs what matters first
+            try:
+                plan[group]()
+            except Exception as e:  # noqa: BLE001 - one group's failure must not cost the others
+                add(dict(group=group, case="(the whole group)", error=f"{e!r}"[:200]))
+                traceback.print_exc()
+    finally:
+        keys = list(dict.fromkeys(k for r in ROWS for k in r))
+        print("\n| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for r in ROWS:
+            print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
         _save(args.out, name)
-    keys = list(dict.fromkeys(k for r in ROWS for k in r))
-    print("\n| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for r in ROWS:
-        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-    _save(args.out, name)
     return 1 if any("error" in r for r in ROWS) else 0
 
 

@@ -7,10 +7,10 @@
 #   FIRST=ce THEN=meta bash bench/gpu/check.sh   (benchmark groups before and after the tests,
 #   in order, from ce, ce32k, sweep (CUDA fused), tsweep (Triton fused), linear, meta, scoring;
 #   default FIRST=ce,scoring THEN=meta,linear,sweep,ce32k)
-# Every stage has its own time limit (BUILD_S, FIRST_S, NEW_TESTS_S, TESTS_S, THEN_S), cut to
-# what is left of TOTAL_S (560 s) so that the script ends inside one device call; rows print as
-# they finish (in bench_*.log; the table at the end) and the JSON is rewritten after each group,
-# so a slot that runs out keeps what was measured.
+# Every stage has its own time limit (BUILD_S; NEW_TESTS_S per new-kernel test file; CE_S,
+# SCORING_S or GROUP_S per benchmark group; TESTS_S), cut to what is left of TOTAL_S (560 s) so that the script
+# ends inside one device call; rows are saved as they finish ($OUT/gpu_<group>.json, and
+# bench_<group>.log with a table at its end), so a slot that runs out keeps what was measured.
 # A failed CUDA build is reported and the rest runs on the Triton and torch backends.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,22 +33,34 @@ MAX_JOBS=${MAX_JOBS:-16} timeout "$(limit "${BUILD_S:-240}")" python3 -m pip ins
 grep -iE "error|warning: datarater" "$out/build.log" | head -20
 python3 -c "import datarater._C as c, torch; print('extension with CUDA:', c.with_cuda, '| torch', torch.__version__, '|', torch.cuda.get_device_name())" \
     || echo "!! the extension did not build or load: see build.log; going on without it"
-stamp "benchmarks (first)"
-timeout -k 10 "$(limit "${FIRST_S:-300}")" python3 bench/gpu/bench_gpu.py \
-    --out "$out/gpu_first.json" --only "${FIRST:-ce,scoring}" 2>&1 \
-    | tee "$out/bench_first.log" | grep -v "^row:"
+# one process per benchmark group, each with its own limit: a hang or a sticky CUDA error in
+# one group (a kernel run for the first time) costs that group only
+# (limits: CE_S 100, SCORING_S 240, any other <GROUP>_S, else GROUP_S 150)
+CE_S=${CE_S:-100}
+SCORING_S=${SCORING_S:-240}
+groups() {
+    local stage=$1 list=$2 g var
+    for g in ${list//,/ }; do
+        var="${g^^}_S"
+        stamp "benchmarks ($stage): $g"
+        timeout -k 10 "$(limit "${!var:-${GROUP_S:-150}}")" python3 bench/gpu/bench_gpu.py \
+            --out "$out/gpu_$g.json" --only "$g" 2>&1 | tee "$out/bench_$g.log" | grep -v "^row:"
+    done
+}
+# the tests of what no GPU has run yet, each file in its own process
+newtest() {
+    local name=$1; shift
+    timeout -k 10 "$(limit "${NEW_TESTS_S:-75}")" python3 -m pytest -v --tb=short \
+        -p no:cacheprovider "$@" 2>&1 | tee "$out/tests_$name.log" | tail -4
+}
+groups first "${FIRST:-ce,scoring}"
+stamp "new-kernel tests"
+newtest registers tests/test_gpu.py::test_gpu_fused_kernel_in_registers_matches_float64
+newtest attention tests/test_attention_triton.py
+newtest tangent tests/test_tangent_ops_triton.py
 stamp "GPU tests"
-# the kernels written since the last GPU run first, in their own process: a sticky CUDA error
-# there must not fail every later test
-timeout -k 10 "$(limit "${NEW_TESTS_S:-90}")" python3 -m pytest -v --tb=short -p no:cacheprovider \
-    tests/test_gpu.py::test_gpu_fused_kernel_in_registers_matches_float64 \
-    tests/test_attention_triton.py \
-    tests/test_tangent_ops_triton.py 2>&1 | tee "$out/tests_new.log" | tail -8
 timeout -k 10 "$(limit "${TESTS_S:-180}")" python3 -m pytest -v --tb=short -p no:cacheprovider \
     tests/test_gpu.py -k "not in_registers" tests/test_gpu_fast_scoring.py \
     tests/test_forward_over_reverse.py 2>&1 | tee "$out/tests.log" | tail -8
-stamp "benchmarks (then)"
-timeout -k 10 "$(limit "${THEN_S:-240}")" python3 bench/gpu/bench_gpu.py \
-    --out "$out/gpu_then.json" --only "${THEN:-meta,linear,sweep,ce32k}" 2>&1 \
-    | tee "$out/bench_then.log" | grep -v "^row:"
+groups then "${THEN:-meta,linear,sweep,ce32k}"
 stamp "total"

@@ -31,6 +31,7 @@ from .triton_import import tl, triton
 BACKENDS = ("torch", "triton")
 _HEAD_SIZES = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_GRID_Y = 65535  # the launch grid's second axis runs over batch x heads
 
 
 def _interpreting() -> bool:
@@ -76,17 +77,20 @@ def attention_reference(
 
 
 def reason_unsupported(q: Tensor) -> str | None:
-    """Why the Triton kernel cannot take these inputs (None: it can)."""
+    """Why the Triton kernel cannot take these inputs (None: it can). The device comes last:
+    the other reasons hold on every device."""
     if triton is None:
         return "triton is not installed"
-    if q.device.type != "cuda" and not _interpreting():
-        return "the Triton kernel runs on CUDA tensors (or the CPU under TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes {_DTYPES})"
     if q.shape[-1] not in _HEAD_SIZES:
         return f"head size {q.shape[-1]} (the kernel takes {_HEAD_SIZES})"
     if q.stride(-1) != 1:
         return "q, k, v need unit stride in the head dimension"
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return f"batch x heads = {q.shape[0] * q.shape[1]} (at most {_MAX_GRID_Y})"
+    if q.device.type != "cuda" and not _interpreting():
+        return "the Triton kernel runs on CUDA tensors (or the CPU under TRITON_INTERPRET=1)"
     return None
 
 
@@ -131,7 +135,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Ten
 # choice when tuning is off (DATARATER_ATTENTION_AUTOTUNE=0, used by the GPU tests to spare
 # compilations). The interpreter's is small.
 _CONFIGS_16 = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
-_CONFIGS_32 = ((64, 32, 4, 2), (32, 32, 4, 2))
+_CONFIGS_32 = ((32, 32, 4, 2), (64, 32, 4, 2))  # the first spills least (ptxas, Triton 3.6)
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 
 
@@ -198,7 +202,6 @@ if triton is not None:
                 vb = tl.load(v_ptrs, mask=cols[:, None] < L, other=0.0)
             if DOT_F32:
                 k = k.to(tl.float32)
-            if DOT_F32:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
             else:
                 s = tl.dot(q, tl.trans(k)) * scale_log2
@@ -245,7 +248,7 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    keep_arg = q if keep is None else keep.to(torch.uint8).contiguous()
+    keep_arg = q if keep is None else keep.contiguous().view(torch.uint8)  # no copy
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), b * h)

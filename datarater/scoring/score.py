@@ -102,8 +102,18 @@ def scoring_copy(
     # fp8 keeps its other layers in bf16 on GPUs; on CPUs, float32 isolates the quantisation
     on_cpu_fp8 = fp8 and device.type != "cuda"
     dtype = torch.float32 if precision == "fp32" or on_cpu_fp8 else torch.bfloat16
-    if attention == "triton" and device.type != "cuda":
-        raise ValueError(f"attention='triton' runs on GPUs; scoring on {device} uses 'sdpa'")
+    if attention == "triton":
+        from ..kernels.attention import _HEAD_SIZES
+
+        if device.type != "cuda":
+            raise ValueError(f"attention='triton' runs on GPUs; scoring on {device} uses 'sdpa'")
+        cfg = getattr(rater, "cfg", None)
+        head = None if cfg is None else cfg.d_model // cfg.n_heads
+        if head is not None and head not in _HEAD_SIZES:
+            raise ValueError(
+                f"attention='triton' takes head sizes {_HEAD_SIZES}; this rater's is {head} "
+                f"(d_model {cfg.d_model} / {cfg.n_heads} heads): use 'sdpa'"
+            )
     wanted = (precision, compile, attention)
     marker = getattr(rater, "scoring_options", None)
     plain = not fp8 and not compile and attention == "sdpa"
