@@ -82,6 +82,33 @@ def make_batches(
     return [one() for _ in range(steps)], one()
 
 
+def byte_rater(seed: int = 0, d: int = 32, layers: int = 2, ctx: int = 64) -> Rater:
+    """A rater over byte tokens (258: bytes, BOS, padding) whose scores spread enough for
+    ranks to mean something: the scoring tests' model."""
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=ctx, d_model=d, n_layers=layers, n_heads=2)
+    rater = Rater(cfg, pad_id=257).eval()
+    with torch.no_grad():
+        rater.head.weight.normal_(0, 1.0)
+    return rater
+
+
+def varied_texts(seed: int, n: int = 64, soup: int = 90, words: int = 30) -> list[str]:
+    """Word salads and symbol soup of many lengths (up to ``soup`` characters and ``words``
+    words): some longer than a small rater's context."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = "the of and data model rater score token corpus filter quality ZEBRA 42 ###".split()
+    texts = []
+    for i in range(n):
+        if i % 3 == 0:
+            texts.append("".join(chr(rng.randint(33, 126)) for _ in range(rng.randint(1, soup))))
+        else:
+            texts.append(" ".join(rng.choice(vocab) for _ in range(rng.randint(1, words))))
+    return texts
+
+
 def gpu_meta_grads() -> list[torch.Tensor]:
     """The rater's meta-gradient from ``meta_step`` on the GPU, mixed mode then reverse mode,
     on the tiny models in float32 (the GPU tests compare the two)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from datarater.kernels.attention import attention, attention_reference
-from datarater.models import Rater, TransformerConfig
+from datarater.models import Rater, TransformerConfig, set_inference_attention
 
 from .kernel_cases import rel
 
@@ -107,10 +107,7 @@ def _rater(backend: str) -> Rater:
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=40, max_seq_len=24, d_model=32, n_layers=2, n_heads=2)
     rater = Rater(cfg, pad_id=0).eval()
-    for m in rater.modules():
-        if hasattr(m, "attention_backend"):
-            m.attention_backend = backend
-    return rater
+    return set_inference_attention(rater, backend)
 
 
 @interpreted
@@ -171,10 +168,7 @@ def test_the_triton_attention_is_one_opaque_operator_to_torch_compile():
     """No graph break at the kernel call: compiled scoring keeps one graph per shape."""
     import torch._dynamo
 
-    rater = _rater("triton")
-    for m in rater.modules():
-        if hasattr(m, "inference_only"):
-            m.inference_only = True  # as scoring copies are
+    rater = _rater("triton")  # inference-only attention, as scoring copies are
     ids = torch.randint(1, 40, (3, 16))
     ids[1, 5:] = 0
     torch._dynamo.reset()

@@ -181,6 +181,7 @@ def test_gpu_fused_kernel_in_registers_matches_float64(monkeypatch, slots, dtype
     from datarater.kernels.native import CUDA, fused_plan
 
     monkeypatch.setenv("DATARATER_CE_FUSED_SLOTS", slots)
+    monkeypatch.delenv("DATARATER_CE_PART_BYTES", raising=False)  # the 64 KiB assumed below
     z, t, w, *_ = (x.cuda() for x in make_inputs(*shape, dtype=dtype, seed=5))
     z[0, : shape[1] // 3] = float("-inf")
     t[0], w[0] = shape[1] - 1, 1.0  # the masked row counts

@@ -5,46 +5,20 @@ Skipped on machines without CUDA; bench/gpu/check.sh runs them on a GPU machine.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from torch import nn
 
-from datarater.models import Rater, TransformerConfig
 from datarater.models.fp8 import Float8Linear, check_fp8_device, float8_linear_reference
 from datarater.scoring.metrics import spearman
 from datarater.scoring.score import score_texts, scoring_copy
 
+from .conftest import byte_rater, varied_texts
+from .kernel_cases import rel
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 needs_fp8 = pytest.mark.skipif(not FP8_GPU, reason="needs compute capability >= 8.9")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def gpu_rater(seed: int = 0) -> Rater:
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=258, max_seq_len=128, d_model=128, n_layers=2, n_heads=2)
-    rater = Rater(cfg, pad_id=257).eval()
-    with torch.no_grad():
-        rater.head.weight.normal_(0, 1.0)
-    return rater
-
-
-def texts(seed: int, n: int = 64) -> list[str]:
-    rng = random.Random(seed)
-    words = "the of and data model rater score token corpus filter quality ZEBRA 42 ###".split()
-    out = []
-    for i in range(n):
-        if i % 3 == 0:
-            out.append("".join(chr(rng.randint(33, 126)) for _ in range(rng.randint(1, 200))))
-        else:
-            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))))
-    return out
 
 
 def test_the_fp8_capability_check_matches_the_device():
@@ -71,7 +45,7 @@ def test_scaled_mm_path_matches_the_reference(k, n, m):
 
 @needs_fp8
 def test_fp8_scores_rank_like_bf16_scores_on_the_gpu():
-    rater, docs = gpu_rater(1), texts(1)
+    rater, docs = byte_rater(1, d=128, ctx=128), varied_texts(1, soup=200, words=40)
     bf16 = score_texts(rater, docs, aggregate="mean", device="cuda", batch_size=16)
     fp8 = score_texts(rater, docs, aggregate="mean", device="cuda", batch_size=16, precision="fp8")
     assert fp8.isfinite().all() and not torch.equal(fp8, bf16)
@@ -80,7 +54,7 @@ def test_fp8_scores_rank_like_bf16_scores_on_the_gpu():
 
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
 def test_compiled_bucketed_scoring_equals_eager_on_the_gpu(precision):
-    rater, docs = gpu_rater(2), texts(2, n=40)
+    rater, docs = byte_rater(2, d=128, ctx=128), varied_texts(2, n=40, soup=200, words=40)
     eager = score_texts(rater, docs, device="cuda", batch_size=16, precision=precision)
     prepared = scoring_copy(rater, "cuda", 257, precision, compile=True)
     compiled = score_texts(

@@ -300,3 +300,19 @@ def test_a_refused_create_graph_backward_leaves_the_gradient_for_a_plain_one():
     ref_z = z.double().requires_grad_(True)
     ref = weighted_cross_entropy(ref_z, t, w.double(), ignore_index=IGNORE, reduction="sum")
     assert rel(g, torch.autograd.grad(ref, ref_z)[0]) <= 1e-5
+
+
+def test_the_fused_cuda_kernel_settings_are_checked(monkeypatch):
+    from datarater.kernels import native
+
+    monkeypatch.setenv("DATARATER_CE_PART_BYTES", "512")
+    with pytest.raises(ValueError, match="DATARATER_CE_PART_BYTES must be"):
+        native._part_bytes()
+    monkeypatch.setenv("DATARATER_CE_PART_BYTES", "98304")
+    assert native._part_bytes() == 98304
+    monkeypatch.setenv("DATARATER_CE_FUSED_SLOTS", "64")
+    with pytest.raises(ValueError, match="DATARATER_CE_FUSED_SLOTS must be"):
+        native._slots()
+    monkeypatch.setenv("DATARATER_CE_FUSED_SLOTS", "16")
+    assert native._slots() == 16
+    assert native.fused_plan(torch.zeros(2, 8)) is None  # no CUDA extension or tensor here

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +10,6 @@ import torch
 from torch import nn
 
 from datarater.cli import main
-from datarater.models import Rater, TransformerConfig
 from datarater.models import fp8 as fp8_mod
 from datarater.models.fp8 import (
     Float8Linear,
@@ -33,33 +31,8 @@ from datarater.scoring.score import (
 )
 from datarater.training import save_rater
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def small_rater(seed: int = 0, d: int = 32, layers: int = 2, ctx: int = 64) -> Rater:
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=258, max_seq_len=ctx, d_model=d, n_layers=layers, n_heads=2)
-    rater = Rater(cfg, pad_id=257).eval()
-    with torch.no_grad():  # scores spread enough for ranks to mean something
-        rater.head.weight.normal_(0, 1.0)
-    return rater
-
-
-def varied_texts(seed: int, n: int = 64) -> list[str]:
-    """Words and symbol soup of many lengths (some longer than the context)."""
-    rng = random.Random(seed)
-    words = "the of and data model rater score token corpus filter quality ZEBRA 42 ###".split()
-    texts = []
-    for i in range(n):
-        if i % 3 == 0:
-            texts.append("".join(chr(rng.randint(33, 126)) for _ in range(rng.randint(1, 90))))
-        else:
-            texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))))
-    return texts
-
+from .conftest import byte_rater, varied_texts
+from .kernel_cases import rel
 
 # ---------------------------------------------------------------- Float8Linear
 
@@ -142,7 +115,7 @@ def test_float8_linear_refuses_bad_inputs_and_old_gpus(monkeypatch):
 
 
 def test_to_float8_converts_the_blocks_only_and_keeps_its_dtypes():
-    rater = small_rater()
+    rater = byte_rater()
     converted = to_float8(rater)
     names = float8_layers(converted)
     assert len(names) == 4 * rater.cfg.n_layers and all(n.startswith("blocks.") for n in names)
@@ -161,7 +134,7 @@ def test_to_float8_converts_the_blocks_only_and_keeps_its_dtypes():
 
 
 def test_fp8_scores_rank_like_float32_scores():
-    rater = small_rater(seed=5)
+    rater = byte_rater(seed=5)
     texts = varied_texts(5)
     full = score_texts(rater, texts, aggregate="mean", batch_size=16)
     fp8 = score_texts(rater, texts, aggregate="mean", batch_size=16, precision="fp8")
@@ -171,7 +144,7 @@ def test_fp8_scores_rank_like_float32_scores():
 
 
 def test_precision_options_are_checked_and_a_prepared_rater_is_reused():
-    rater = small_rater()
+    rater = byte_rater()
     with pytest.raises(ValueError, match="precision must be one of"):
         score_texts(rater, ["x"], precision="int8")
     with pytest.raises(TypeError, match="compile must be"):
@@ -201,7 +174,7 @@ def test_bucket_widths_cover_every_width_with_few_shapes():
 
 
 def test_bucketing_leaves_scores_unchanged():
-    rater = scoring_copy(small_rater(seed=2), "cpu", 257)
+    rater = scoring_copy(byte_rater(seed=2), "cpu", 257)
     from datarater.data import get_tokenizer
 
     tok = get_tokenizer(None)
@@ -231,7 +204,7 @@ def test_a_scoring_copy_traces_into_one_graph(precision):
     import torch._dynamo
 
     # a copy, as every compiled or fp8 scoring rater is
-    rater = scoring_copy(small_rater(d=16, ctx=32).train(), "cpu", 257, precision)
+    rater = scoring_copy(byte_rater(d=16, ctx=32).train(), "cpu", 257, precision)
     ids = torch.randint(0, 256, (3, 32))
     for padded in (False, True):
         with torch.inference_mode():
@@ -241,7 +214,7 @@ def test_a_scoring_copy_traces_into_one_graph(precision):
 
 @pytest.mark.slow
 def test_compiled_scoring_equals_eager_on_the_cpu():
-    rater = small_rater(seed=6, d=16, layers=1, ctx=32)
+    rater = byte_rater(seed=6, d=16, layers=1, ctx=32)
     texts = varied_texts(6, n=24)
     eager = score_texts(rater, texts, aggregate="token_weighted", batch_size=8)
     prepared = scoring_copy(rater, "cpu", 257, compile=True)
@@ -256,7 +229,7 @@ def test_compiled_scoring_equals_eager_on_the_cpu():
 
 @pytest.mark.slow
 def test_score_cli_precision_and_compile_flags(tmp_path, capsys):
-    rater = small_rater(seed=7, d=16, layers=1, ctx=32).train()
+    rater = byte_rater(seed=7, d=16, layers=1, ctx=32).train()
     folder = tmp_path / "rater"
     save_rater(rater, folder)
     data = tmp_path / "data"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import datarater as dr
 from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
-from datarater.models import CausalLM, Rater, preset
+from datarater.models import CausalLM, Rater, preset, set_inference_attention
 
 ROWS: list[dict] = []
 
@@ -326,23 +326,6 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
                 case("meta_step", name, run, device, T=t_steps, **tag)
 
 
-def _inference_only(rater) -> None:
-    """What scoring_copy does: fused attention without the inference-mode query that breaks a
-    compiled graph in every layer (the compiled figure in bench/RESULTS.md, 3.21M tokens/s,
-    was measured with those breaks)."""
-    for m in rater.modules():
-        if hasattr(m, "inference_only"):
-            m.inference_only = True
-
-
-def _attention_backend(rater, backend: str):
-    """The rater with its fused attention path set to ``backend`` ("sdpa" or "triton")."""
-    for m in rater.modules():
-        if hasattr(m, "attention_backend"):
-            m.attention_backend = backend
-    return rater
-
-
 def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> None:
     """Rater forward throughput (inference, bf16 on GPUs) and the whole ``score`` pipeline
     (read jsonl, tokenise, score, write parquet) on synthetic documents of one context each,
@@ -358,7 +341,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rater = Rater(cfg, pad_id=cfg.vocab_size - 1).to(device=device, dtype=dtype).eval()
-    _inference_only(rater)
+    set_inference_attention(rater)  # as scoring copies are: no graph break when compiled
     n_params = sum(p.numel() for p in rater.parameters())
     ids = torch.randint(0, cfg.vocab_size - 2, (batch, cfg.max_seq_len), device=device)
 
@@ -408,7 +391,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
 
             variants.append(("rater forward, fp8 linear layers, compiled", fp8_compiled))
         # datarater's Triton attention instead of PyTorch's flash attention
-        tri = _attention_backend(copy.deepcopy(rater), "triton")
+        tri = set_inference_attention(copy.deepcopy(rater), "triton")
 
         def tri_eager():
             with torch.inference_mode():
@@ -422,7 +405,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
         variants.append(("rater forward, triton attention, padding mask", tri_masked))
         if fp8_rater is not None:
             tri_fp8 = torch.compile(
-                _attention_backend(copy.deepcopy(fp8_rater), "triton"), dynamic=False
+                set_inference_attention(copy.deepcopy(fp8_rater), "triton"), dynamic=False
             )
 
             def tri_fp8_compiled():

@@ -36,6 +36,17 @@ void check(const at::Tensor& logits, const at::Tensor& targets, const char* fn) 
               fn, ": targets must be a contiguous int64 CUDA tensor [N]");
 }
 
+// The fused kernel's own arguments, alike for the launch and its plan.
+void check_fused(const at::Tensor& logits, const at::Tensor& out, int64_t part_bytes,
+                 int64_t slots, const char* fn) {
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.is_contiguous() &&
+                  out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
+              fn, ": out must be a contiguous tensor like logits");
+  TORCH_CHECK(part_bytes >= 1024, fn, ": part_bytes must be at least 1024, got ", part_bytes);
+  TORCH_CHECK(slots == 0 || slots == 16 || slots == 32, fn,
+              ": slots must be 0 (shared memory), 16 or 32, got ", slots);
+}
+
 const float* opt_f32(const c10::optional<at::Tensor>& t, int64_t n, const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
@@ -104,15 +115,10 @@ std::vector<at::Tensor> ce_forward_grad_cuda(const at::Tensor& logits, const at:
                                              const at::Tensor& out, int64_t part_bytes,
                                              int64_t slots) {
   cuda::check(logits, targets, "ce_forward_grad_cuda");
+  cuda::check_fused(logits, out, part_bytes, slots, "ce_forward_grad_cuda");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), v = logits.size(1);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.is_contiguous() &&
-                  out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
-              "ce_forward_grad_cuda: out must be a contiguous tensor like logits");
-  TORCH_CHECK(part_bytes >= 1024, "ce_forward_grad_cuda: part_bytes must be at least 1024");
   TORCH_CHECK(coef.defined(), "ce_forward_grad_cuda: coef (the per-token weights) is required");
-  TORCH_CHECK(slots == 0 || slots == 16 || slots == 32,
-              "ce_forward_grad_cuda: slots must be 0 (shared memory), 16 or 32, got ", slots);
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::zeros({n}, opts), lse = at::zeros({n}, opts), nll = at::zeros({n}, opts);
   auto err = cuda::ce_forward_grad(
@@ -134,9 +140,7 @@ std::tuple<std::string, int64_t, int64_t> ce_forward_grad_plan_cuda(const at::Te
                                                                      int64_t slots) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(),
               "ce_forward_grad_plan_cuda: logits must be a contiguous CUDA tensor [N, V]");
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.is_contiguous() &&
-                  out.scalar_type() == logits.scalar_type(),
-              "ce_forward_grad_plan_cuda: out must be a contiguous tensor like logits");
+  cuda::check_fused(logits, out, part_bytes, slots, "ce_forward_grad_plan_cuda");
   const c10::cuda::CUDAGuard guard(logits.device());
   cuda::FusedPlan plan;
   auto err = cuda::ce_forward_grad_plan(cuda::dtype_of(logits), logits.data_ptr(),

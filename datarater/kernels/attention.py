@@ -19,23 +19,18 @@ the reference. Queries whose keys are all masked get zeros (the reference gives 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
 from torch import Tensor
 
-from .triton_import import tl, triton
+from .triton_import import interpreting, on_device, tl, triton
 
 BACKENDS = ("torch", "triton")
-_HEAD_SIZES = (16, 32, 64, 128, 256)
+HEAD_SIZES = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535  # the launch grid's second axis runs over batch x heads
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> None:
@@ -83,13 +78,13 @@ def reason_unsupported(q: Tensor) -> str | None:
         return "triton is not installed"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes {_DTYPES})"
-    if q.shape[-1] not in _HEAD_SIZES:
-        return f"head size {q.shape[-1]} (the kernel takes {_HEAD_SIZES})"
+    if q.shape[-1] not in HEAD_SIZES:
+        return f"head size {q.shape[-1]} (the kernel takes {HEAD_SIZES})"
     if q.stride(-1) != 1:
         return "q, k, v need unit stride in the head dimension"
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
         return f"batch x heads = {q.shape[0] * q.shape[1]} (at most {_MAX_GRID_Y})"
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         return "the Triton kernel runs on CUDA tensors (or the CPU under TRITON_INTERPRET=1)"
     return None
 
@@ -151,7 +146,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 
 def _tuning() -> bool:
-    return os.environ.get("DATARATER_ATTENTION_AUTOTUNE", "1") != "0" and not _interpreting()
+    return os.environ.get("DATARATER_ATTENTION_AUTOTUNE", "1") != "0" and not interpreting()
 
 
 if triton is not None:
@@ -258,11 +253,11 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
     else:
         wide = q.element_size() == 4
         bm, bn, w, st = (
-            _INTERPRETER_CONFIG if _interpreting() else (_CONFIGS_32 if wide else _CONFIGS_16)[0]
+            _INTERPRETER_CONFIG if interpreting() else (_CONFIGS_32 if wide else _CONFIGS_16)[0]
         )
         kernel = _attention_kernel
         fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q):
         kernel[grid](
             q, k, v, out, keep_arg,
             q.stride(0), q.stride(1), q.stride(2),
@@ -272,6 +267,6 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, caus
             0 if keep is None else keep_arg.stride(0),
             h, n, math.log2(math.e) / math.sqrt(d),
             D=d, HAS_KEEP=keep is not None, CAUSAL=causal,
-            DOT_F32=_interpreting() or q.dtype == torch.float32, **fixed,
+            DOT_F32=interpreting() or q.dtype == torch.float32, **fixed,
         )  # fmt: skip
     return out

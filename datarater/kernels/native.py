@@ -88,7 +88,10 @@ def _part_bytes() -> int:
     """Shared memory per thread block of the fused CUDA kernel: a row of V logits is split
     over ceil(V * itemsize / this) blocks of one cluster (at most 8). Chosen by the sweep in
     bench/gpu/bench_gpu.py; ``DATARATER_CE_PART_BYTES`` overrides it."""
-    return int(os.environ.get("DATARATER_CE_PART_BYTES", 64 * 1024))
+    raw = os.environ.get("DATARATER_CE_PART_BYTES", str(64 * 1024))
+    if not raw.isdigit() or int(raw) < 1024:
+        raise ValueError(f"DATARATER_CE_PART_BYTES must be a whole number >= 1024, got {raw!r}")
+    return int(raw)
 
 
 def fused_plan(logits: Tensor) -> tuple[str, int, int] | None:

@@ -10,19 +10,12 @@ On the CPU these kernels run under ``TRITON_INTERPRET=1`` (slowly: the tests use
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .primitives import Primitives
 from .triton_import import IMPORT_ERROR as _IMPORT_ERROR
-from .triton_import import tl, triton
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
+from .triton_import import interpreting, on_device, tl, triton
 
 if triton is not None:
 
@@ -165,7 +158,7 @@ if triton is not None:
 
 
 def _block(v: int) -> int:
-    cap = 1 << 16 if _interpreting() else 8192
+    cap = 1 << 16 if interpreting() else 8192
     return max(16, min(cap, triton.next_power_of_2(max(v, 1))))
 
 
@@ -189,7 +182,7 @@ class TritonPrimitives(Primitives):
     def reason_unsupported(self, logits: Tensor) -> str | None:
         if triton is None:
             return f"triton is not installed ({_IMPORT_ERROR})"
-        if logits.device.type != "cuda" and not _interpreting():
+        if logits.device.type != "cuda" and not interpreting():
             return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
         if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"the triton backend takes float32, bfloat16 or float16, got {logits.dtype}"
@@ -204,20 +197,21 @@ class TritonPrimitives(Primitives):
             return loss, lse, nll
         w = _f32(weights)
         block = _block(v)
-        _ce_forward_kernel[(n,)](
-            logits,
-            logits.stride(0),
-            targets.contiguous(),
-            w if w is not None else loss,
-            loss,
-            lse,
-            nll,
-            v,
-            ignore_index,
-            HAS_W=w is not None,
-            BLOCK=block,
-            num_warps=_warps(block),
-        )
+        with on_device(logits):
+            _ce_forward_kernel[(n,)](
+                logits,
+                logits.stride(0),
+                targets.contiguous(),
+                w if w is not None else loss,
+                loss,
+                lse,
+                nll,
+                v,
+                ignore_index,
+                HAS_W=w is not None,
+                BLOCK=block,
+                num_warps=_warps(block),
+            )
         return loss, lse, nll
 
     def directional(
@@ -236,27 +230,28 @@ class TritonPrimitives(Primitives):
                 direction = direction.contiguous()
         ch, cg = _f32(coef_h), _f32(coef_g)
         block = _block(v)
-        _ce_directional_kernel[(n,)](
-            logits,
-            logits.stride(0),
-            targets.contiguous(),
-            _f32(lse),
-            direction if direction is not None else logits,
-            direction.stride(0) if direction is not None else 0,
-            ch if ch is not None else dot,
-            cg if cg is not None else dot,
-            dot,
-            res if res is not None else logits,
-            res.stride(0) if res is not None else 0,
-            v,
-            ignore_index,
-            HAS_D=direction is not None,
-            HAS_CH=ch is not None,
-            HAS_CG=cg is not None,
-            WANT_OUT=want_out,
-            BLOCK=block,
-            num_warps=_warps(block),
-        )
+        with on_device(logits):
+            _ce_directional_kernel[(n,)](
+                logits,
+                logits.stride(0),
+                targets.contiguous(),
+                _f32(lse),
+                direction if direction is not None else logits,
+                direction.stride(0) if direction is not None else 0,
+                ch if ch is not None else dot,
+                cg if cg is not None else dot,
+                dot,
+                res if res is not None else logits,
+                res.stride(0) if res is not None else 0,
+                v,
+                ignore_index,
+                HAS_D=direction is not None,
+                HAS_CH=ch is not None,
+                HAS_CG=cg is not None,
+                WANT_OUT=want_out,
+                BLOCK=block,
+                num_warps=_warps(block),
+            )
         return dot, res
 
     def forward_grad(self, logits, targets, coef, ignore_index, out):
@@ -265,21 +260,22 @@ class TritonPrimitives(Primitives):
         if n == 0 or v == 0:
             return loss, lse, nll, out.zero_()
         block = _block(v)
-        _ce_fused_kernel[(n,)](
-            logits,
-            logits.stride(0),
-            targets.contiguous(),
-            _f32(coef),
-            loss,
-            lse,
-            nll,
-            out,
-            out.stride(0),
-            v,
-            ignore_index,
-            BLOCK=block,
-            num_warps=_warps(block),
-        )
+        with on_device(logits):
+            _ce_fused_kernel[(n,)](
+                logits,
+                logits.stride(0),
+                targets.contiguous(),
+                _f32(coef),
+                loss,
+                lse,
+                nll,
+                out,
+                out.stride(0),
+                v,
+                ignore_index,
+                BLOCK=block,
+                num_warps=_warps(block),
+            )
         return loss, lse, nll, out
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import tangent_ops as _ops
-from .triton_import import tl, triton
+from .triton_import import on_device, tl, triton
 
 AVAILABLE = triton is not None
 MAX_ROW = 16384  # longer rows would need a streamed kernel; the reference takes them
@@ -238,10 +238,7 @@ def _warps(block: int) -> int:
 def _launch(kernel, grid: tuple[int], like: Tensor, *args, **meta) -> None:
     """Launch ``kernel`` on the GPU that holds ``like``: Triton launches on the current device,
     which need not be the tensors' one."""
-    if like.device.type == "cuda" and like.device.index != torch.cuda.current_device():
-        with torch.cuda.device(like.device):
-            kernel[grid](*args, **meta)
-    else:
+    with on_device(like):
         kernel[grid](*args, **meta)
 
 

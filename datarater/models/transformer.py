@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.attention import attention
-
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -122,6 +120,8 @@ class Attention(nn.Module):
             # Pure inference (scoring, evaluation) needs no derivatives, so PyTorch's fused
             # attention may run: flash attention on GPUs when there is no mask.
             if self.attention_backend == "triton":  # [b, n, h, dh]: no transpose copy
+                from ..kernels.attention import attention  # triton loads on first use only
+
                 keep = None if key_padding is None else ~key_padding
                 out = attention(q, k, v, keep, self.causal, backend="triton")
                 return self.proj(out.reshape(b, n, d))
@@ -136,6 +136,20 @@ class Attention(nn.Module):
             scores = scores.masked_fill(key_padding[:, None, None, :], float("-inf"))
         out = scores.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def set_inference_attention(model: nn.Module, backend: str = "sdpa") -> nn.Module:
+    """Mark ``model``'s attention layers as inference-only (fused attention, and no query of
+    the inference mode, which torch.compile cannot trace) running ``backend``: "sdpa"
+    (PyTorch) or "triton" (:mod:`datarater.kernels.attention`). For copies that never train,
+    as scoring makes them; returns the model."""
+    if backend not in ("sdpa", "triton"):
+        raise ValueError(f"attention backend must be 'sdpa' or 'triton', got {backend!r}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.inference_only = True
+            m.attention_backend = backend
+    return model
 
 
 class Block(nn.Module):

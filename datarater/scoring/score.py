@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.tokens import get_tokenizer
+from ..models.transformer import set_inference_attention
 from ..training.checkpoint import atomic_write_text
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
@@ -103,15 +104,15 @@ def scoring_copy(
     on_cpu_fp8 = fp8 and device.type != "cuda"
     dtype = torch.float32 if precision == "fp32" or on_cpu_fp8 else torch.bfloat16
     if attention == "triton":
-        from ..kernels.attention import _HEAD_SIZES
+        from ..kernels.attention import HEAD_SIZES
 
         if device.type != "cuda":
             raise ValueError(f"attention='triton' runs on GPUs; scoring on {device} uses 'sdpa'")
         cfg = getattr(rater, "cfg", None)
         head = None if cfg is None else cfg.d_model // cfg.n_heads
-        if head is not None and head not in _HEAD_SIZES:
+        if head is not None and head not in HEAD_SIZES:
             raise ValueError(
-                f"attention='triton' takes head sizes {_HEAD_SIZES}; this rater's is {head} "
+                f"attention='triton' takes head sizes {HEAD_SIZES}; this rater's is {head} "
                 f"(d_model {cfg.d_model} / {cfg.n_heads} heads): use 'sdpa'"
             )
     wanted = (precision, compile, attention)
@@ -132,10 +133,7 @@ def scoring_copy(
         rater._compiled_call_impl = None  # a copy of a compiled copy: run it eagerly as asked
     if getattr(rater, "pad_id", None) is None and hasattr(rater, "pad_id"):
         rater.pad_id = pad_id  # never let padding change another document's score
-    for m in rater.modules():  # the copy never trains: fused attention, and no graph breaks
-        if hasattr(m, "inference_only"):
-            m.inference_only = True
-            m.attention_backend = attention
+    set_inference_attention(rater, attention)  # the copy never trains
     if fp8:
         rater = to_float8(rater, inplace=True)  # after the cast: quantises the cast weights
     if compile:
