@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     score.add_argument(
         "--attention",
-        choices=["sdpa", "triton"],
+        choices=["sdpa", "triton"],  # models.transformer.ATTENTION_BACKENDS (no torch import here)
         default="sdpa",
         help="sdpa: PyTorch's fused attention; triton: datarater's Triton kernel (GPUs only)",
     )

@@ -138,13 +138,16 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+ATTENTION_BACKENDS = ("sdpa", "triton")  # what set_inference_attention takes
+
+
 def set_inference_attention(model: nn.Module, backend: str = "sdpa") -> nn.Module:
     """Mark ``model``'s attention layers as inference-only (fused attention, and no query of
     the inference mode, which torch.compile cannot trace) running ``backend``: "sdpa"
     (PyTorch) or "triton" (:mod:`datarater.kernels.attention`). For copies that never train,
     as scoring makes them; returns the model."""
-    if backend not in ("sdpa", "triton"):
-        raise ValueError(f"attention backend must be 'sdpa' or 'triton', got {backend!r}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     for m in model.modules():
         if isinstance(m, Attention):
             m.inference_only = True

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.tokens import get_tokenizer
-from ..models.transformer import set_inference_attention
+from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
 from ..training.checkpoint import atomic_write_text
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
@@ -27,7 +27,6 @@ SCORE_COLUMN = "datarater_score"
 
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp8")
-ATTENTIONS = ("sdpa", "triton")
 # Under ``compile=True`` a batch of longest window w runs at width ``bucket_width(w)``: powers
 # of two from 64 to 256, then multiples of 256, capped at the context (10 widths at 2048).
 # Few widths mean few compilations; the padding they add is masked and costs only compute.
@@ -78,8 +77,8 @@ def scoring_copy(
 
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention not in ATTENTION_BACKENDS:  # before any copy is made
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     p = next(rater.parameters(), None)
     if p is None:
         raise ValueError("the rater has no parameters")
