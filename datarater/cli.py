@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--data",
         required=True,
-        help="jsonl/parquet/text file or folder, or a saved Hugging Face dataset",
+        help="jsonl (also .gz/.bz2/.zst/.lz4), parquet, text file or folder, or a saved "
+        "Hugging Face dataset",
     )
     train.add_argument("--text-column", default="text")
     train.add_argument("--heldout", help="the outer (target) corpus; default: a split of --data")
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         required=True,
         nargs="+",
-        help="jsonl/parquet files, globs or folders; each file is one shard",
+        help="jsonl (also .gz/.bz2/.zst/.lz4), parquet or Arrow files, globs, folders, or a "
+        "saved Hugging Face dataset; each file is one shard",
     )
     score.add_argument("--text-column", default="text")
     score.add_argument("--out", required=True, help="output folder of parquet shards")

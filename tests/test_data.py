@@ -116,6 +116,54 @@ def test_saved_hugging_face_dataset_and_dataset_object(tmp_path):
     with pytest.warns(UserWarning):
         docs, _ = read_documents(ds, "content")
     assert docs == ["alpha doc", "beta doc"]
+    # a DatasetDict: the error names the splits rather than guessing one
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(CorpusError, match=r"splits \['train', 'validation'\].*dd/train"):
+        read_documents(tmp_path / "dd", "content")
+    with pytest.warns(UserWarning):
+        docs, _ = read_documents(tmp_path / "dd" / "validation", "content")
+    assert docs == ["alpha doc", "beta doc"]
+
+
+def test_file_formats_look_through_compression_suffixes():
+    from datarater.data.corpus import file_format
+
+    names = {
+        "a.jsonl": "jsonl",
+        "shard.00001.JSONL.GZ": "jsonl",
+        "a.json.zst": "jsonl",
+        "a.ndjson.lz4": "jsonl",
+        "notes.txt.bz2": "text",
+        "a.parquet": "parquet",
+        "data-00000-of-00002.arrow": "arrow",
+        "a.parquet.gz": None,  # parquet compresses inside
+        "backup.tar.gz": None,
+        "README": None,
+    }
+    assert {n: file_format(n) for n in names} == names
+
+
+def test_compressed_corpora_read_like_plain_ones(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    rows = [{"text": f"document number {i}"} for i in range(5)]
+    plain = _jsonl(tmp_path / "plain.jsonl", rows).read_bytes()
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for codec, suffix in (("gzip", "gz"), ("bz2", "bz2"), ("zstd", "zst"), ("lz4", "lz4")):
+        with pa.OSFile(str(folder / f"{codec}.jsonl.{suffix}"), "wb") as raw:
+            with pa.CompressedOutputStream(raw, codec) as out:
+                out.write(plain)
+        docs, report = read_documents(folder / f"{codec}.jsonl.{suffix}")
+        assert docs == [r["text"] for r in rows] and report.files == 1
+    with pa.OSFile(str(folder / "page.txt.gz"), "wb") as raw:
+        with pa.CompressedOutputStream(raw, "gzip") as out:
+            out.write(b"a whole text file, compressed")
+    docs, report = read_documents(folder)
+    assert report.files == 5 and len(docs) == 21
+    assert "a whole text file, compressed" in docs
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(CorpusError, match="bad.jsonl.gz: cannot be read"):
+        read_documents(tmp_path / "bad.jsonl.gz")
 
 
 def test_a_local_tokenizers_file(tmp_path):

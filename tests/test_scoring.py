@@ -457,3 +457,62 @@ def test_a_failure_while_queueing_a_shard_keeps_the_shard_scored_before(tmp_path
     texts = [pq.read_table(p).column("text").to_pylist()
              for p in sorted((tmp_path / "out").glob("part-*.parquet"))]  # fmt: skip
     assert sum(len(t) for t in texts) == 15
+
+
+def _compressed(path, rows, codec: str) -> None:
+    """Write jsonl rows through one of pyarrow's codecs (what the name's suffix says)."""
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    with pa.OSFile(str(path), "wb") as raw, pa.CompressedOutputStream(raw, codec) as out:
+        out.write(data)
+
+
+def test_score_reads_compressed_jsonl_and_saved_datasets(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    rater, folder = _rater(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = {}
+    for codec, suffix in (("gzip", "gz"), ("bz2", "bz2"), ("zstd", "zst"), ("lz4", "lz4")):
+        rows = [{"text": f"{codec} document {j} " * (j + 1), "j": j} for j in range(3)]
+        _compressed(data / f"shard.jsonl.{suffix}", rows, codec)
+        texts.update({r["text"]: codec for r in rows})
+    (data / "metadata.json").write_text('{\n "not": "a shard"\n}\n')  # a folder's .json: skipped
+    saved = tmp_path / "saved"
+    ds = datasets.Dataset.from_dict({"text": ["from arrow one", "from arrow two"], "k": [1, 2]})
+    ds.save_to_disk(str(saved), num_shards=2)
+    texts.update({t: "arrow" for t in ds["text"]})
+    out = tmp_path / "scored"
+    args = ["score", "--rater", str(folder), "--data", str(data), str(saved), "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["done"] == 6 and report["rows"] == 14  # four codecs, two Arrow shards
+    table = pa.concat_tables(
+        [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))], promote_options="default"
+    )
+    got = dict(zip(table.column("text").to_pylist(), table.column(SCORE_COLUMN).to_pylist()))
+    assert sorted(got) == sorted(texts)  # every row once, from every kind of shard
+    expected = score_texts(rater, list(got))
+    torch.testing.assert_close(torch.tensor(list(got.values())), expected, rtol=1e-5, atol=1e-6)
+
+    # a DatasetDict folder: which split is the user's choice, and the error names them
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    code = main(["score", "--rater", str(folder), "--data", str(tmp_path / "dd"), "--out", "x"])
+    assert code == 2 and "splits ['train', 'test']" in capsys.readouterr().err
+
+
+def test_a_corrupt_compressed_shard_is_reported_and_the_others_finish(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    _compressed(tmp_path / "good.jsonl.gz", [{"text": "fine"}, {"text": "also fine"}], "gzip")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip data at all")
+    _compressed(tmp_path / "cut.jsonl.zst", [{"text": "t" * 5000}] * 200, "zstd")
+    whole = (tmp_path / "cut.jsonl.zst").read_bytes()
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) // 2])  # truncated mid-way
+    out = tmp_path / "o"
+    code = main(
+        ["score", "--rater", str(folder), "--data", str(tmp_path / "*.jsonl.*"), "--out", str(out)]
+        + ["--quiet"]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl.gz" in err and "cut.jsonl.zst" in err and "good.jsonl.gz" not in err
+    assert [pq.read_table(p).num_rows for p in out.glob("part-*.parquet")] == [2]

@@ -2,10 +2,13 @@
 
 Every reader yields documents as ``str`` (from a text column) and counts what it had to skip,
 so that nothing is dropped silently: ``read_documents`` returns the texts and a ``ReadReport``.
+A file's format comes from its name; compressed jsonl and text (``.gz``, ``.bz2``, ``.zst``,
+``.lz4``: what crawls such as FineWeb ship) are read through pyarrow's codecs.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -34,17 +37,94 @@ class ReadReport:
         return ", ".join(parts)
 
 
-def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",  # one JSON object per line, as Hugging Face's to_json writes
+    ".parquet": "parquet",
+    ".arrow": "arrow",  # the shards of datasets' save_to_disk (Arrow IPC)
+    ".txt": "text",
+    ".md": "text",
+}
+COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")  # pyarrow's codecs, detected from the name
+
+
+def file_format(path: Path | str) -> str | None:
+    """``"jsonl"``, ``"parquet"``, ``"arrow"`` or ``"text"`` from the file's name, looking
+    through a compression suffix (``a.jsonl.gz`` is jsonl); None for anything else. Parquet
+    and Arrow files compress inside, so a compressed one is not recognised."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compressed = bool(suffixes) and suffixes[-1] in COMPRESSIONS
+    if compressed:
+        suffixes.pop()
+    kind = FORMATS.get(suffixes[-1]) if suffixes else None
+    return None if compressed and kind in ("parquet", "arrow") else kind
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, decompressed when its name ends in a compression suffix."""
+    if path.suffix.lower() in COMPRESSIONS:
+        import pyarrow as pa
+
+        return io.BufferedReader(pa.input_stream(str(path), compression="detect"))
+    return open(path, "rb")
+
+
+def read_arrow(path: Path):
+    """A ``pyarrow.Table`` from an Arrow IPC file: the stream format that ``save_to_disk``
+    writes, or the random-access file format."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return pa.ipc.open_file(source).read_all()
+
+
+def saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The Arrow shards, in order, of a folder written by ``datasets.Dataset.save_to_disk``;
+    None when the folder is not one. A ``DatasetDict`` folder is an error that names its
+    splits: which split to read is the caller's choice, not a guess."""
+    if (folder / "dataset_dict.json").exists():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        first = folder / (splits[0] if splits else "train")
+        raise CorpusError(
+            f"{folder}: a saved DatasetDict with splits {splits}; pass one split's folder, "
+            f"e.g. {first}"
+        )
+    state = folder / "state.json"
+    if not (state.exists() and (folder / "dataset_info.json").exists()):
+        return None
+    try:
+        files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorpusError(f"{state}: not a saved dataset's state file ({e!r})") from e
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CorpusError(f"{folder}: the saved dataset lacks its shards {missing}")
+    return files
+
+
+def _files(path: Path, formats: tuple[str, ...]) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p) in formats)
         if not files:
-            raise CorpusError(f"{path}: no {'/'.join(suffixes)} files in this folder")
+            raise CorpusError(f"{path}: no {'/'.join(formats)} files in this folder")
         return files
     return [path]
 
 
 def _jsonl(path: Path, column: str, report: ReadReport) -> Iterator[object]:
-    with open(path, "rb") as f:
+    try:
+        yield from _jsonl_rows(path, column, report)
+    except OSError as e:  # a truncated or corrupt compressed file
+        raise CorpusError(f"{path}: cannot be read to the end ({e})") from e
+
+
+def _jsonl_rows(path: Path, column: str, report: ReadReport) -> Iterator[object]:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -80,28 +160,27 @@ def _parquet(path: Path, column: str, report: ReadReport) -> Iterator[object]:
         yield from batch.column(0).to_pylist()
 
 
+def _arrow(path: Path, column: str) -> Iterator[object]:
+    try:
+        table = read_arrow(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+        raise CorpusError(f"{path}: not a readable Arrow file ({e})") from e
+    if column not in table.column_names:
+        raise CorpusError(f"{path}: no column {column!r} (columns: {table.column_names})")
+    yield from table.column(column).to_pylist()
+
+
 def _text_file(path: Path, report: ReadReport) -> Iterator[object]:
-    raw = path.read_bytes()
+    try:
+        with open_binary(path) as f:
+            raw = f.read()
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot be read ({e})") from e
     try:
         yield raw.decode("utf-8")
     except UnicodeDecodeError:
         report.skip("invalid UTF-8, decoded with replacement characters")
         yield raw.decode("utf-8", errors="replace")
-
-
-def _hf_dataset(path: Path, column: str) -> Iterator[object]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise CorpusError(
-            f"{path}: a saved Hugging Face dataset needs `pip install datasets`"
-        ) from e
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    if column not in ds.column_names:
-        raise CorpusError(f"{path}: no column {column!r} (columns: {ds.column_names})")
-    yield from ds[column]
 
 
 def iter_raw(source, column: str, report: ReadReport) -> Iterator[object]:
@@ -116,23 +195,26 @@ def iter_raw(source, column: str, report: ReadReport) -> Iterator[object]:
     path = Path(source)
     if not path.exists():
         raise CorpusError(f"{path}: no such file or folder")
-    if path.is_dir() and any(
-        (path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")
-    ):
-        report.files += 1
-        yield from _hf_dataset(path, column)
+    saved = saved_dataset_files(path) if path.is_dir() else None
+    if saved is not None:  # read as Arrow: no need for the datasets package
+        for f in saved:
+            report.files += 1
+            yield from _arrow(f, column)
         return
-    files = _files(path, (".jsonl", ".json", ".parquet", ".txt", ".md"))
+    files = _files(path, ("jsonl", "parquet", "arrow", "text"))
     for f in files:
         report.files += 1
         if f.stat().st_size == 0:
             report.skip("empty file")
             continue
-        if f.suffix in (".jsonl", ".json"):
+        kind = file_format(f)
+        if kind == "jsonl":
             yield from _jsonl(f, column, report)
-        elif f.suffix == ".parquet":
+        elif kind == "parquet":
             yield from _parquet(f, column, report)
-        else:
+        elif kind == "arrow":
+            yield from _arrow(f, column)
+        else:  # text, and a single file named on purpose whatever its suffix
             yield from _text_file(f, report)
 
 

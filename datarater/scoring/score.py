@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..data.corpus import file_format, open_binary, read_arrow, saved_dataset_files
 from ..data.tokens import get_tokenizer
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
 from ..training.checkpoint import atomic_write_text
@@ -283,13 +284,27 @@ def _collect(pending: tuple) -> Tensor:
     return out
 
 
+# What a folder given to ``score`` contributes: jsonl (also compressed), parquet, Arrow shards.
+# A ``.json`` file is read when named, not picked from a folder, where it is more often
+# metadata than data.
+SHARD_FORMATS = ("jsonl", "parquet", "arrow")
+
+
 def _expand(inputs: Sequence[str], exclude: Path | None = None) -> list[Path]:
-    """Input files in order, each once; nothing under ``exclude`` (the output folder)."""
+    """Input files in order, each once; nothing under ``exclude`` (the output folder). A
+    folder written by ``datasets``' ``save_to_disk`` gives its Arrow shards."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            files += sorted(x for x in p.rglob("*") if x.suffix in (".jsonl", ".parquet"))
+        saved = saved_dataset_files(p) if p.is_dir() else None
+        if saved is not None:
+            files += saved
+        elif p.is_dir():
+            files += sorted(
+                x
+                for x in p.rglob("*")
+                if x.is_file() and file_format(x) in SHARD_FORMATS and x.suffix.lower() != ".json"
+            )
         else:
             matched = sorted(glob.glob(item))
             if not matched:
@@ -329,9 +344,15 @@ def _read_table(path: Path):
 
     if path.stat().st_size == 0:
         raise ValueError("empty file")
-    if path.suffix == ".parquet":
+    kind = file_format(path)
+    if kind == "parquet":
         return pq.read_table(path)
-    return pj.read_json(path)
+    if kind == "arrow":
+        return read_arrow(path)
+    if kind == "jsonl":
+        with open_binary(path) as f:
+            return pj.read_json(f)
+    raise ValueError("not a jsonl (optionally compressed), parquet or Arrow file by its name")
 
 
 def _load_shard(path: Path, text_column: str):
