@@ -324,6 +324,55 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
 
             with env_var("DATARATER_TANGENT_TRITON", triton_tangent):
                 case("meta_step", name, run, device, T=t_steps, **tag)
+    if torch.device(device).type == "cuda":  # where the time goes, for the next session
+        inner = [batch_of()]
+        for mode in ("reverse", "mixed"):
+
+            def one(mode=mode, inner=inner):
+                rater.zero_grad(set_to_none=True)
+                dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode)
+
+            profile_kernels(f"meta_step {mode} T=1 {tag['model']} {tag['tokens']}", one, device)
+
+
+def profile_kernels(title: str, fn, device, top: int = 15) -> None:
+    """Print (and save beside the rows) the kernels that take ``fn``'s GPU time, and how busy
+    the GPU was: kernel time over wall time; a low share means the host is the bottleneck
+    (launches, Python, synchronisations). A failure here costs nothing but this table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()  # warm
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events)
+        launches = sum(e.count for e in events if e.self_device_time_total > 0)
+        table = events.table(
+            sort_by="self_device_time_total", row_limit=top, max_name_column_width=60
+        )
+        text = (
+            f"== {title}: wall {wall_ms:.1f} ms (profiled), kernels {gpu_us / 1e3:.1f} ms "
+            f"({gpu_us / 1e3 / wall_ms:.0%} busy), ~{launches} kernel-bearing ops\n{table}"
+        )
+        print(text, flush=True)
+        if OUT["path"]:
+            with open(Path(OUT["path"]).with_name("profiles.txt"), "a") as f:
+                f.write(text + "\n")
+        add(
+            dict(
+                group="profile",
+                case=title,
+                wall_ms=round(wall_ms, 1),
+                kernels_ms=round(gpu_us / 1e3, 1),
+            )
+        )
+    except Exception as e:  # noqa: BLE001
+        add(dict(group="profile", case=title, error=f"{e!r}"[:200]))
 
 
 def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> None:
