@@ -153,7 +153,7 @@ def check_tokenizer(rater, tokenizer):
     return tokenizer
 
 
-def _pad_id(rater, tokenizer) -> int:
+def padding_id(rater, tokenizer) -> int:
     """The rater's padding id, else the tokenizer's."""
     pad = getattr(rater, "pad_id", None)
     return tokenizer.pad_id if pad is None else pad
@@ -181,7 +181,7 @@ def score_texts(
     windows = _windows(texts, tokenizer, seq_len or rater.cfg.max_seq_len, aggregate)
     if stats is not None:  # what was scored, for throughput figures
         stats["tokens"] = stats.get("tokens", 0) + sum(len(w[1]) for w in windows)
-    pad = _pad_id(rater, tokenizer)
+    pad = padding_id(rater, tokenizer)
     rater = scoring_copy(rater, device, pad, precision, compile, attention)
     pending = _launch(rater, windows, batch_size, pad, fixed_shapes=compile)
     return _aggregate(windows, _collect(pending), len(texts), aggregate)
@@ -396,7 +396,7 @@ def score_files(
     out = Path(out)
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
-    pad = _pad_id(rater, tokenizer)
+    pad = padding_id(rater, tokenizer)
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, files)
