@@ -55,6 +55,31 @@ def test_p_accept_matches_simulated_batches_and_keeps_the_right_share():
     assert torch.equal(kept, again)
 
 
+@pytest.mark.parametrize("batch", [64, 256])
+@pytest.mark.parametrize("rho", [0.1, 0.5, 0.9])
+def test_p_accept_is_exact_at_large_batches(batch, rho):
+    """Against exact rational arithmetic, where binomial coefficients overflow floats."""
+    from fractions import Fraction
+
+    g = group_size(batch, rho)
+    k = math.floor((1 - rho) * g + 1e-9)
+    ps = [Fraction(0), Fraction(1, 3), Fraction(1, 2), Fraction(9, 10), Fraction(97, 100), 1]
+    got = p_accept(torch.tensor([float(p) for p in ps], dtype=torch.float64), g, k)
+    n = g - 1
+    for q, value in zip(ps, got.tolist()):  # small denominators keep the exact sums quick
+        exact = sum(math.comb(n, s) * (1 - q) ** s * q ** (n - s) for s in range(k))
+        assert value == pytest.approx(float(exact), abs=1e-10)
+    n_rows = 5000
+    scores = torch.randn(n_rows, generator=torch.Generator().manual_seed(1))
+    kept = accept(scores, EmpiricalCDF(scores), rho, batch, ids=range(n_rows))
+    tol = 4 * math.sqrt(rho * (1 - rho) / n_rows) + 0.01
+    assert float(kept.double().mean()) == pytest.approx(1 - rho, abs=tol)
+    # far past where binomial coefficients overflow: finite, in [0, 1], rising with p
+    curve = p_accept(torch.linspace(0, 1, 101, dtype=torch.float64), 20_000, 10_000)
+    assert curve.isfinite().all() and (curve >= 0).all() and (curve <= 1).all()
+    assert (curve.diff() >= -1e-10).all() and curve[0] < 1e-9 and curve[-1] == 1
+
+
 def test_quantile_threshold_breaks_ties_by_id_not_by_order():
     scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 0.5])
     keep = quantile_keep(scores, rho=0.5)

@@ -168,9 +168,7 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
                 "--rule",
                 rule,
                 "--rho",
-                "0.75",
-                "--batch",
-                "16",
+                "0.75",  # and the default --batch (64): what a user runs first
                 "--source-column",
                 "source",
             ]

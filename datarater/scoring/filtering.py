@@ -78,9 +78,13 @@ def p_accept(p: Tensor, batch: int, keep: int) -> Tensor:
         raise ValueError(f"need 1 <= keep <= batch, got keep={keep}, batch={batch}")
     p = p.double().clamp(0.0, 1.0)
     n = batch - 1
+    # P(fewer than `keep` of the n other rows score higher): binomial terms in log space, as
+    # comb(n, s) overflows float64 past n ~ 1030 (and int64, times a tensor, far sooner);
+    # xlogy gives 0 * log 0 = 0 at p = 0 or 1.
     total = torch.zeros_like(p)
     for s in range(keep):
-        total = total + math.comb(n, s) * (1.0 - p) ** s * p ** (n - s)
+        log_comb = math.lgamma(n + 1) - math.lgamma(s + 1) - math.lgamma(n - s + 1)
+        total += torch.exp(log_comb + torch.xlogy(s, 1.0 - p) + torch.xlogy(n - s, p))
     return total.clamp(0.0, 1.0)
 
 
