@@ -162,6 +162,37 @@ def _check_scores(scores, size: int) -> Tensor:
     return scores
 
 
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _refuse_dropout(**modules: nn.Module) -> None:
+    """Mixed mode runs each forward pass twice (the step, then its recomputation in the
+    backward sweep), so a layer that draws random masks would see two different networks and
+    the meta-gradient would be wrong without any sign of it. Dropout layers in training mode
+    are refused by name; other randomness inside a model's code cannot be seen from here."""
+    found = [
+        f"{role}.{name} (p={m.p})"
+        for role, module in modules.items()
+        for name, m in module.named_modules()
+        if isinstance(m, _DROPOUT) and m.training and m.p > 0
+    ]
+    if found:
+        raise ValueError(
+            "mode='mixed' recomputes every inner step's forward pass, and dropout would draw "
+            "other masks there than in the step itself: the meta-gradient would be silently "
+            "wrong. Call .eval() on the model and the rater (or set their dropout to 0), or "
+            f"use mode='reverse'. Dropout in training mode: {', '.join(found[:6])}"
+            + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        )
+
+
 def _declared_vocab(model: nn.Module) -> int | None:
     """The vocabulary size a model declares in its config (ours, or Hugging Face style)."""
     for name in ("cfg", "config"):
@@ -233,6 +264,8 @@ def meta_step(
         raise TypeError("inner_batches must be a list of batches (one per inner step)")
     if len(inner_batches) == 0:
         raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
+    if mode == "mixed":
+        _refuse_dropout(model=model, rater=rater)
     dtype = next(iter(state.params.values())).dtype
     # Batches are checked now and prepared again where they are used, so that their derived
     # targets and weights are not held for all T steps at once.
