@@ -32,6 +32,15 @@ def _device(asked: str | None) -> str:
     import torch
 
     device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: not a device ({e})") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; "
+            "leave --device out to run on the CPU"
+        )
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     elif device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
@@ -62,6 +71,13 @@ def _train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _holds_a_run(out: Path) -> bool:
+    """Whether ``out`` has a checkpoint, a log or a rater of an earlier ``train``."""
+    return any((out / name).exists() for name in ("checkpoints", "log.jsonl", "rater")) or any(
+        out.glob("log.rank*.jsonl")
+    )
+
+
 def _train_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -86,6 +102,12 @@ def _train_run(args: argparse.Namespace) -> int:
     if args.size == "cpu" and "steps" not in config:
         config["steps"] = 300  # about 5 minutes on 2 cores at the cpu size
     cfg = TrainConfig.from_dict(config)
+    out = Path(args.out)
+    if not args.resume and _holds_a_run(out):
+        raise ValueError(
+            f"{out} already holds a training run; pass --resume to continue it, or use a new --out"
+        )
+    device = _device(args.device)  # checked before the corpus is read
     tok = get_tokenizer(args.tokenizer)
     docs, report = read_documents(args.data, args.text_column)
     print(f"training corpus: {report.summary()}")
@@ -100,10 +122,8 @@ def _train_run(args: argparse.Namespace) -> int:
         seqs = per_document(docs, tok, args.seq_len)
         tr, ho = split_heldout(len(seqs), args.heldout_fraction, seed=cfg.seed)
         train, held = seqs.subset(tr), seqs.subset(ho)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = _device(args.device)
     trainer = Trainer(
         cfg, train, held, tok.vocab_size, out, tok.pad_id, tokenizer=tok.name, device=device
     )
@@ -396,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(func=_evaluate)
 
     args = parser.parse_args(argv)
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        print(f"datarater {args.command}: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback

@@ -12,7 +12,7 @@ import torch
 from datarater.cli import main
 from datarater.models import Rater, TransformerConfig
 from datarater.scoring.score import SCORE_COLUMN, score_texts
-from datarater.training import save_rater
+from datarater.training import load_rater, save_rater
 
 from .conftest import torchrun
 
@@ -188,6 +188,13 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
         ]
     )
     assert float(kept_scores.mean()) > 0.8  # the top quarter of a standard normal: ~1.27
+    # a folder holding parts another run wrote: readers would take them for kept rows
+    (tmp_path / "kept" / "part-00007.parquet").write_bytes(b"from another run")
+    again = ["filter", "--scored", str(out), "--rule", rule, "--rho", "0.5"]
+    assert main([*again, "--out", str(tmp_path / "kept")]) == 2
+    assert "holds parts that this run would not replace" in capsys.readouterr().err
+    assert main([*again, "--out", str(out)]) == 2
+    assert "is the scored folder itself" in capsys.readouterr().err
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
 
 
@@ -514,3 +521,41 @@ def test_a_corrupt_compressed_shard_is_reported_and_the_others_finish(tmp_path, 
     err = capsys.readouterr().err
     assert "bad.jsonl.gz" in err and "cut.jsonl.zst" in err and "good.jsonl.gz" not in err
     assert [pq.read_table(p).num_rows for p in out.glob("part-*.parquet")] == [2]
+
+
+def test_score_refuses_runs_that_would_score_nothing_or_mix_two_kinds_of_scores(
+    tmp_path, capsys, monkeypatch
+):
+    _, folder = _rater(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"s{i}.jsonl").write_text(json.dumps({"text": f"row of shard {i}"}))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("a text file is a corpus for train, not a shard")
+
+    def score(*args: str) -> int:
+        return main(["score", "--rater", str(folder), "--quiet", *args])
+
+    # nothing to score is an error, not "done": 0 with exit status 0
+    assert score("--data", str(texts), "--out", str(tmp_path / "o1")) == 2
+    assert "no input files" in capsys.readouterr().err
+    assert score("--data", str(shards), "--out", str(shards)) == 2
+    assert "all 2 input files are under the output folder" in capsys.readouterr().err
+    # a rerun from another directory, the inputs named another way: the same run
+    out = tmp_path / "scored"
+    monkeypatch.chdir(tmp_path)
+    assert score("--data", "shards", "--out", str(out)) == 0
+    monkeypatch.chdir(shards)
+    capsys.readouterr()
+    assert score("--data", str(shards), "--out", str(out)) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 2
+    # another rater or aggregation into the same folder would mix two kinds of scores
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    save_rater(Rater(load_rater(folder).cfg, pad_id=257), other)
+    assert main(["score", "--rater", str(other), "--data", str(shards), "--out", str(out)]) == 2
+    assert "another rater or other settings (rater_weights:" in capsys.readouterr().err
+    assert score("--data", str(shards), "--out", str(out), "--aggregate", "mean") == 2
+    assert "aggregate: 'truncate' then, 'mean' now" in capsys.readouterr().err

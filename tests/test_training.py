@@ -98,6 +98,47 @@ def test_sigkill_then_resume_gives_the_same_rater_bytes(tmp_path):
     assert whole == resumed, f"killed after {kill_at} steps"
     rater = load_rater(tmp_path / "cut" / "rater")
     assert rater(torch.randint(0, 258, (2, 32))).shape == (2,)
+    log = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in log]
+    assert steps == list(range(1, CONFIG["steps"] + 1))  # no step logged twice
+
+
+def test_resume_drops_log_rows_after_the_checkpoint_and_names_changed_settings(tmp_path):
+    from datarater.data import ByteTokenizer, per_document
+    from datarater.training import Trainer
+
+    seqs = per_document([f"document number {i} " * 3 for i in range(12)], ByteTokenizer(), 32)
+    cfg = TrainConfig.from_dict({**CONFIG, "steps": 4, "checkpoint_every": 2})
+    Trainer(cfg, seqs, seqs, 258, tmp_path, 257).run(progress=False, stop_after=3)  # "crash"
+    log = tmp_path / "log.jsonl"
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+    again = Trainer(cfg, seqs, seqs, 258, tmp_path, 257)
+    assert again.resume() and again.step == 2
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+    again.run(progress=False)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+    longer = TrainConfig.from_dict({**CONFIG, "steps": 6, "checkpoint_every": 2})
+    with pytest.raises(ValueError, match="steps: 4 then, 6 now"):
+        Trainer(longer, seqs, seqs, 258, tmp_path, 257).resume()
+
+
+def test_train_cli_guards_its_output_folder_and_device(tmp_path, capsys):
+    data = _corpus(tmp_path / "c.jsonl", n=60)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**CONFIG, "steps": 1}))
+    args = ["train", "--data", str(data), "--config", str(cfg), "--seq-len", "32", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    # a second run into the same folder would overwrite the first one's rater and checkpoints
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "already holds a training run; pass --resume" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()  # refused before anything was written
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):

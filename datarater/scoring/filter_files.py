@@ -37,6 +37,14 @@ def filter_files(
     if not parts:
         raise FileNotFoundError(f"{scored}: no part-*.parquet files (run `datarater score`)")
     out = Path(out)
+    if out.resolve() == Path(scored).resolve():
+        raise ValueError(f"--out {out} is the scored folder itself: its shards would be replaced")
+    stale = sorted({x.name for x in out.glob("part-*.parquet")} - {p.name for p in parts})
+    if stale:  # readers take every part of a folder: old ones would pass for kept rows
+        raise ValueError(
+            f"{out} holds parts that this run would not replace ({stale[:3]}...): "
+            "use a new --out or empty it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tables = [pq.read_table(p) for p in parts]
     for p, t in zip(parts, tables):

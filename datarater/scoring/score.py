@@ -310,32 +310,73 @@ def _expand(inputs: Sequence[str], exclude: Path | None = None) -> list[Path]:
             if not matched:
                 raise FileNotFoundError(f"{item}: no such file (or no file matches the glob)")
             files += [Path(m) for m in matched]
-    seen, unique = set(), []
+    seen, unique, inside = set(), [], 0
     skip = None if exclude is None else exclude.resolve()
     for f in files:
         key = f.resolve()
-        if key in seen or (skip is not None and key.is_relative_to(skip)):
-            continue
-        seen.add(key)
-        unique.append(f)
+        if skip is not None and key.is_relative_to(skip):
+            inside += 1
+        elif key not in seen:
+            seen.add(key)
+            unique.append(f)
+    if not unique:  # a run that scores nothing is a mistake, not a success
+        if inside:
+            raise ValueError(
+                f"all {inside} input files are under the output folder {exclude}, whose files "
+                "are never inputs: choose an --out outside the inputs"
+            )
+        raise FileNotFoundError(
+            f"no input files in {list(inputs)}: score reads jsonl (also .gz/.bz2/.zst/.lz4), "
+            "parquet and Arrow shards and saved Hugging Face datasets (a folder of text files "
+            "is a corpus for `datarater train`, not a set of shards)"
+        )
     return unique
 
 
-def _check_inputs(out: Path, files: list[Path]) -> None:
+def run_settings(rater, tokenizer, text_column: str, aggregate: str, precision: str) -> dict:
+    """What the scores of a ``score_files`` run depend on: its output folder records them so
+    that a rerun with another rater or other settings cannot mix two kinds of scores."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for t in rater.state_dict().values():  # values in order: a wrapper is the same rater
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {
+        "rater_weights": digest.hexdigest(),
+        "context": rater.cfg.max_seq_len,
+        "tokenizer": Path(str(tokenizer.name)).name,
+        "text_column": text_column,
+        "aggregate": aggregate,
+        "precision": precision,
+    }
+
+
+def _check_run(out: Path, files: list[Path], settings: dict) -> None:
     """Shard i is ``part-i``: a rerun must see the same input list, or rows would be lost or
-    scored twice. The first run records the list; later runs compare."""
+    scored twice, and the same rater and settings, or one folder would hold two kinds of
+    scores. The first run records both in ``inputs.json``; later runs compare."""
     manifest = out / "inputs.json"
     listed = [str(f.resolve()) for f in files]
-    if manifest.exists():
-        before = json.loads(manifest.read_text())
-        if before != listed:
-            raise ValueError(
-                f"{out}: the input files differ from the run that started this folder "
-                f"({len(before)} then, {len(listed)} now); finish with the same inputs or "
-                "use a new --out"
-            )
-    else:
-        atomic_write_text(manifest, json.dumps(listed, indent=0))
+    if not manifest.exists():
+        atomic_write_text(manifest, json.dumps({"inputs": listed, "settings": settings}, indent=1))
+        return
+    before = json.loads(manifest.read_text())
+    if isinstance(before, list):  # written before settings were recorded
+        before = {"inputs": before, "settings": settings}
+    if before["inputs"] != listed:
+        raise ValueError(
+            f"{out}: the input files differ from the run that started this folder "
+            f"({len(before['inputs'])} then, {len(listed)} now); finish with the same inputs "
+            "or use a new --out"
+        )
+    then = before["settings"]
+    diff = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in settings.items() if then[k] != v]
+    if diff:
+        raise ValueError(
+            f"{out} was started with another rater or other settings ({'; '.join(diff)}); "
+            "finish it with the same ones or use a new --out"
+        )
 
 
 def _read_table(path: Path):
@@ -397,9 +438,10 @@ def score_files(
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
     pad = padding_id(rater, tokenizer)
+    settings = run_settings(rater, tokenizer, text_column, aggregate, precision)
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
-    _check_inputs(out, files)
+    _check_run(out, files, settings)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
     t0, tokens = time.perf_counter(), 0
     todo = []
@@ -408,7 +450,7 @@ def score_files(
             continue
         marker = out / f"part-{i:05d}.done"
         if marker.exists():
-            if json.loads(marker.read_text()).get("input") != str(path):
+            if Path(json.loads(marker.read_text()).get("input", "")).resolve() != path.resolve():
                 raise ValueError(f"{marker} was written for another input than {path}")
             report["skipped"] += 1
         else:
@@ -437,7 +479,8 @@ def score_files(
         pq.write_table(table, tmp)
         os.replace(tmp, part)
         marker = out / f"part-{i:05d}.done"
-        atomic_write_text(marker, json.dumps({"input": str(path), "rows": table.num_rows}))
+        record = {"input": str(path.resolve()), "rows": table.num_rows}
+        atomic_write_text(marker, json.dumps(record))
         report["done"] += 1
         report["rows"] += table.num_rows
         bar.update(1)

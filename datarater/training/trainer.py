@@ -305,8 +305,7 @@ class Trainer:
             )
             bar.update(1)
             if self.out is not None:
-                name = "log.jsonl" if self.world == 1 else f"log.rank{self.rank}.jsonl"
-                with open(self.out / name, "a") as f:
+                with open(self._log_path(), "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save()
@@ -354,10 +353,18 @@ class Trainer:
                 f"{self.out}: the checkpoint was written with tokenizer {meta['tokenizer']}, "
                 f"not {self.tokenizer}; resume with the same tokenizer or use a new --out"
             )
-        if meta["config"] != asdict(self.cfg):
+        now = asdict(self.cfg)
+        if meta["config"] != now:
+            then = meta["config"]
+            diff = [
+                f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                for k in sorted(set(then) | set(now))
+                if then.get(k) != now.get(k)
+            ]
             raise ValueError(
-                f"{self.out}: the checkpoint was written with other settings; "
-                "resume with the same configuration or use a new --out"
+                f"{self.out}: the checkpoint was written with other settings ({'; '.join(diff)}); "
+                "resume with the same configuration or use a new --out (the meta learning "
+                "rate schedule depends on the number of steps, so a run cannot be lengthened)"
             )
         self.rater.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("rater.")})
         self.step, self.resets, self.history = meta["step"], meta["resets"], meta["history"]
@@ -374,7 +381,29 @@ class Trainer:
                 unflatten(f"meta.{p}", tensors, self.meta_state[p]), self.device
             )
             self.gens[p].set_state(tensors[f"rng.{p}"])
+        self._trim_log()
         return True
+
+    def _log_path(self) -> Path:
+        return self.out / ("log.jsonl" if self.world == 1 else f"log.rank{self.rank}.jsonl")
+
+    def _trim_log(self) -> None:
+        """Drop the log rows of steps after the checkpoint: a crashed run logged them, the
+        resumed run logs them again."""
+        path = self._log_path()
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row cut short by the crash
+                continue
+            if row.get("step", 0) <= self.step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
 
     def export(self, folder: Path) -> None:
         """The rater alone, as ``save_rater`` writes it."""
