@@ -281,6 +281,50 @@ def test_mixed_mode_refuses_dropout_in_training_mode():
     dr.meta_step(rater, noisy, noisy_state, inner, outer, optimizer=opt, mode="reverse")
 
 
+def test_a_state_of_another_model_or_optimizer_is_named():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+    adam = optim.Adam(0.01)
+    with pytest.raises(ValueError, match=r"\['exp_avg', 'exp_avg_sq'\].*another optimizer"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=adam)
+    other = user_lm()
+    with pytest.raises(ValueError, match="does not have: the state is another model's"):
+        dr.meta_step(rater, other, state, inner, outer, optimizer=opt)
+
+
+def test_models_may_return_a_mapping_of_logits():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+
+    class AsDict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, ids):
+            return {"logits": self.lm(ids), "extra": None}
+
+    wrapped = AsDict()
+    res = {}
+    for name, m in (("dict", wrapped), ("tensor", model)):
+        rater.zero_grad()
+        out = dr.meta_step(rater, m, dr.InnerState.init(m, opt), inner, outer, optimizer=opt)
+        res[name] = (out.outer_loss, flat_grad(rater))
+    assert res["dict"][0] == res["tensor"][0]  # (the wrapper takes torch.func's pass)
+    assert rel(res["dict"][1], res["tensor"][1]) < 1e-10
+
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, ids):
+            return [self.lm(ids)]
+
+    with pytest.raises(TypeError, match="a mapping with 'logits'.*returned list"):
+        dr.meta_step(rater, Bare(), dr.InnerState.init(Bare(), opt), inner, outer, optimizer=opt)
+
+
 def test_token_ids_out_of_the_model_vocabulary():
     model, rater, opt, state = _setup()
     inner, outer = make_batches(1)

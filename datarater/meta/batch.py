@@ -87,8 +87,18 @@ class SeqBatch:
 
 
 def logits_of(output) -> Tensor:
-    """Accept a logits tensor or any object with a ``.logits`` attribute (HF style)."""
-    return output if isinstance(output, Tensor) else output.logits
+    """Accept a logits tensor, a mapping with ``"logits"`` or an object with ``.logits``
+    (Hugging Face outputs are both)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(
+        "the model must return logits [B, L, V], a mapping with 'logits' or an object with "
+        f".logits; it returned {type(output).__name__}"
+    )
 
 
 def sequence_losses(logits: Tensor, batch: SeqBatch, backend: str | None = None) -> Tensor:

@@ -162,6 +162,31 @@ def _check_scores(scores, size: int) -> Tensor:
     return scores
 
 
+def _check_state(state: InnerState, model: nn.Module, optimizer: InnerOptimizer) -> None:
+    """The state must be the model's (same parameter names and shapes) and the optimizer's
+    (same kind of state): else the error would come from deep inside, as a KeyError."""
+    own = dict(model.named_parameters())
+    fix = "build it with InnerState.init(model, optimizer)"
+    for name, p in state.params.items():
+        if name not in own:
+            raise ValueError(
+                f"state holds parameter {name!r}, which {type(model).__name__} does not have: "
+                f"the state is another model's; {fix}"
+            )
+        if own[name].shape != p.shape:
+            raise ValueError(
+                f"state parameter {name!r} has shape {tuple(p.shape)}, the model's has "
+                f"{tuple(own[name].shape)}: the state is another model's; {fix}"
+            )
+    wanted = set(optimizer.init({}))  # the kinds of state this optimizer keeps
+    if set(state.opt_state) != wanted:
+        raise ValueError(
+            f"state holds optimizer state {sorted(state.opt_state)}, but "
+            f"{type(optimizer).__name__} keeps {sorted(wanted)}: the state was built for "
+            f"another optimizer (or momentum setting); {fix}"
+        )
+
+
 _DROPOUT = (
     nn.Dropout,
     nn.Dropout1d,
@@ -264,6 +289,7 @@ def meta_step(
         raise TypeError("inner_batches must be a list of batches (one per inner step)")
     if len(inner_batches) == 0:
         raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
+    _check_state(state, model, optimizer)
     if mode == "mixed":
         _refuse_dropout(model=model, rater=rater)
     dtype = next(iter(state.params.values())).dtype
