@@ -559,3 +559,29 @@ def test_score_refuses_runs_that_would_score_nothing_or_mix_two_kinds_of_scores(
     assert "another rater or other settings (rater_weights:" in capsys.readouterr().err
     assert score("--data", str(shards), "--out", str(out), "--aggregate", "mean") == 2
     assert "aggregate: 'truncate' then, 'mean' now" in capsys.readouterr().err
+
+
+def test_scoring_in_python_names_bad_input_and_streams_iterable_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from datarater.scoring.score import score_dataset
+
+    rater, folder = _rater(tmp_path)
+    assert not load_rater(folder).training  # loaded to score
+    with pytest.raises(TypeError, match="not one string"):
+        score_texts(rater, "hello world")
+    with pytest.raises(ValueError, match=r"texts\[1\] is not text: None"):
+        score_texts(rater, ["fine", None])
+    texts = ["one", "two two", "three three three"]
+    torch.testing.assert_close(score_texts(rater, iter(texts)), score_texts(rater, texts))
+    ds = datasets.Dataset.from_dict({"text": texts})
+    with pytest.raises(TypeError, match=r"a DatasetDict \(splits \['test', 'train'\]\)"):
+        score_dataset(rater, datasets.DatasetDict({"train": ds, "test": ds}))
+    scored = score_dataset(rater, ds)
+    with pytest.raises(ValueError, match="already has a 'datarater_score' column"):
+        score_dataset(rater, scored)
+    streamed = score_dataset(rater, ds.to_iterable_dataset(), batch_size=2)
+    rows = list(streamed)
+    assert [r["text"] for r in rows] == texts
+    torch.testing.assert_close(
+        torch.tensor([r[SCORE_COLUMN] for r in rows]), torch.tensor(scored[SCORE_COLUMN])
+    )

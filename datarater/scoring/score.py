@@ -177,6 +177,7 @@ def score_texts(
     (``"token_weighted"``); a last window of a single token is folded away unless it is the
     text's only one. Batches are formed from texts of similar length. ``device`` defaults to
     the rater's; ``precision``, ``compile`` and ``attention`` are :func:`scoring_copy`'s."""
+    texts = _text_list(texts)
     tokenizer = check_tokenizer(rater, tokenizer)
     windows = _windows(texts, tokenizer, seq_len or rater.cfg.max_seq_len, aggregate)
     if stats is not None:  # what was scored, for throughput figures
@@ -185,6 +186,17 @@ def score_texts(
     rater = scoring_copy(rater, device, pad, precision, compile, attention)
     pending = _launch(rater, windows, batch_size, pad, fixed_shapes=compile)
     return _aggregate(windows, _collect(pending), len(texts), aggregate)
+
+
+def _text_list(texts) -> list[str]:
+    """``texts`` as a list, every item a string (else an error naming the first that is not)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a list of strings, not one string: wrap it in a list")
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"texts[{bad}] is not text: {texts[bad]!r} ({type(texts[bad]).__name__})")
+    return texts
 
 
 def _windows(
@@ -566,11 +578,33 @@ def score_dataset(
     **kwargs,
 ):
     """A Hugging Face ``datasets.Dataset`` with a ``datarater_score`` column added; the other
-    arguments are :func:`score_texts`'s."""
-    if text_column not in dataset.column_names:
-        raise ValueError(
-            f"the dataset has no column {text_column!r} (columns: {dataset.column_names})"
+    arguments are :func:`score_texts`'s. An ``IterableDataset`` is scored lazily, batch by
+    batch as it is iterated, with the rater prepared once."""
+    names = dataset.column_names
+    if isinstance(names, dict):  # a DatasetDict: {split: columns}
+        raise TypeError(
+            f"a DatasetDict (splits {sorted(names)}): score one split, e.g. "
+            f"score_dataset(rater, dataset[{sorted(names)[0]!r}])"
         )
+    if names is not None and text_column not in names:
+        raise ValueError(f"the dataset has no column {text_column!r} (columns: {names})")
+    if names is not None and SCORE_COLUMN in names:
+        raise ValueError(
+            f"the dataset already has a {SCORE_COLUMN!r} column; drop it first "
+            f"(dataset.remove_columns({SCORE_COLUMN!r}))"
+        )
+    if not hasattr(dataset, "add_column"):  # an IterableDataset
+        tokenizer = check_tokenizer(rater, kwargs.pop("tokenizer", None))
+        device = kwargs.pop("device", None)
+        prepared = scoring_copy(
+            rater, device, padding_id(rater, tokenizer), precision, compile, attention
+        )
+
+        def add_scores(batch: dict) -> dict:
+            scores = score_texts(prepared, batch[text_column], tokenizer, **kwargs)
+            return {**batch, SCORE_COLUMN: scores.tolist()}
+
+        return dataset.map(add_scores, batched=True, batch_size=1024)
     scores = score_texts(
         rater,
         dataset[text_column],

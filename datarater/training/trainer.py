@@ -452,8 +452,9 @@ def save_rater(
 
 
 def load_rater(folder: Path | str) -> Rater:
-    """A rater written by ``save_rater`` (or ``datarater train``); ``rater.tokenizer`` names
-    the tokenizer it was trained with. Every inconsistency is an error naming the file."""
+    """A rater written by ``save_rater`` (or ``datarater train``), in eval mode;
+    ``rater.tokenizer`` names the tokenizer it was trained with. Every inconsistency is an
+    error naming the file."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
@@ -496,7 +497,7 @@ def load_rater(folder: Path | str) -> Rater:
             "the two files come from different runs or configs"
         )
     rater.load_state_dict(state)
-    return rater
+    return rater.eval()  # loaded to score; rater.train() to meta-train it further
 
 
 def _to(tree: dict, device: torch.device) -> dict:
