@@ -381,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--out", required=True)
     ana.add_argument("--text-column", default="text")
     ana.add_argument("--source-column", help="histograms and mean score per source")
-    ana.add_argument("--compare-rater", help="another rater (checkpoint) for rank correlation")
+    ana.add_argument(
+        "--compare-rater",
+        help="another rater folder, or a training checkpoint (run/checkpoints/step-N), for the "
+        "rank correlation of scores",
+    )
     ana.add_argument("--max-rows", type=int, default=20000)
     ana.add_argument("--tokenizer", help="for --compare-rater (default: the one it recorded)")
     ana.set_defaults(func=_analyze)

@@ -216,3 +216,22 @@ def test_resume_refuses_another_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="written with tokenizer bytes"):
         again.resume()
     assert Trainer(cfg, seqs, seqs, 258, tmp_path, 257).resume()
+
+
+def test_load_rater_takes_a_training_checkpoint_and_points_from_a_run_folder(tmp_path):
+    from datarater.data import ByteTokenizer, per_document
+    from datarater.training import Trainer
+
+    seqs = per_document([f"document number {i} " * 3 for i in range(12)], ByteTokenizer(), 32)
+    cfg = TrainConfig.from_dict({**CONFIG, "steps": 3, "checkpoint_every": 1})
+    Trainer(cfg, seqs, seqs, 258, tmp_path, 257).run(progress=False)
+    final = load_rater(tmp_path / "rater")
+    last = load_rater(tmp_path / "checkpoints" / "step-000003")
+    earlier = load_rater(tmp_path / "checkpoints" / "step-000002")
+    assert not last.training and last.tokenizer == final.tokenizer == "bytes"
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert same(last, final) and not same(earlier, final)
+    with pytest.raises(FileNotFoundError, match="is a training run folder: its rater is"):
+        load_rater(tmp_path)

@@ -459,6 +459,13 @@ def load_rater(folder: Path | str) -> Rater:
 
     folder = Path(folder)
     cfg_path, weights = folder / "config.json", folder / "rater.safetensors"
+    if (folder / "meta.json").exists() and (folder / "tensors.safetensors").exists():
+        return _rater_from_checkpoint(folder)
+    if not cfg_path.exists() and (folder / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"{folder} is a training run folder: its rater is {folder / 'rater'} (once the run "
+            f"has finished), its checkpoints are {folder / 'checkpoints'}/step-*"
+        )
     for path in (cfg_path, weights):
         if not path.exists():
             raise FileNotFoundError(
@@ -498,6 +505,25 @@ def load_rater(folder: Path | str) -> Rater:
         )
     rater.load_state_dict(state)
     return rater.eval()  # loaded to score; rater.train() to meta-train it further
+
+
+def _rater_from_checkpoint(folder: Path) -> Rater:
+    """The rater of a training checkpoint (``checkpoints/step-NNNNNN``), in eval mode."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        rater = Rater(TransformerConfig(**meta["rater"]), pad_id=meta.get("pad_id"))
+        state = {
+            k[len("rater.") :]: v
+            for k, v in load_file(str(folder / "tensors.safetensors")).items()
+            if k.startswith("rater.")
+        }
+        rater.load_state_dict(state)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{folder}: not a readable training checkpoint ({e})") from e
+    rater.tokenizer = meta.get("tokenizer", "bytes")
+    return rater.eval()
 
 
 def _to(tree: dict, device: torch.device) -> dict:
