@@ -229,8 +229,10 @@ def test_load_rater_takes_a_training_checkpoint_and_points_from_a_run_folder(tmp
     last = load_rater(tmp_path / "checkpoints" / "step-000003")
     earlier = load_rater(tmp_path / "checkpoints" / "step-000002")
     assert not last.training and last.tokenizer == final.tokenizer == "bytes"
+
     def same(a, b) -> bool:
-        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        pairs = zip(a.state_dict().values(), b.state_dict().values())
+        return all(torch.equal(x, y) for x, y in pairs)
 
     assert same(last, final) and not same(earlier, final)
     with pytest.raises(FileNotFoundError, match="is a training run folder: its rater is"):
