@@ -71,6 +71,18 @@ def _train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _read(source: str, column: str, label: str) -> list[str]:
+    """A corpus's documents, with one line saying what was kept and skipped (the warning
+    ``read_documents`` gives a library caller would repeat it)."""
+    from .data import read_documents
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*\d+ documents from \d+ file")
+        docs, report = read_documents(source, column)
+    print(f"{label}: {report.summary()}")
+    return docs
+
+
 def _holds_a_run(out: Path) -> bool:
     """Whether ``out`` has a checkpoint, a log or a rater of an earlier ``train``."""
     return any((out / name).exists() for name in ("checkpoints", "log.jsonl", "rater")) or any(
@@ -81,7 +93,7 @@ def _holds_a_run(out: Path) -> bool:
 def _train_run(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import get_tokenizer, overlap, per_document, read_documents, split_heldout
+    from .data import get_tokenizer, overlap, per_document, split_heldout
     from .training import TrainConfig, Trainer
 
     config = {}
@@ -109,11 +121,9 @@ def _train_run(args: argparse.Namespace) -> int:
         )
     device = _device(args.device)  # checked before the corpus is read
     tok = get_tokenizer(args.tokenizer)
-    docs, report = read_documents(args.data, args.text_column)
-    print(f"training corpus: {report.summary()}")
+    docs = _read(args.data, args.text_column, "training corpus")
     if args.heldout:
-        held_docs, held_report = read_documents(args.heldout, args.text_column)
-        print(f"held-out corpus: {held_report.summary()}")
+        held_docs = _read(args.heldout, args.text_column, "held-out corpus")
         dup = overlap(docs, held_docs)
         if dup:
             warnings.warn(f"{dup} held-out documents also occur in the training data", stacklevel=1)
@@ -246,7 +256,7 @@ def _kept_rows(folder: str, text_column: str) -> tuple[list[str], float]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import get_tokenizer, read_documents
+    from .data import get_tokenizer
     from .evaluation import EvalConfig, run_evaluation
     from .scoring.score import SCORE_COLUMN, read_scored
     from .training import load_rater
@@ -264,8 +274,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         baselines=not args.no_baselines,
     )
     data = read_scored(args.scored, [args.text_column, SCORE_COLUMN], [args.text_column])
-    val_docs, val_report = read_documents(args.heldout, args.text_column)
-    print(f"validation corpus: {val_report.summary()}")
+    val_docs = _read(args.heldout, args.text_column, "validation corpus")
     given = _kept_rows(args.filtered, args.text_column) if args.filtered else None
     report = run_evaluation(
         data[args.text_column],

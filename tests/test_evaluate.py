@@ -161,7 +161,8 @@ def test_repeats_average_the_curves_of_several_seeds(tmp_path):
     rater_cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=8, n_layers=1, n_heads=2)
     cfg = EvalConfig(sizes=("toy",), rhos=(0.5,), steps=6, batch=4, seq_len=32, eval_every=3,
                      repeats=2, baselines=False)  # fmt: skip
-    rep = run_evaluation(texts, scores, val, tmp_path, tok, rater_cfg, cfg, progress=False)
+    with pytest.warns(UserWarning, match="14 of 14 validation documents also occur in the"):
+        rep = run_evaluation(texts, scores, val, tmp_path, tok, rater_cfg, cfg, progress=False)
     unfiltered = next(r for r in rep["runs"] if r["arm"] == "unfiltered")
     # the same split and pool the evaluation builds, trained by hand with both seeds
     _, val_idx = split_heldout(len(val), 0.5, seed=0)
@@ -188,8 +189,12 @@ def test_repeats_average_the_curves_of_several_seeds(tmp_path):
     with pytest.raises(ValueError, match="at least one rho"):
         EvalConfig(rhos=())
     big = replace(cfg, rhos=(0.9,), batch=len(pool) // 5 + 1)  # 10 x batch > pool candidates
-    with pytest.raises(ValueError, match="distinct candidates per step"):
-        run_evaluation(texts, scores, val, tmp_path / "x", tok, rater_cfg, big, progress=False)
+    big_rater = replace(rater_cfg, d_model=256)  # and a rater that costs more than the LM
+    with (
+        pytest.warns(UserWarning, match="LM size 'toy' costs .* scoring eats any gain"),
+        pytest.raises(ValueError, match="distinct candidates per step"),
+    ):
+        run_evaluation(texts, scores, val, tmp_path / "x", tok, big_rater, big, progress=False)
     assert not (tmp_path / "x").exists()
 
 

@@ -16,6 +16,7 @@ trained on one half of the validation corpus; the other half is the validation s
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.tokens import Sequences, per_document, split_heldout
+from ..data.tokens import Sequences, overlap, per_document, split_heldout
 from ..models import TransformerConfig, preset
 from ..models.transformer import PRESETS
 from ..training.checkpoint import atomic_write_text
@@ -129,6 +130,28 @@ def lm_config(size: str, vocab_size: int, seq_len: int) -> TransformerConfig:
     return preset(size, vocab_size=vocab_size, max_seq_len=seq_len)
 
 
+def _warn_on_setup(texts, val_texts, rater_cfg, cfg: EvalConfig, vocab: int) -> None:
+    """What makes a result misleading without making it impossible: validation documents
+    that are also in the pool (the filtered arm may just select them), and LMs no larger than
+    the rater (scoring every candidate then costs about as much as training on it)."""
+    dup = overlap(texts, val_texts)
+    if dup:
+        warnings.warn(
+            f"{dup} of {len(val_texts)} validation documents also occur in the scored pool: "
+            "keep the held-out corpus disjoint, or the gain may be the rater finding them",
+            stacklevel=3,
+        )
+    rater_cost = forward_flops_per_token(rater_cfg, head=0)
+    for size in cfg.sizes:
+        lm_cost = forward_flops_per_token(lm_config(size, vocab, cfg.seq_len))
+        if lm_cost <= rater_cost:
+            warnings.warn(
+                f"LM size {size!r} costs {lm_cost / 1e6:.2f} MFLOP per token, no more than the "
+                f"rater's {rater_cost / 1e6:.2f}: scoring eats any gain; use larger sizes",
+                stacklevel=3,
+            )
+
+
 def run_evaluation(
     texts: Sequence[str],
     scores: Tensor,
@@ -162,6 +185,7 @@ def run_evaluation(
             f"(got {len(given[0])} rows, rho {given[1]})"
         )
     vocab = tokenizer.vocab_size
+    _warn_on_setup(texts, val_texts, rater_cfg, cfg, vocab)
     window = (tokenizer, cfg.seq_len, cfg.max_windows)
     pool = per_document(texts, *window)
     seq_scores = scores[pool.doc_index]

@@ -107,7 +107,10 @@ def scoring_copy(
         from ..kernels.attention import HEAD_SIZES
 
         if device.type != "cuda":
-            raise ValueError(f"attention='triton' runs on GPUs; scoring on {device} uses 'sdpa'")
+            raise ValueError(
+                f"attention='triton' needs a GPU and scoring runs on {device}: "
+                "leave attention at 'sdpa' there"
+            )
         cfg = getattr(rater, "cfg", None)
         head = None if cfg is None else cfg.d_model // cfg.n_heads
         if head is not None and head not in HEAD_SIZES:
