@@ -15,6 +15,17 @@ SIZES = {  # inner LM and rater sizes; "cpu" finishes in minutes on 2 cores
 }
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: {default})"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -296,39 +307,59 @@ def _evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="datarater", description="Meta-learned data curation.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # every command's --help shows its defaults
+    add_parser = sub.add_parser
 
-    demo = sub.add_parser("demo", help="meta-train a rater on a built-in corrupted corpus")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return add_parser(name, formatter_class=_Help, **kw)
+
+    demo = command("demo", help="meta-train a rater on a built-in corrupted corpus")
     demo.add_argument("--out", default="datarater-demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="a < 1 minute variant")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the corpus and of training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="meta-train a rater on your corpus")
+    train = command("train", help="meta-train a rater on your corpus")
     train.add_argument(
         "--data",
         required=True,
         help="jsonl (also .gz/.bz2/.zst/.lz4), parquet, text file or folder, or a saved "
         "Hugging Face dataset",
     )
-    train.add_argument("--text-column", default="text")
+    train.add_argument("--text-column", default="text", help="column holding the documents")
     train.add_argument("--heldout", help="the outer (target) corpus; default: a split of --data")
-    train.add_argument("--heldout-fraction", type=float, default=0.1)
+    train.add_argument(
+        "--heldout-fraction", type=float, default=0.1, help="share of --data held out as target"
+    )
     train.add_argument("--out", required=True, help="output folder (rater, checkpoints, log)")
-    train.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    train.add_argument("--steps", type=int)
-    train.add_argument("--population", type=int)
-    train.add_argument("--inner-steps", type=int)
-    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="cpu",
+        help="inner LM and rater size (d_model "
+        "48/256/512); not evaluate's --sizes, which name LM presets",
+    )
+    train.add_argument(
+        "--steps", type=int, help="meta-steps; default 300 at --size cpu, else TrainConfig's"
+    )
+    train.add_argument("--population", type=int, help="inner models; default TrainConfig's")
+    train.add_argument("--inner-steps", type=int, help="T per meta-step; default TrainConfig's")
+    train.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="tokens per sequence: each document gives its first window of this length",
+    )
     train.add_argument("--tokenizer", help="a local tokenizers JSON file (default: bytes)")
     train.add_argument("--config", help="JSON file of TrainConfig settings")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=int, help="default TrainConfig's")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--device", help="default: cuda if available, else cpu")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    score = sub.add_parser("score", help="score a corpus with a trained rater")
+    score = command("score", help="score a corpus with a trained rater")
     score.add_argument("--rater", required=True, help="a rater folder written by train")
     score.add_argument(
         "--data",
@@ -337,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         help="jsonl (also .gz/.bz2/.zst/.lz4), parquet or Arrow files, globs, folders, or a "
         "saved Hugging Face dataset; each file is one shard",
     )
-    score.add_argument("--text-column", default="text")
+    score.add_argument("--text-column", default="text", help="column holding the documents")
     score.add_argument("--out", required=True, help="output folder of parquet shards")
     score.add_argument(
         "--aggregate",
@@ -345,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         default="truncate",
         help="for documents longer than the rater's context",
     )
-    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     score.add_argument("--tokenizer", help="default: the tokenizer recorded with the rater")
     score.add_argument("--device", help="default: cuda if available, else cpu")
     score.add_argument(
@@ -367,12 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         default="sdpa",
         help="sdpa: PyTorch's fused attention; triton: datarater's Triton kernel (GPUs only)",
     )
-    score.add_argument("--quiet", action="store_true")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_score)
 
-    filt = sub.add_parser("filter", help="keep the best-scored rows of a scored corpus")
+    filt = command("filter", help="keep the best-scored rows of a scored corpus")
     filt.add_argument("--scored", required=True, help="a folder written by `datarater score`")
-    filt.add_argument("--out", required=True)
+    filt.add_argument("--out", required=True, help="folder for the kept rows and stats.json")
     filt.add_argument(
         "--rule",
         choices=["topk", "paccept", "quantile"],
@@ -381,25 +412,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     filt.add_argument("--rho", type=float, default=0.5, help="discard fraction")
     filt.add_argument("--batch", type=int, default=64, help="nominal batch N (topk, paccept)")
-    filt.add_argument("--seed", type=int, default=0)
+    filt.add_argument("--seed", type=int, default=0, help="of paccept's draws")
     filt.add_argument("--source-column", help="report the kept fraction per value of it")
     filt.set_defaults(func=_filter)
 
-    ana = sub.add_parser("analyze", help="what the rater learned: heuristics, extremes, stability")
+    ana = command("analyze", help="what the rater learned: heuristics, extremes, stability")
     ana.add_argument("--scored", required=True, help="a folder written by `datarater score`")
-    ana.add_argument("--out", required=True)
-    ana.add_argument("--text-column", default="text")
+    ana.add_argument("--out", required=True, help="folder for analysis.json and plots")
+    ana.add_argument("--text-column", default="text", help="column holding the documents")
     ana.add_argument("--source-column", help="histograms and mean score per source")
     ana.add_argument(
         "--compare-rater",
         help="another rater folder, or a training checkpoint (run/checkpoints/step-N), for the "
         "rank correlation of scores",
     )
-    ana.add_argument("--max-rows", type=int, default=20000)
+    ana.add_argument("--max-rows", type=int, default=20000, help="rows sampled for the fits")
     ana.add_argument("--tokenizer", help="for --compare-rater (default: the one it recorded)")
     ana.set_defaults(func=_analyze)
 
-    ev = sub.add_parser(
+    ev = command(
         "evaluate", help="train fresh LMs on filtered vs raw data and report the compute saved"
     )
     ev.add_argument("--scored", required=True, help="a folder written by `datarater score`")
@@ -410,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the target corpus for validation NLL; keep it disjoint from the rater's outer data",
     )
     ev.add_argument("--filtered", help="also train on a folder written by `datarater filter`")
-    ev.add_argument("--out", required=True)
-    ev.add_argument("--text-column", default="text")
+    ev.add_argument("--out", required=True, help="folder for evaluation.json/.md and plots")
+    ev.add_argument("--text-column", default="text", help="column holding the documents")
     ev.add_argument(
         "--sizes",
         default="tiny,small",
@@ -419,13 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev.add_argument("--rhos", default="0.1,0.25,0.5,0.75,0.9", help="discard fractions to sweep")
     ev.add_argument("--steps", type=int, default=300, help="training steps per run")
-    ev.add_argument("--batch", type=int, default=16)
+    ev.add_argument("--batch", type=int, default=16, help="sequences per LM training step")
     ev.add_argument("--seq-len", type=int, help="default: the rater's context")
     ev.add_argument("--tokenizer", help="default: the rater's tokenizer")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="of the splits and the first run")
     ev.add_argument("--repeats", type=int, default=1, help="seeds per run, curves averaged")
     ev.add_argument("--no-baselines", action="store_true", help="skip the perplexity filters")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
 
     args = parser.parse_args(argv)

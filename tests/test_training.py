@@ -237,3 +237,15 @@ def test_load_rater_takes_a_training_checkpoint_and_points_from_a_run_folder(tmp
     assert same(last, final) and not same(earlier, final)
     with pytest.raises(FileNotFoundError, match="is a training run folder: its rater is"):
         load_rater(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "score", "filter", "analyze", "evaluate"])
+def test_every_command_has_help_with_the_defaults_worth_knowing(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: datarater {command}" in out
+    expected = {"train": "(default: 128)", "score": "(default: 64)", "filter": "(default: 0.5)"}
+    assert expected.get(command, "") in out
+    assert "(default: None)" not in out and "(default: False)" not in out
