@@ -181,6 +181,7 @@ def _score(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         attention=args.attention,
+        skip_bad_rows=args.skip_bad_rows,
     )
     print(json.dumps(report, indent=1))
     if report["failed"]:
@@ -397,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["sdpa", "triton"],  # models.transformer.ATTENTION_BACKENDS (no torch import here)
         default="sdpa",
         help="sdpa: PyTorch's fused attention; triton: datarater's Triton kernel (GPUs only)",
+    )
+    score.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="leave out rows whose text is missing, not a string or unparsable (counted per "
+        "shard in the report and its .done marker) instead of failing their shard",
     )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_score)

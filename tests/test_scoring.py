@@ -585,3 +585,35 @@ def test_scoring_in_python_names_bad_input_and_streams_iterable_datasets(tmp_pat
     torch.testing.assert_close(
         torch.tensor([r[SCORE_COLUMN] for r in rows]), torch.tensor(scored[SCORE_COLUMN])
     )
+
+
+def test_skip_bad_rows_leaves_out_rows_without_text_and_counts_them(tmp_path, capsys):
+    rater, folder = _rater(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [json.dumps({"text": f"good row {i}", "i": i}) for i in range(300)]
+    lines[270] = json.dumps({"text": 7, "i": 270})  # pyarrow refuses the whole shard for this
+    lines[5] = json.dumps({"text": None, "i": 5})
+    lines[6] = '{"text": "cut short'
+    (data / "a.jsonl").write_text("\n".join(lines))
+    table = pa.table({"text": ["fine", None, "also fine"], "i": [0, 1, 2]})
+    pq.write_table(table, data / "b.parquet")
+    args = ["score", "--rater", str(folder), "--data", str(data), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 1  # the default: shards fail
+    err = capsys.readouterr().err
+    assert "a.jsonl" in err and "b.parquet" in err and "--skip-bad-rows" in err
+    out = tmp_path / "lenient"
+    assert main([*args, "--out", str(out), "--skip-bad-rows"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bad_rows"] == {str(data / "a.jsonl"): 3, str(data / "b.parquet"): 1}
+    assert report["rows"] == 297 + 2
+    first = pq.read_table(out / "part-00000.parquet")
+    assert first.column("i").to_pylist() == [i for i in range(300) if i not in (5, 6, 270)]
+    texts = first.column("text").to_pylist()
+    torch.testing.assert_close(
+        torch.tensor(first.column(SCORE_COLUMN).to_pylist()), score_texts(rater, texts)
+    )
+    assert json.loads((out / "part-00001.done").read_text())["bad_rows"] == 1
+    # the flag is part of the run's settings: a strict rerun into the same folder is refused
+    assert main([*args, "--out", str(out)]) == 2
+    assert "skip_bad_rows: True then, False now" in capsys.readouterr().err

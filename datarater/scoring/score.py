@@ -411,16 +411,58 @@ def _read_table(path: Path):
     raise ValueError("not a jsonl (optionally compressed), parquet or Arrow file by its name")
 
 
-def _load_shard(path: Path, text_column: str):
-    """The shard's table and its text column, checked: every value must be a string."""
-    table = _read_table(path)
+def _jsonl_rows(path: Path, text_column: str):
+    """A jsonl shard read row by row, rows without a text value left out, and how many: for
+    shards pyarrow refuses whole (a column that changes type, a malformed line)."""
+    import pyarrow as pa
+
+    rows, bad = [], 0
+    with open_binary(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:  # malformed JSON or invalid UTF-8
+                bad += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get(text_column), str):
+                rows.append(row)
+            else:
+                bad += 1
+    if not rows:
+        raise ValueError(f"no row has a text value in {text_column!r}")
+    return pa.Table.from_pylist(rows), bad
+
+
+def _load_shard(path: Path, text_column: str, skip_bad_rows: bool = False):
+    """The shard's table, its texts and the number of rows left out. Every value of the text
+    column must be a string; with ``skip_bad_rows`` the rows whose value is not (or that
+    pyarrow cannot parse) are left out and counted instead of failing the shard."""
+    import pyarrow as pa
+
+    try:
+        table = _read_table(path)
+    except pa.ArrowInvalid:
+        if not (skip_bad_rows and file_format(path) == "jsonl"):
+            raise
+        table, bad = _jsonl_rows(path, text_column)
+        return table, table.column(text_column).to_pylist(), bad
     if text_column not in table.column_names:
         raise ValueError(f"no column {text_column!r} (columns: {table.column_names})")
     texts = table.column(text_column).to_pylist()
-    bad = [j for j, t in enumerate(texts) if not isinstance(t, str)]
+    good = [isinstance(t, str) for t in texts]
+    bad = good.count(False)
+    if bad and not skip_bad_rows:
+        first = good.index(False)
+        raise ValueError(
+            f"{bad} non-text values in {text_column!r} (first at row {first}: "
+            f"{texts[first]!r}); --skip-bad-rows leaves such rows out"
+        )
     if bad:
-        raise ValueError(f"{len(bad)} non-text values in {text_column!r} (first at row {bad[0]})")
-    return table, texts
+        table = table.filter(pa.array(good))
+        texts = [t for t, ok in zip(texts, good) if ok]
+    return table, texts, bad
 
 
 def score_files(
@@ -438,11 +480,13 @@ def score_files(
     precision: str = "auto",
     compile: bool = False,
     attention: str = "sdpa",
+    skip_bad_rows: bool = False,
 ) -> dict:
     """Score every row of every input shard into ``out/part-NNNNN.parquet`` (all original
     columns plus ``datarater_score``). Returns counts: done, skipped (already finished),
-    failed (with the reason per file). ``precision``, ``compile`` and ``attention`` are
-    :func:`scoring_copy`'s."""
+    failed (with the reason per file), and with ``skip_bad_rows`` the rows left out per file
+    (rows without a text value, which otherwise fail their shard). ``precision``,
+    ``compile`` and ``attention`` are :func:`scoring_copy`'s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -454,10 +498,13 @@ def score_files(
     tokenizer = check_tokenizer(rater, tokenizer)
     pad = padding_id(rater, tokenizer)
     settings = run_settings(rater, tokenizer, text_column, aggregate, precision)
+    settings["skip_bad_rows"] = skip_bad_rows
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, files, settings)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
+    if skip_bad_rows:
+        report["bad_rows"] = {}
     t0, tokens = time.perf_counter(), 0
     todo = []
     for i, path in enumerate(files):
@@ -480,12 +527,12 @@ def score_files(
     seq_len = rater.cfg.max_seq_len
 
     def prepare(path: Path):
-        table, texts = _load_shard(path, text_column)
-        return table, len(texts), _windows(texts, tokenizer, seq_len, aggregate)
+        table, texts, bad = _load_shard(path, text_column, skip_bad_rows)
+        return table, len(texts), bad, _windows(texts, tokenizer, seq_len, aggregate)
 
     def finish(job) -> None:
         nonlocal tokens
-        i, path, table, n_texts, windows, pending = job
+        i, path, table, n_texts, bad, windows, pending = job
         scores = _aggregate(windows, _collect(pending), n_texts, aggregate)
         tokens += sum(len(w[1]) for w in windows)
         table = table.append_column(SCORE_COLUMN, pa.array(scores.numpy(), pa.float32()))
@@ -495,6 +542,8 @@ def score_files(
         os.replace(tmp, part)
         marker = out / f"part-{i:05d}.done"
         record = {"input": str(path.resolve()), "rows": table.num_rows}
+        if bad:
+            record["bad_rows"] = report["bad_rows"][str(path)] = bad
         atomic_write_text(marker, json.dumps(record))
         report["done"] += 1
         report["rows"] += table.num_rows
@@ -511,7 +560,7 @@ def score_files(
             if k + 1 < len(todo):
                 ahead = reader.submit(prepare, todo[k + 1][1])
             try:
-                table, n_texts, windows = loading.result()
+                table, n_texts, bad, windows = loading.result()
             except Exception as e:  # noqa: BLE001 - a bad shard is reported, the others go on
                 report["failed"][str(path)] = f"{type(e).__name__}: {e}"
                 bar.update(1)
@@ -527,7 +576,7 @@ def score_files(
                 raise
             if queued is not None:
                 finish(queued)
-            queued = (i, path, table, n_texts, windows, pending)
+            queued = (i, path, table, n_texts, bad, windows, pending)
         if queued is not None:
             finish(queued)
     finally:
