@@ -185,6 +185,19 @@ def test_a_local_tokenizers_file(tmp_path):
     assert ours.decode(ids).replace(" ", "") == "thecatsat"
     seqs = per_document(["the cat sat on the mat " * 3], ours, 8)
     assert int(seqs.input_ids.max()) < ours.vocab_size
+    # batched encoding (what scoring and training use) equals one call per text, and a
+    # tokenizer with only encode() still works
+    from datarater.data.tokens import encode_all
+
+    texts = ["the cat", "", "mat sat the cat on the mat", "zebra"]
+    assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
+
+    class OnlyEncode:
+        eos_id = ours.eos_id
+        encode = staticmethod(ours.encode)
+
+    expected = [ours.encode(t) + [ours.eos_id] for t in texts]
+    assert encode_all(ours, texts) == encode_all(OnlyEncode(), texts) == expected
     # a rater trained with it carries a copy: the folder can move and still score
     import shutil
 

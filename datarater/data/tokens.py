@@ -27,6 +27,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8", errors="replace")) for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -52,12 +55,25 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts at once: ``tokenizers`` spreads them over its Rust threads, which pays
+        on many-core scoring hosts (on the 2-core VM, busy, both ran at ~1.4M tokens/s)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([i for i in ids if i < self.eos_id])
 
 
 def get_tokenizer(name: str | None):
     return ByteTokenizer() if name in (None, "bytes") else HFTokenizer(name)
+
+
+def encode_all(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of every text, each followed by EOS; in one batched call when the
+    tokenizer has ``encode_batch`` (a user's tokenizer may have only ``encode``)."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    ids = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
+    return [list(t) + [tokenizer.eos_id] for t in ids]
 
 
 @dataclass
@@ -87,8 +103,7 @@ def pack(docs: Sequence[str], tokenizer, seq_len: int) -> Sequences:
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids, owner = [], []
-    for d, text in enumerate(docs):
-        toks = tokenizer.encode(text) + [tokenizer.eos_id]
+    for d, toks in enumerate(encode_all(tokenizer, docs)):
         ids.extend(toks)
         owner.extend([d] * len(toks))
     n = len(ids) // seq_len
@@ -106,8 +121,7 @@ def per_document(docs: Sequence[str], tokenizer, seq_len: int, max_windows: int 
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     rows, masks, owner = [], [], []
     short = 0
-    for d, text in enumerate(docs):
-        toks = tokenizer.encode(text) + [tokenizer.eos_id]
+    for d, toks in enumerate(encode_all(tokenizer, docs)):
         if len(toks) < seq_len:
             short += 1
         for w in range(max_windows):

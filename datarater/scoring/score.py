@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.corpus import file_format, open_binary, read_arrow, saved_dataset_files
-from ..data.tokens import get_tokenizer
+from ..data.tokens import encode_all, get_tokenizer
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
 from ..training.checkpoint import atomic_write_text
 
@@ -209,8 +209,7 @@ def _windows(
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
     windows: list[tuple[int, list[int]]] = []
-    for i, text in enumerate(texts):
-        toks = tokenizer.encode(text) + [tokenizer.eos_id]
+    for i, toks in enumerate(encode_all(tokenizer, texts)):
         pieces = (
             [toks[:seq_len]]
             if aggregate == "truncate"
