@@ -246,6 +246,10 @@ def test_analyze_cli_on_scored_shards(tmp_path, capsys):
     report = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert set(report["mean_score_by_source"]) == {"clean", "junk"}
     assert (tmp_path / "a" / "score_histograms.png").exists()
+    page = (tmp_path / "a" / "analysis.md").read_text()
+    assert f"OLS R^2 of the score on all heuristics: **{report['ols_r2']:.3f}**" in page
+    assert "| junk |" in page and "## Lowest-scored documents" in page
+    assert page.count("\n| ") >= 2 * 10 + len(report["pearson"])  # every row is a table row
 
 
 def test_score_dataset_adds_a_column(tmp_path):

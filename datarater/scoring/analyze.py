@@ -133,31 +133,78 @@ def write_report(
     sources: Sequence | None = None,
     other_scores: Tensor | None = None,
 ) -> dict:
-    """``analysis.json`` and ``score_histograms.png`` (per source) in ``out``."""
+    """``analysis.json``, ``analysis.md`` (the same, for reading) and
+    ``score_histograms.png`` (one histogram per source, or one for all) in ``out``."""
+    import matplotlib
+
     from ..training.checkpoint import atomic_write_text
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"n": len(texts), **explain(texts, scores), **extremes(texts, scores, sources=sources)}
     if other_scores is not None:
         report["rank_correlation_with_other"] = rank_correlation(scores, other_scores)
+    groups = {"all": list(range(len(texts)))}
     if sources is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for s in sorted(set(sources)):
-            sel = [i for i, x in enumerate(sources) if x == s]
-            ax.hist(scores[sel].numpy(), bins=30, alpha=0.5, density=True, label=str(s))
-        ax.set_xlabel("rater score")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "score_histograms.png", dpi=100)
-        plt.close(fig)
-        report["mean_score_by_source"] = {
-            str(s): float(scores[[i for i, x in enumerate(sources) if x == s]].mean())
-            for s in sorted(set(sources))
-        }
+        names = sorted(set(sources))
+        groups = {str(s): [i for i, x in enumerate(sources) if x == s] for s in names}
+        report["mean_score_by_source"] = {s: float(scores[i].mean()) for s, i in groups.items()}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, idx in groups.items():
+        ax.hist(scores[idx].numpy(), bins=30, alpha=0.5, density=True, label=name)
+    ax.set_xlabel("rater score")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "score_histograms.png", dpi=100)
+    plt.close(fig)
     atomic_write_text(out / "analysis.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "analysis.md", markdown(report))
     return report
+
+
+def _cell(text: str, chars: int = 120) -> str:
+    """A text as one markdown table cell: one line, pipes escaped, cut."""
+    flat = " ".join(text.split())
+    flat = flat if len(flat) <= chars else flat[: chars - 1] + "…"
+    return flat.replace("|", "\\|") or "(empty)"
+
+
+def markdown(report: dict) -> str:
+    """The analysis as a page: what explains the scores, then the extremes."""
+    lines = [
+        "# What the rater learned",
+        "",
+        f"{report['n']} scored documents.",
+        "",
+        "![score histograms](score_histograms.png)",
+        "",
+        "## Text heuristics",
+        "",
+        f"OLS R^2 of the score on all heuristics: **{report['ols_r2']:.3f}**. The sparse (L1, "
+        f"alpha {report['lasso_alpha']:.3g}) fit keeps: "
+        + (", ".join(f"{k} ({v:+.3g})" for k, v in report["lasso"].items()) or "none")
+        + ".",
+        "",
+        "| heuristic | Pearson r with the score |",
+        "|---|---|",
+    ]
+    ranked = sorted(report["pearson"].items(), key=lambda kv: -abs(kv[1]))
+    lines += [f"| {k} | {v:+.3f} |" for k, v in ranked]
+    if "mean_score_by_source" in report:
+        lines += ["", "## Mean score by source", "", "| source | mean score |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {v:+.4f} |" for k, v in report["mean_score_by_source"].items()]
+    if "rank_correlation_with_other" in report:
+        r = report["rank_correlation_with_other"]
+        lines += ["", f"Spearman rank correlation with the other rater: **{r:.4f}**."]
+    for side in ("lowest", "highest"):
+        rows = report[side]
+        has_source = bool(rows) and "source" in rows[0]
+        lines += ["", f"## {side.capitalize()}-scored documents", ""]
+        lines += ["| score | " + ("source | " if has_source else "") + "text |"]
+        lines += ["|---|" + ("---|" if has_source else "") + "---|"]
+        for row in rows:
+            src = f"{_cell(row['source'], 30)} | " if has_source else ""
+            lines.append(f"| {row['score']:+.4f} | {src}{_cell(row['text'])} |")
+    return "\n".join(lines) + "\n"
