@@ -124,7 +124,7 @@ def test_a_rater_scores_the_same_with_the_triton_attention():
 def test_scoring_refuses_the_triton_attention_off_the_gpu():
     from datarater.scoring.score import scoring_copy
 
-    with pytest.raises(ValueError, match="runs on GPUs"):
+    with pytest.raises(ValueError, match="needs a GPU and scoring runs on cpu"):
         scoring_copy(_rater("sdpa"), "cpu", 0, attention="triton")
     with pytest.raises(ValueError, match="attention must be one of"):
         scoring_copy(_rater("sdpa"), "cpu", 0, attention="flash")
