@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -583,7 +584,15 @@ def test_scoring_in_python_names_bad_input_and_streams_iterable_datasets(tmp_pat
     scored = score_dataset(rater, ds)
     with pytest.raises(ValueError, match="already has a 'datarater_score' column"):
         score_dataset(rater, scored)
-    streamed = score_dataset(rater, ds.to_iterable_dataset(), batch_size=2)
+    consumed = []
+
+    def rows_of():
+        for t in texts:
+            consumed.append(t)
+            yield {"text": t}
+
+    streamed = score_dataset(rater, datasets.IterableDataset.from_generator(rows_of), batch_size=2)
+    assert consumed == []  # nothing read, nothing scored until it is iterated
     rows = list(streamed)
     assert [r["text"] for r in rows] == texts
     torch.testing.assert_close(
@@ -621,3 +630,49 @@ def test_skip_bad_rows_leaves_out_rows_without_text_and_counts_them(tmp_path, ca
     # the flag is part of the run's settings: a strict rerun into the same folder is refused
     assert main([*args, "--out", str(out)]) == 2
     assert "skip_bad_rows: True then, False now" in capsys.readouterr().err
+    # the strict run above finished no shard: it is finished in place with the flag on
+    assert main([*args, "--out", str(tmp_path / "strict"), "--skip-bad-rows"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 299
+    # a column whose values do not share a type even without the bad rows: kept as JSON text
+    mixed = [{"text": "a", "meta": 1}, {"text": "b", "meta": "x"}, {"text": None, "meta": 2}]
+    (data / "c.jsonl").write_text("\n".join(json.dumps(r) for r in mixed))
+    assert main([*args, "--out", str(tmp_path / "mixed"), "--skip-bad-rows"]) == 0
+    part = pq.read_table(tmp_path / "mixed" / "part-00002.parquet")
+    assert part.column("meta").to_pylist() == ["1", '"x"']
+
+
+def test_score_reads_old_folders_odd_names_and_upper_case_suffixes(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    _compressed(data / "A.JSONL.GZ", [{"text": "upper case suffix"}], "gzip")
+    (data / "train.jsonl-00000-of-00002").write_text(json.dumps({"text": "no known suffix"}))
+    files = [str(data / "A.JSONL.GZ"), str(data / "train.jsonl-00000-of-00002")]
+    out = tmp_path / "out"
+    args = ["score", "--rater", str(folder), "--data", *files, "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 2
+    # a folder started by the version that recorded a plain list of inputs: resumed, and from
+    # then on its settings are recorded and compared
+    (out / "part-00001.done").unlink()
+    (out / "inputs.json").write_text(json.dumps([str(Path(f).resolve()) for f in files]))
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 1
+    assert json.loads((out / "inputs.json").read_text())["settings"]["aggregate"] == "truncate"
+    assert main([*args, "--aggregate", "mean"]) == 2
+    assert "aggregate: 'truncate' then, 'mean' now" in capsys.readouterr().err
+
+
+def test_run_settings_take_scalar_tensors_and_resolve_auto_precision():
+    from datarater.data import ByteTokenizer
+    from datarater.scoring.score import run_settings
+
+    rater, _ = _rater_in_memory()
+    rater.register_buffer("temperature", torch.tensor(2.0))  # a 0-dim tensor
+    got = run_settings(rater, ByteTokenizer(), "text", "truncate", "auto", "cpu")
+    assert got["precision"] == "fp32" and got["tokenizer"] == "bytes"
+    rater.temperature.fill_(3.0)
+    assert (
+        run_settings(rater, ByteTokenizer(), "text", "truncate", "auto")["rater_weights"]
+        != (got["rater_weights"])
+    )

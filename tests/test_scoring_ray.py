@@ -36,6 +36,17 @@ def test_batch_scorer_equals_score_texts_for_every_batch_format(tmp_path, aggreg
     )
 
 
+def test_batch_scorer_keeps_its_precision_and_its_prepared_rater(tmp_path):
+    rater, folder = _rater(tmp_path)
+    scorer = RaterScorer(folder, precision="bf16")
+    prepared = scorer.rater
+    got = scorer(pa.table({"text": TEXTS})).column(SCORE_COLUMN).to_pylist()
+    assert scorer.rater is prepared and next(prepared.parameters()).dtype == torch.bfloat16
+    want = score_texts(rater, TEXTS, precision="bf16")
+    torch.testing.assert_close(torch.tensor(got), want)
+    assert not torch.allclose(want, score_texts(rater, TEXTS), rtol=1e-6, atol=0)  # bf16 it was
+
+
 def test_batch_scorer_names_bad_input(tmp_path):
     rater, _ = _rater(tmp_path)
     scorer = RaterScorer(rater)  # a module works as well as a folder

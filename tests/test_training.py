@@ -117,6 +117,12 @@ def test_resume_drops_log_rows_after_the_checkpoint_and_names_changed_settings(t
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
     again.run(progress=False)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+    # a crash before the first checkpoint: the resumed run starts its log again
+    fresh = tmp_path / "fresh"
+    Trainer(cfg, seqs, seqs, 258, fresh, 257).run(progress=False, stop_after=1)
+    assert not (fresh / "checkpoints").exists() and (fresh / "log.jsonl").read_text()
+    assert not Trainer(cfg, seqs, seqs, 258, fresh, 257).resume()
+    assert (fresh / "log.jsonl").read_text() == ""
     longer = TrainConfig.from_dict({**CONFIG, "steps": 6, "checkpoint_every": 2})
     with pytest.raises(ValueError, match="steps: 4 then, 6 now"):
         Trainer(longer, seqs, seqs, 258, tmp_path, 257).resume()

@@ -339,6 +339,7 @@ def profile_kernels(title: str, fn, device, top: int = 15) -> None:
     """Print (and save beside the rows) the kernels that take ``fn``'s GPU time, and how busy
     the GPU was: kernel time over wall time; a low share means the host is the bottleneck
     (launches, Python, synchronisations). A failure here costs nothing but this table."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -350,14 +351,16 @@ def profile_kernels(title: str, fn, device, top: int = 15) -> None:
             sync(device)
             wall_ms = (time.perf_counter() - t0) * 1e3
         events = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in events)
-        launches = sum(e.count for e in events if e.self_device_time_total > 0)
+        # kernels only: a CPU op also carries the device time of the kernels it launched
+        kernels = [e for e in events if e.device_type != DeviceType.CPU]
+        gpu_us = sum(e.self_device_time_total for e in kernels)
+        launches = sum(e.count for e in kernels)
         table = events.table(
             sort_by="self_device_time_total", row_limit=top, max_name_column_width=60
         )
         text = (
             f"== {title}: wall {wall_ms:.1f} ms (profiled), kernels {gpu_us / 1e3:.1f} ms "
-            f"({gpu_us / 1e3 / wall_ms:.0%} busy), ~{launches} kernel-bearing ops\n{table}"
+            f"({gpu_us / 1e3 / wall_ms:.0%} busy), {launches} kernel launches\n{table}"
         )
         print(text, flush=True)
         if OUT["path"]:

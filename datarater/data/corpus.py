@@ -46,27 +46,36 @@ FORMATS = {
     ".txt": "text",
     ".md": "text",
 }
-COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")  # pyarrow's codecs, detected from the name
+# pyarrow's codecs, by file suffix (any case: pyarrow's own detection is case-sensitive)
+CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+COMPRESSIONS = tuple(CODECS)
+
+
+def inner_suffix(path: Path | str) -> str:
+    """The file's suffix once a compression suffix is looked through, lower case
+    (``a.JSON.GZ`` -> ``.json``)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
 
 
 def file_format(path: Path | str) -> str | None:
     """``"jsonl"``, ``"parquet"``, ``"arrow"`` or ``"text"`` from the file's name, looking
     through a compression suffix (``a.jsonl.gz`` is jsonl); None for anything else. Parquet
     and Arrow files compress inside, so a compressed one is not recognised."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    compressed = bool(suffixes) and suffixes[-1] in COMPRESSIONS
-    if compressed:
-        suffixes.pop()
-    kind = FORMATS.get(suffixes[-1]) if suffixes else None
+    kind = FORMATS.get(inner_suffix(path))
+    compressed = Path(path).suffix.lower() in COMPRESSIONS
     return None if compressed and kind in ("parquet", "arrow") else kind
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
     """The file's bytes, decompressed when its name ends in a compression suffix."""
-    if path.suffix.lower() in COMPRESSIONS:
+    codec = CODECS.get(path.suffix.lower())
+    if codec is not None:
         import pyarrow as pa
 
-        return io.BufferedReader(pa.input_stream(str(path), compression="detect"))
+        return io.BufferedReader(pa.input_stream(str(path), compression=codec))
     return open(path, "rb")
 
 

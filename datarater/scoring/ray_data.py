@@ -50,6 +50,7 @@ class RaterScorer:
         pad = padding_id(rater, self.tokenizer)
         self.rater = scoring_copy(rater, device, pad, precision)  # once per actor
         self.text_column, self.aggregate, self.batch_size = text_column, aggregate, batch_size
+        self.precision = precision  # the prepared copy's: score_texts then uses it as it is
 
     def __call__(self, batch):
         texts = self._texts(batch)
@@ -59,6 +60,7 @@ class RaterScorer:
             self.tokenizer,
             batch_size=self.batch_size,
             aggregate=self.aggregate,
+            precision=self.precision,
         ).numpy()
         if hasattr(batch, "append_column"):  # pyarrow.Table
             import pyarrow as pa

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.corpus import file_format, open_binary, read_arrow, saved_dataset_files
+from ..data.corpus import (
+    file_format,
+    inner_suffix,
+    open_binary,
+    read_arrow,
+    saved_dataset_files,
+)
 from ..data.tokens import encode_all, get_tokenizer
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
 from ..training.checkpoint import atomic_write_text
@@ -317,7 +323,7 @@ def _expand(inputs: Sequence[str], exclude: Path | None = None) -> list[Path]:
             files += sorted(
                 x
                 for x in p.rglob("*")
-                if x.is_file() and file_format(x) in SHARD_FORMATS and x.suffix.lower() != ".json"
+                if x.is_file() and file_format(x) in SHARD_FORMATS and inner_suffix(x) != ".json"
             )
         else:
             matched = sorted(glob.glob(item))
@@ -347,19 +353,36 @@ def _expand(inputs: Sequence[str], exclude: Path | None = None) -> list[Path]:
     return unique
 
 
-def run_settings(rater, tokenizer, text_column: str, aggregate: str, precision: str) -> dict:
+def run_settings(
+    rater, tokenizer, text_column: str, aggregate: str, precision: str, device=None
+) -> dict:
     """What the scores of a ``score_files`` run depend on: its output folder records them so
-    that a rerun with another rater or other settings cannot mix two kinds of scores."""
+    that a rerun with another rater or other settings cannot mix two kinds of scores.
+    ``precision="auto"`` is recorded as what it means on ``device`` (bf16 or fp32)."""
     import hashlib
 
-    digest = hashlib.blake2b(digest_size=16)
-    for t in rater.state_dict().values():  # values in order: a wrapper is the same rater
-        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    def digest(chunks) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for c in chunks:
+            h.update(c)
+        return h.hexdigest()
+
+    weights = (  # values in order: a wrapper around the same rater is the same rater
+        part
+        for t in rater.state_dict().values()
+        for part in (
+            f"{tuple(t.shape)}{t.dtype}".encode(),
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
+        )
+    )
+    name = str(tokenizer.name)
+    if precision == "auto":
+        where = torch.device(device) if device is not None else next(rater.parameters()).device
+        precision = "bf16" if where.type == "cuda" else "fp32"
     return {
-        "rater_weights": digest.hexdigest(),
+        "rater_weights": digest(weights),
         "context": rater.cfg.max_seq_len,
-        "tokenizer": Path(str(tokenizer.name)).name,
+        "tokenizer": digest([Path(name).read_bytes()]) if Path(name).is_file() else name,
         "text_column": text_column,
         "aggregate": aggregate,
         "precision": precision,
@@ -369,28 +392,37 @@ def run_settings(rater, tokenizer, text_column: str, aggregate: str, precision: 
 def _check_run(out: Path, files: list[Path], settings: dict) -> None:
     """Shard i is ``part-i``: a rerun must see the same input list, or rows would be lost or
     scored twice, and the same rater and settings, or one folder would hold two kinds of
-    scores. The first run records both in ``inputs.json``; later runs compare."""
+    scores. The first run records both in ``inputs.json``; later runs compare. Settings may
+    change while no shard is finished (a first run that failed on a wrong column can be
+    fixed in place), and ``skip_bad_rows`` may be switched on (a shard finished without it
+    had no bad rows); settings a folder's first version did not record are not compared."""
     manifest = out / "inputs.json"
     listed = [str(f.resolve()) for f in files]
-    if not manifest.exists():
-        atomic_write_text(manifest, json.dumps({"inputs": listed, "settings": settings}, indent=1))
-        return
-    before = json.loads(manifest.read_text())
+    before = json.loads(manifest.read_text()) if manifest.exists() else {"inputs": listed}
     if isinstance(before, list):  # written before settings were recorded
-        before = {"inputs": before, "settings": settings}
+        before = {"inputs": before}
     if before["inputs"] != listed:
         raise ValueError(
             f"{out}: the input files differ from the run that started this folder "
             f"({len(before['inputs'])} then, {len(listed)} now); finish with the same inputs "
             "or use a new --out"
         )
-    then = before["settings"]
-    diff = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in settings.items() if then[k] != v]
-    if diff:
+    then = before.get("settings", {})
+
+    def conflicts(key: str, now) -> bool:
+        if key not in then or then[key] == now:
+            return False
+        return not (key == "skip_bad_rows" and now is True)
+
+    diff = [f"{k}: {then[k]!r} then, {v!r} now" for k, v in settings.items() if conflicts(k, v)]
+    if diff and any(out.glob("part-*.done")):
         raise ValueError(
             f"{out} was started with another rater or other settings ({'; '.join(diff)}); "
             "finish it with the same ones or use a new --out"
         )
+    if then != settings:
+        record = {"inputs": listed, "settings": settings}
+        atomic_write_text(manifest, json.dumps(record, indent=1))
 
 
 def _read_table(path: Path):
@@ -404,15 +436,16 @@ def _read_table(path: Path):
         return pq.read_table(path)
     if kind == "arrow":
         return read_arrow(path)
-    if kind == "jsonl":
-        with open_binary(path) as f:
-            return pj.read_json(f)
-    raise ValueError("not a jsonl (optionally compressed), parquet or Arrow file by its name")
+    if kind == "text":
+        raise ValueError("a text file is a corpus for `datarater train`, not a shard to score")
+    with open_binary(path) as f:  # jsonl, and a file named on purpose whatever its suffix
+        return pj.read_json(f)
 
 
 def _jsonl_rows(path: Path, text_column: str):
     """A jsonl shard read row by row, rows without a text value left out, and how many: for
-    shards pyarrow refuses whole (a column that changes type, a malformed line)."""
+    shards pyarrow refuses whole (a column that changes type, a malformed line). Another
+    column whose values still do not share a type is kept as JSON text."""
     import pyarrow as pa
 
     rows, bad = [], 0
@@ -430,8 +463,21 @@ def _jsonl_rows(path: Path, text_column: str):
             else:
                 bad += 1
     if not rows:
-        raise ValueError(f"no row has a text value in {text_column!r}")
-    return pa.Table.from_pylist(rows), bad
+        return pa.table({text_column: pa.array([], pa.string())}), bad
+    try:
+        return pa.Table.from_pylist(rows), bad
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        columns = {}
+        for name in names:
+            values = [row.get(name) for row in rows]
+            try:
+                columns[name] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                columns[name] = pa.array(
+                    [None if v is None else json.dumps(v) for v in values], pa.string()
+                )
+        return pa.table(columns), bad
 
 
 def _load_shard(path: Path, text_column: str, skip_bad_rows: bool = False):
@@ -496,7 +542,7 @@ def score_files(
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
     pad = padding_id(rater, tokenizer)
-    settings = run_settings(rater, tokenizer, text_column, aggregate, precision)
+    settings = run_settings(rater, tokenizer, text_column, aggregate, precision, device)
     settings["skip_bad_rows"] = skip_bad_rows
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
@@ -619,6 +665,14 @@ def read_scored(
     return out
 
 
+def _is_iterable_dataset(dataset) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.IterableDataset)
+
+
 def score_dataset(
     rater,
     dataset,
@@ -644,15 +698,14 @@ def score_dataset(
             f"the dataset already has a {SCORE_COLUMN!r} column; drop it first "
             f"(dataset.remove_columns({SCORE_COLUMN!r}))"
         )
-    if not hasattr(dataset, "add_column"):  # an IterableDataset
+    if _is_iterable_dataset(dataset):  # scored lazily, as it is iterated
         tokenizer = check_tokenizer(rater, kwargs.pop("tokenizer", None))
         device = kwargs.pop("device", None)
-        prepared = scoring_copy(
-            rater, device, padding_id(rater, tokenizer), precision, compile, attention
-        )
+        options = dict(precision=precision, compile=compile, attention=attention)
+        prepared = scoring_copy(rater, device, padding_id(rater, tokenizer), **options)
 
-        def add_scores(batch: dict) -> dict:
-            scores = score_texts(prepared, batch[text_column], tokenizer, **kwargs)
+        def add_scores(batch: dict) -> dict:  # the same options: the copy is used as it is
+            scores = score_texts(prepared, batch[text_column], tokenizer, **options, **kwargs)
             return {**batch, SCORE_COLUMN: scores.tolist()}
 
         return dataset.map(add_scores, batched=True, batch_size=1024)

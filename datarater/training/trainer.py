@@ -346,6 +346,8 @@ class Trainer:
         """Load the newest checkpoint under ``out`` if there is one; True if it did."""
         found = None if self.out is None else load_checkpoint(self._ckpt_dir())
         if found is None:
+            if self.out is not None:
+                self._trim_log()  # a crash before the first checkpoint: start the log again
             return False
         tensors, meta = found
         if meta.get("tokenizer", self.tokenizer) != self.tokenizer:
