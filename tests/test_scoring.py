@@ -196,6 +196,11 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     assert "holds parts that this run would not replace" in capsys.readouterr().err
     assert main([*again, "--out", str(out)]) == 2
     assert "is the scored folder itself" in capsys.readouterr().err
+    # a missing column is found before anything is written (the rule reads scores first)
+    missing = ["filter", "--scored", str(out), "--out", str(tmp_path / "none"), "--rule", rule]
+    assert main([*missing, "--source-column", "language"]) == 2
+    assert "part-00000.parquet: no 'language' column" in capsys.readouterr().err
+    assert not list((tmp_path / "none").glob("part-*"))
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
 
 

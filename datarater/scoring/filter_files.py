@@ -45,12 +45,19 @@ def filter_files(
             f"{out} holds parts that this run would not replace ({stale[:3]}...): "
             "use a new --out or empty it"
         )
+    # Two passes, so that memory holds the scores and one shard, not the corpus: the rule
+    # needs every score (a global quantile, groups across shard boundaries), the rows only
+    # their own shard's decisions.
+    scores = []
+    for p in parts:
+        names = pq.ParquetFile(p).schema_arrow.names
+        for column in (SCORE_COLUMN, source_column):
+            if column and column not in names:
+                why = " (not written by `datarater score`)" if column == SCORE_COLUMN else ""
+                raise ValueError(f"{p}: no {column!r} column{why}")
+        column = pq.read_table(p, columns=[SCORE_COLUMN]).column(0)
+        scores.append(torch.tensor(column.to_numpy(zero_copy_only=False)))
     out.mkdir(parents=True, exist_ok=True)
-    tables = [pq.read_table(p) for p in parts]
-    for p, t in zip(parts, tables):
-        if SCORE_COLUMN not in t.column_names:
-            raise ValueError(f"{p}: no {SCORE_COLUMN!r} column (not written by `datarater score`)")
-    scores = [torch.tensor(t.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)) for t in tables]
     everything = torch.cat(scores)
     if rule == "quantile":
         keep_all = quantile_keep(everything, rho)
@@ -66,10 +73,9 @@ def filter_files(
             ids = [f"{p.name}:{i}" for i in range(len(s))]
             keeps.append(accept(s, cdf, rho, batch, ids, seed))
     kept_by, total_by = Counter(), Counter()
-    for p, t, k in zip(parts, tables, keeps):
+    for p, k in zip(parts, keeps):
+        t = pq.read_table(p)
         if source_column:
-            if source_column not in t.column_names:
-                raise ValueError(f"{p}: no column {source_column!r}")
             src = t.column(source_column).to_pylist()
             total_by.update(src)
             kept_by.update(x for x, keep in zip(src, k.tolist()) if keep)
