@@ -413,7 +413,7 @@ def test_a_missing_tokenizer_file_is_named(tmp_path):
         get_tokenizer(str(tmp_path / "bad.json"))
 
 
-def test_a_rerun_with_other_inputs_is_refused_and_inputs_are_taken_once(tmp_path, capsys):
+def test_rerun_inputs_must_match_new_ones_may_follow_each_is_taken_once(tmp_path, capsys):
     _, folder = _rater(tmp_path)
     data = tmp_path / "data"
     data.mkdir()
@@ -428,7 +428,14 @@ def test_a_rerun_with_other_inputs_is_refused_and_inputs_are_taken_once(tmp_path
     (data / "a.jsonl").write_text(json.dumps({"text": "doc a"}) + "\n")
     capsys.readouterr()
     assert main([*args, str(data)]) == 2  # a new shard would shift the part numbers
-    assert "the input files differ" in capsys.readouterr().err
+    assert "add new ones after them" in capsys.readouterr().err
+    # after the recorded ones it shifts nothing: only the new shard is scored
+    old_parts = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    assert main([*args, str(data / "b.jsonl"), str(data / "c.jsonl"), str(data / "a.jsonl")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["done"] == 1 and report["skipped"] == 2
+    assert all((out / name).read_bytes() == b for name, b in old_parts.items())
+    assert pq.read_table(out / "part-00002.parquet").column("text").to_pylist() == ["doc a"]
 
 
 def test_windows_scores_are_plain_tensors_and_single_token_tails_fold_away():

@@ -392,7 +392,8 @@ def run_settings(
 def _check_run(out: Path, files: list[Path], settings: dict) -> None:
     """Shard i is ``part-i``: a rerun must see the same input list, or rows would be lost or
     scored twice, and the same rater and settings, or one folder would hold two kinds of
-    scores. The first run records both in ``inputs.json``; later runs compare. Settings may
+    scores. The first run records both in ``inputs.json``; later runs compare (inputs may be
+    added after the recorded ones: shards of a growing crawl). Settings may
     change while no shard is finished (a first run that failed on a wrong column can be
     fixed in place), and ``skip_bad_rows`` may be switched on (a shard finished without it
     had no bad rows); settings a folder's first version did not record are not compared."""
@@ -401,11 +402,13 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> None:
     before = json.loads(manifest.read_text()) if manifest.exists() else {"inputs": listed}
     if isinstance(before, list):  # written before settings were recorded
         before = {"inputs": before}
-    if before["inputs"] != listed:
+    old = before["inputs"]
+    if listed[: len(old)] != old:  # new inputs may follow the old ones: their parts are new
         raise ValueError(
             f"{out}: the input files differ from the run that started this folder "
-            f"({len(before['inputs'])} then, {len(listed)} now); finish with the same inputs "
-            "or use a new --out"
+            f"({len(old)} then, {len(listed)} now, the first {len(old)} not the same); "
+            "finish with the same inputs, add new ones after them (as further --data "
+            "arguments), or use a new --out"
         )
     then = before.get("settings", {})
 
@@ -420,7 +423,7 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> None:
             f"{out} was started with another rater or other settings ({'; '.join(diff)}); "
             "finish it with the same ones or use a new --out"
         )
-    if then != settings:
+    if then != settings or len(listed) != len(old):
         record = {"inputs": listed, "settings": settings}
         atomic_write_text(manifest, json.dumps(record, indent=1))
 
