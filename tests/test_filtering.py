@@ -96,3 +96,34 @@ def test_bad_arguments():
         p_accept(torch.tensor([0.5]), 4, 5)
     with pytest.raises(ValueError, match="one id per score"):
         accept(torch.zeros(3), EmpiricalCDF(torch.zeros(3)), 0.5, 4, ids=[1, 2])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_rules_equal_a_plain_python_reference(seed):
+    """Sorting by (-score, position or id) in plain Python, on scores with many ties."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 700, (1,), generator=gen))
+    scores = torch.randint(0, 6, (n,), generator=gen).float() / 2  # few values: many ties
+    rho, batch = [0.1, 0.5, 0.75][seed], [7, 16, 64][seed]
+
+    def ref_topk():
+        g, keep = group_size(batch, rho), torch.zeros(n, dtype=torch.bool)
+        for start in range(0, n, g):
+            block = scores[start : start + g].tolist()
+            k = math.floor((1 - rho) * len(block) + 1e-9)
+            for i in sorted(range(len(block)), key=lambda i: (-block[i], i))[:k]:
+                keep[start + i] = True
+        return keep
+
+    def ref_quantile(ids):
+        keep = torch.zeros(n, dtype=torch.bool)
+        order = sorted(range(n), key=lambda i: (-float(scores[i]), ids[i]))
+        keep[order[: round((1 - rho) * n)]] = True
+        return keep
+
+    assert torch.equal(topk_groups(scores, rho, batch), ref_topk())
+    assert torch.equal(quantile_keep(scores, rho), ref_quantile(list(range(n))))
+    names = [f"shard-{(i * 7919) % n:05d}" for i in range(n)]  # ids in another order
+    assert torch.equal(quantile_keep(scores, rho, ids=names), ref_quantile(names))
+    with pytest.raises(ValueError, match="1 scores are NaN or infinite"):
+        topk_groups(torch.tensor([0.0, float("nan")]), 0.5, 1)

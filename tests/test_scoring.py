@@ -201,6 +201,11 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     assert main([*missing, "--source-column", "language"]) == 2
     assert "part-00000.parquet: no 'language' column" in capsys.readouterr().err
     assert not list((tmp_path / "none").glob("part-*"))
+    holes = pa.table({"text": ["a", "b"], SCORE_COLUMN: pa.array([1.0, None], pa.float32())})
+    (tmp_path / "holes").mkdir()
+    pq.write_table(holes, tmp_path / "holes" / "part-00000.parquet")
+    assert main(["filter", "--scored", str(tmp_path / "holes"), "--out", str(tmp_path / "h")]) == 2
+    assert "part-00000.parquet: 1 scores are missing or NaN" in capsys.readouterr().err
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
 
 

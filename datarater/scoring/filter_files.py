@@ -56,7 +56,10 @@ def filter_files(
                 why = " (not written by `datarater score`)" if column == SCORE_COLUMN else ""
                 raise ValueError(f"{p}: no {column!r} column{why}")
         column = pq.read_table(p, columns=[SCORE_COLUMN]).column(0)
-        scores.append(torch.tensor(column.to_numpy(zero_copy_only=False)))
+        part = torch.tensor(column.to_numpy(zero_copy_only=False))
+        if not torch.isfinite(part).all():  # nulls read as NaN
+            raise ValueError(f"{p}: {int((~torch.isfinite(part)).sum())} scores are missing or NaN")
+        scores.append(part)
     out.mkdir(parents=True, exist_ok=True)
     everything = torch.cat(scores)
     if rule == "quantile":

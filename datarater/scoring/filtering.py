@@ -38,22 +38,37 @@ def group_size(batch: int, rho: float) -> int:
     return max(batch, round(batch / (1.0 - rho)))
 
 
+def _best(rows: Tensor, k: int) -> Tensor:
+    """Keep mask of the k best entries of each row of ``rows`` [G, g]: descending score, ties
+    to the earlier column (a stable sort), vectorised over groups."""
+    keep = torch.zeros(rows.shape, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+        keep.scatter_(1, order, True)
+    return keep
+
+
 def topk_groups(scores: Tensor, rho: float, batch: int) -> Tensor:
     """Boolean keep mask: the best floor((1 - rho) * group) rows of each group, in order.
 
     Ties inside a group go to the earlier row.
     """
     g = group_size(batch, rho)
-    keep = torch.zeros(len(scores), dtype=torch.bool)
-    for start in range(0, len(scores), g):
-        block = scores[start : start + g].double()
-        k = math.floor((1.0 - rho) * len(block) + 1e-9)
-        if k == 0:
-            continue
-        # stable ordering: descending score, then ascending position
-        order = sorted(range(len(block)), key=lambda i: (-float(block[i]), i))[:k]
-        keep[[start + i for i in order]] = True
-    return keep
+    scores = _finite(scores)
+    full = len(scores) // g * g
+    k = math.floor((1.0 - rho) * g + 1e-9)
+    tail = len(scores) - full
+    parts = [_best(scores[:full].view(-1, g), k).flatten()]
+    if tail:
+        parts.append(_best(scores[full:].view(1, tail), math.floor((1.0 - rho) * tail + 1e-9))[0])
+    return torch.cat(parts)
+
+
+def _finite(scores: Tensor) -> Tensor:
+    scores = scores.detach().flatten()
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{int((~torch.isfinite(scores)).sum())} scores are NaN or infinite")
+    return scores
 
 
 class EmpiricalCDF:
@@ -113,8 +128,14 @@ def quantile_keep(scores: Tensor, rho: float, ids: Sequence | None = None) -> Te
     _check_rho(rho)
     n = len(scores)
     k = round((1.0 - rho) * n)
-    ids = list(range(n)) if ids is None else list(ids)
-    order = sorted(range(n), key=lambda i: (-float(scores[i]), ids[i]))[:k]
+    scores = _finite(scores)
+    # order by id first, then a stable sort by descending score: ties end in id order
+    by_id = (
+        torch.arange(n)
+        if ids is None
+        else torch.tensor(sorted(range(n), key=list(ids).__getitem__))
+    )
+    ranked = by_id[torch.sort(scores[by_id], descending=True, stable=True).indices]
     keep = torch.zeros(n, dtype=torch.bool)
-    keep[order] = True
+    keep[ranked[:k]] = True
     return keep
