@@ -216,20 +216,35 @@ def _analyze(args: argparse.Namespace) -> int:
 
     cols = [args.text_column, SCORE_COLUMN] + ([args.source_column] if args.source_column else [])
     data = read_scored(args.scored, cols, [args.text_column])
-    data = {k: v[: args.max_rows] for k, v in data.items()}
+    total = len(data[SCORE_COLUMN])
+    rows = list(range(total))
+    if total > args.max_rows:  # a uniform sample (seeded), not the first parts
+        gen = torch.Generator().manual_seed(0)
+        rows = sorted(torch.randperm(total, generator=gen)[: args.max_rows].tolist())
+        data = {k: [v[i] for i in rows] for k, v in data.items()}
     texts = data[args.text_column]
     other = None
     if args.compare_rater:
         from .data import get_tokenizer
+        from .scoring.score import recorded_settings
 
+        # score as the folder was scored, or a rater compared with itself would look unstable
+        how = recorded_settings(args.scored)
+        options = {"aggregate": how.get("aggregate", "truncate")}
+        if how.get("precision") in ("bf16", "fp32"):
+            options["precision"] = how["precision"]
         tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else None
-        other = score_texts(load_rater(args.compare_rater), texts, tokenizer)
+        other = score_texts(load_rater(args.compare_rater), texts, tokenizer, **options)
+        other = (other, {"rater": str(args.compare_rater), **options})
     report = write_report(
         Path(args.out),
         texts,
         torch.tensor(data[SCORE_COLUMN]),
         data[args.source_column] if args.source_column else None,
-        other,
+        None if other is None else other[0],
+        rows=rows,
+        total=total,
+        compared=None if other is None else other[1],
     )
     summary = {k: report[k] for k in ("n", "ols_r2", "lasso") if k in report}
     if "rank_correlation_with_other" in report:
@@ -433,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         help="another rater folder, or a training checkpoint (run/checkpoints/step-N), for the "
         "rank correlation of scores",
     )
-    ana.add_argument("--max-rows", type=int, default=20000, help="rows sampled for the fits")
+    ana.add_argument(
+        "--max-rows", type=int, default=20000, help="a uniform sample of this many rows, if more"
+    )
     ana.add_argument("--tokenizer", help="for --compare-rater (default: the one it recorded)")
     ana.set_defaults(func=_analyze)
 

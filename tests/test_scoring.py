@@ -201,6 +201,21 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     assert main([*missing, "--source-column", "language"]) == 2
     assert "part-00000.parquet: no 'language' column" in capsys.readouterr().err
     assert not list((tmp_path / "none").glob("part-*"))
+    # null sources are a group of their own, in filter and analyze alike
+    nulls = tmp_path / "nulls"
+    nulls.mkdir()
+    src = [None if j % 3 == 0 else ("a" if j % 2 else "b") for j in range(60)]
+    scored_nulls = {"text": [f"t{j}" for j in range(60)], "source": src, SCORE_COLUMN: [0.1] * 60}
+    pq.write_table(pa.table(scored_nulls), nulls / "part-00000.parquet")
+    assert main(["filter", "--scored", str(nulls), "--out", str(tmp_path / "nk")]
+                + ["--source-column", "source"]) == 0  # fmt: skip
+    by = json.loads((tmp_path / "nk" / "stats.json").read_text())["kept_fraction_by_source"]
+    assert set(by) == {"(missing)", "a", "b"}
+    capsys.readouterr()
+    assert main(["analyze", "--scored", str(nulls), "--out", str(tmp_path / "na")]
+                + ["--source-column", "source"]) == 0  # fmt: skip
+    means = json.loads((tmp_path / "na" / "analysis.json").read_text())["mean_score_by_source"]
+    assert set(means) == {"(missing)", "a", "b"}
     holes = pa.table({"text": ["a", "b"], SCORE_COLUMN: pa.array([1.0, None], pa.float32())})
     (tmp_path / "holes").mkdir()
     pq.write_table(holes, tmp_path / "holes" / "part-00000.parquet")
@@ -261,6 +276,20 @@ def test_analyze_cli_on_scored_shards(tmp_path, capsys):
     assert f"OLS R^2 of the score on all heuristics: **{report['ols_r2']:.3f}**" in page
     assert "| junk |" in page and "## Lowest-scored documents" in page
     assert page.count("\n| ") >= 2 * 10 + len(report["pearson"])  # every row is a table row
+    # a folder scored with windows is compared with the same aggregation (a rater compared
+    # with itself must agree); --max-rows samples uniformly and says so
+    args = ["score", "--rater", str(folder), "--data", str(data), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "tw"), "--aggregate", "token_weighted"]) == 0
+    capsys.readouterr()
+    again = ["analyze", "--scored", str(tmp_path / "tw"), "--out", str(tmp_path / "a2")]
+    assert main([*again, "--compare-rater", str(folder), "--max-rows", "15"]) == 0
+    sampled = json.loads((tmp_path / "a2" / "analysis.json").read_text())
+    assert sampled["rank_correlation_with_other"] > 0.99
+    assert sampled["compared_with"]["aggregate"] == "token_weighted"
+    assert sampled["n"] == 15 and sampled["total"] == 40
+    rows = [r["row"] for r in sampled["lowest"] + sampled["highest"]]
+    assert all(0 <= r < 40 for r in rows) and max(rows) >= 15  # not just the first 15 rows
+    assert "(a uniform sample of 40)" in (tmp_path / "a2" / "analysis.md").read_text()
 
 
 def test_score_dataset_adds_a_column(tmp_path):

@@ -112,18 +112,27 @@ def extremes(
     k: int = 10,
     chars: int = 200,
     sources: Sequence | None = None,
+    rows: Sequence[int] | None = None,
 ) -> dict:
-    """The k lowest- and highest-scored texts (cut to ``chars``), with their source if known."""
+    """The k lowest- and highest-scored texts (cut to ``chars``), with their source if known
+    and their ``row``: ``rows[i]`` (a position in the scored folder) or i."""
     order = scores.argsort()
+    position = range(len(texts)) if rows is None else rows
 
     def pick(idx: list[int]) -> list[dict]:
-        rows = [{"score": float(scores[i]), "text": texts[i][:chars]} for i in idx]
+        picked = [
+            {"score": float(scores[i]), "row": int(position[i]), "text": texts[i][:chars]}
+            for i in idx
+        ]
         if sources is not None:
-            for row, i in zip(rows, idx):
+            for row, i in zip(picked, idx):
                 row["source"] = str(sources[i])
-        return rows
+        return picked
 
     return {"lowest": pick(order[:k].tolist()), "highest": pick(order.flip(0)[:k].tolist())}
+
+
+MISSING = "(missing)"  # the group of rows whose source value is null
 
 
 def write_report(
@@ -132,9 +141,14 @@ def write_report(
     scores: Tensor,
     sources: Sequence | None = None,
     other_scores: Tensor | None = None,
+    rows: Sequence[int] | None = None,
+    total: int | None = None,
+    compared: dict | None = None,
 ) -> dict:
     """``analysis.json``, ``analysis.md`` (the same, for reading) and
-    ``score_histograms.png`` (one histogram per source, or one for all) in ``out``."""
+    ``score_histograms.png`` (one histogram per source, or one for all) in ``out``. ``rows``
+    and ``total``: the texts are a sample of ``total`` rows, at these positions; ``compared``
+    says how ``other_scores`` were obtained (which rater, which options)."""
     import matplotlib
 
     from ..training.checkpoint import atomic_write_text
@@ -143,13 +157,20 @@ def write_report(
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    report = {"n": len(texts), **explain(texts, scores), **extremes(texts, scores, sources=sources)}
+    if sources is not None:
+        sources = [MISSING if x is None else str(x) for x in sources]
+    report = {
+        "n": len(texts),
+        "total": len(texts) if total is None else total,
+        **explain(texts, scores),
+        **extremes(texts, scores, sources=sources, rows=rows),
+    }
     if other_scores is not None:
         report["rank_correlation_with_other"] = rank_correlation(scores, other_scores)
+        report["compared_with"] = compared or {}
     groups = {"all": list(range(len(texts)))}
     if sources is not None:
-        names = sorted(set(sources))
-        groups = {str(s): [i for i, x in enumerate(sources) if x == s] for s in names}
+        groups = {s: [i for i, x in enumerate(sources) if x == s] for s in sorted(set(sources))}
         report["mean_score_by_source"] = {s: float(scores[i].mean()) for s, i in groups.items()}
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, idx in groups.items():
@@ -176,7 +197,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# What the rater learned",
         "",
-        f"{report['n']} scored documents.",
+        f"{report['n']} scored documents"
+        + (f" (a uniform sample of {report['total']})." if report["total"] > report["n"] else "."),
         "",
         "![score histograms](score_histograms.png)",
         "",
@@ -196,15 +218,25 @@ def markdown(report: dict) -> str:
         lines += ["", "## Mean score by source", "", "| source | mean score |", "|---|---|"]
         lines += [f"| {_cell(k)} | {v:+.4f} |" for k, v in report["mean_score_by_source"].items()]
     if "rank_correlation_with_other" in report:
-        r = report["rank_correlation_with_other"]
-        lines += ["", f"Spearman rank correlation with the other rater: **{r:.4f}**."]
+        r, how = report["rank_correlation_with_other"], report.get("compared_with", {})
+        said = ", ".join(f"{k} {v}" for k, v in how.items() if k != "rater")
+        lines += [
+            "",
+            f"Spearman rank correlation with {how.get('rater', 'the other rater')} "
+            f"(scored again{', ' + said if said else ''}): **{r:.4f}**.",
+        ]
     for side in ("lowest", "highest"):
         rows = report[side]
         has_source = bool(rows) and "source" in rows[0]
         lines += ["", f"## {side.capitalize()}-scored documents", ""]
-        lines += ["| score | " + ("source | " if has_source else "") + "text |"]
-        lines += ["|---|" + ("---|" if has_source else "") + "---|"]
+        lines += ["| score | row | " + ("source | " if has_source else "") + "text |"]
+        lines += ["|---|---|" + ("---|" if has_source else "") + "---|"]
         for row in rows:
             src = f"{_cell(row['source'], 30)} | " if has_source else ""
-            lines.append(f"| {row['score']:+.4f} | {src}{_cell(row['text'])} |")
+            lines.append(f"| {row['score']:+.4f} | {row['row']} | {src}{_cell(row['text'])} |")
+    lines += [
+        "",
+        "A row is a document's position in the scored folder, parts in order "
+        "(`datarater.scoring.score.read_scored`).",
+    ]
     return "\n".join(lines) + "\n"

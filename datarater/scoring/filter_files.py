@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..training.checkpoint import atomic_write_text
+from .analyze import MISSING
 from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
 from .score import SCORE_COLUMN
 
@@ -79,7 +80,7 @@ def filter_files(
     for p, k in zip(parts, keeps):
         t = pq.read_table(p)
         if source_column:
-            src = t.column(source_column).to_pylist()
+            src = [MISSING if x is None else str(x) for x in t.column(source_column).to_pylist()]
             total_by.update(src)
             kept_by.update(x for x, keep in zip(src, k.tolist()) if keep)
         kept = t.filter(pa.array(k.numpy()))

@@ -389,6 +389,15 @@ def run_settings(
     }
 
 
+def recorded_settings(folder: Path | str) -> dict:
+    """The settings a ``score_files`` folder was scored with (empty if it records none)."""
+    manifest = Path(folder) / "inputs.json"
+    if not manifest.exists():
+        return {}
+    before = json.loads(manifest.read_text())
+    return before.get("settings", {}) if isinstance(before, dict) else {}
+
+
 def _check_run(out: Path, files: list[Path], settings: dict) -> None:
     """Shard i is ``part-i``: a rerun must see the same input list, or rows would be lost or
     scored twice, and the same rater and settings, or one folder would hold two kinds of
