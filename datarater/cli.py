@@ -294,6 +294,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         sizes=args.sizes.split(","),
         rhos=_fractions(args.rhos),
         steps=args.steps,
+        eval_every=args.eval_every or max(1, min(25, args.steps // 10)),
         batch=args.batch,
         seq_len=rater.cfg.max_seq_len if args.seq_len is None else args.seq_len,
         seed=args.seed,
@@ -312,6 +313,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         rater.cfg,
         cfg,
         given=given,
+        given_name=args.filtered,
         progress=not args.quiet,
     )
     keys = ("best_rho", "net_compute_gain", "net_compute_gain_size", "max_net_compute_gain")
@@ -474,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev.add_argument("--rhos", default="0.1,0.25,0.5,0.75,0.9", help="discard fractions to sweep")
     ev.add_argument("--steps", type=int, default=300, help="training steps per run")
+    ev.add_argument(
+        "--eval-every",
+        type=int,
+        help="steps between validation points; default: steps / 10, at most 25",
+    )
     ev.add_argument("--batch", type=int, default=16, help="sequences per LM training step")
     ev.add_argument("--seq-len", type=int, help="default: the rater's context")
     ev.add_argument("--tokenizer", help="default: the rater's tokenizer")

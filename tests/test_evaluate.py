@@ -164,6 +164,15 @@ def test_repeats_average_the_curves_of_several_seeds(tmp_path):
     with pytest.warns(UserWarning, match="14 of 14 validation documents also occur in the"):
         rep = run_evaluation(texts, scores, val, tmp_path, tok, rater_cfg, cfg, progress=False)
     unfiltered = next(r for r in rep["runs"] if r["arm"] == "unfiltered")
+    # what was warned is in the report, for whoever reads it later; the arms are explained
+    assert any("14 of 14 validation documents" in w for w in rep["warnings"])
+    assert any("each curve has 3 points" in w for w in rep["warnings"])
+    page = (tmp_path / "evaluation.md").read_text()
+    assert "> **Warning:** 14 of 14 validation documents" in page
+    assert "* **datarater**: the rater's top" in page and "ppl-low" not in page
+    with pytest.raises(ValueError, match=r"smallest to largest .*small .*, toy"):
+        run_evaluation(texts, scores, val, tmp_path / "y", tok, rater_cfg,
+                       replace(cfg, sizes=("small", "toy")), progress=False)  # fmt: skip
     # the same split and pool the evaluation builds, trained by hand with both seeds
     _, val_idx = split_heldout(len(val), 0.5, seed=0)
     val_seqs = per_document([val[i] for i in val_idx], tok, 32, 4)

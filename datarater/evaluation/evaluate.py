@@ -130,26 +130,41 @@ def lm_config(size: str, vocab_size: int, seq_len: int) -> TransformerConfig:
     return preset(size, vocab_size=vocab_size, max_seq_len=seq_len)
 
 
-def _warn_on_setup(texts, val_texts, rater_cfg, cfg: EvalConfig, vocab: int) -> None:
-    """What makes a result misleading without making it impossible: validation documents
-    that are also in the pool (the filtered arm may just select them), and LMs no larger than
-    the rater (scoring every candidate then costs about as much as training on it)."""
+def _check_setup(texts, val_texts, rater_cfg, cfg: EvalConfig, vocab: int) -> list[str]:
+    """Sizes must grow (the protocol sweeps on the smallest and reports the largest); and the
+    warnings, also kept for the report, for what makes a result misleading without making it
+    impossible: validation documents in the pool (the filtered arm may just select them),
+    LMs no larger than the rater (scoring every candidate then costs about as much as
+    training on it), curves with too few points to read a compute fraction from."""
+    costs = [forward_flops_per_token(lm_config(s, vocab, cfg.seq_len)) for s in cfg.sizes]
+    if any(b <= a for a, b in zip(costs, costs[1:])):
+        listed = ", ".join(f"{s} {c / 1e6:.2f}" for s, c in zip(cfg.sizes, costs))
+        raise ValueError(
+            f"sizes must go from smallest to largest (forward MFLOP per token: {listed})"
+        )
+    said = []
     dup = overlap(texts, val_texts)
     if dup:
-        warnings.warn(
+        said.append(
             f"{dup} of {len(val_texts)} validation documents also occur in the scored pool: "
-            "keep the held-out corpus disjoint, or the gain may be the rater finding them",
-            stacklevel=3,
+            "keep the held-out corpus disjoint, or the gain may be the rater finding them"
         )
     rater_cost = forward_flops_per_token(rater_cfg, head=0)
-    for size in cfg.sizes:
-        lm_cost = forward_flops_per_token(lm_config(size, vocab, cfg.seq_len))
-        if lm_cost <= rater_cost:
-            warnings.warn(
-                f"LM size {size!r} costs {lm_cost / 1e6:.2f} MFLOP per token, no more than the "
-                f"rater's {rater_cost / 1e6:.2f}: scoring eats any gain; use larger sizes",
-                stacklevel=3,
+    for size, cost in zip(cfg.sizes, costs):
+        if cost <= rater_cost:
+            said.append(
+                f"LM size {size!r} costs {cost / 1e6:.2f} MFLOP per token, no more than the "
+                f"rater's {rater_cost / 1e6:.2f}: scoring eats any gain; use larger sizes"
             )
+    points = cfg.steps // cfg.eval_every + 1
+    if points < 5:
+        said.append(
+            f"each curve has {points} points ({cfg.steps} steps, evaluated every "
+            f"{cfg.eval_every}): compute fractions read off it are coarse; evaluate more often"
+        )
+    for text in said:
+        warnings.warn(text, stacklevel=3)
+    return said
 
 
 def run_evaluation(
@@ -162,6 +177,7 @@ def run_evaluation(
     cfg: EvalConfig | None = None,
     given: tuple[Sequence[str], float] | None = None,
     progress: bool = True,
+    given_name: str | None = None,
 ) -> dict:
     """Train every arm, write ``evaluation.json``, ``evaluation.md`` and plots to ``out``.
 
@@ -185,7 +201,7 @@ def run_evaluation(
             f"(got {len(given[0])} rows, rho {given[1]})"
         )
     vocab = tokenizer.vocab_size
-    _warn_on_setup(texts, val_texts, rater_cfg, cfg, vocab)
+    said = _check_setup(texts, val_texts, rater_cfg, cfg, vocab)
     window = (tokenizer, cfg.seq_len, cfg.max_windows)
     pool = per_document(texts, *window)
     seq_scores = scores[pool.doc_index]
@@ -287,6 +303,9 @@ def run_evaluation(
         run.result["trained_tokens"] = run.tokens
 
     report = _summarise(runs, cfg, best_rho, fixed, len(texts), len(pool), len(val))
+    report["warnings"] = said
+    if given is not None:
+        report["given"] = given_name or "rows given by the caller"
     atomic_write_text(out / "evaluation.json", json.dumps(report, indent=1))
     _plots(out, runs, cfg)
     atomic_write_text(out / "evaluation.md", _markdown(report))
@@ -342,8 +361,24 @@ def _markdown(rep: dict) -> str:
     )
     ref = rep["fixed_costs"].get("reference_lm_training_flops")
     ref = "" if ref is None else f"; training the perplexity reference LM, {ref:.3g} FLOPs"
+    warned = "".join(f"> **Warning:** {w}\n>\n" for w in rep.get("warnings", []))
+    arms = {r["arm"] for r in rep["runs"]}
+    legend = [
+        ("unfiltered", "every candidate, in stream order: the baseline of its size"),
+        ("datarater", "the rater's top (1 - rho) of each oversampled batch"),
+        (
+            "ppl-low / ppl-mid / ppl-high",
+            "the lowest, middle or highest perplexity (1 - rho) "
+            "of each oversampled batch, by a reference LM trained on half of the target corpus",
+        ),
+        ("given", f"the rows of {rep.get('given', '--filtered')}, kept at its rho"),
+    ]
+    legend = "".join(
+        f"* **{name}**: {what}\n" for name, what in legend if set(name.split(" / ")) & arms
+    )
     return f"""# datarater evaluate
 
+{warned}
 Every run trains a fresh model for {rep["tokens_per_run"]:,} token slots (curves averaged over
 {rep["config"]["repeats"]} seed(s)). Best discard fraction by validation NLL on the smallest
 size: **rho = {rep["best_rho"]:g}**. Net compute gain of the largest size
@@ -354,6 +389,7 @@ Compute fraction: the compute a run needs to reach its size's unfiltered final v
 over the unfiltered run's compute, counting the scorer's inference FLOPs on every candidate
 (oversampling included). Net compute gain = 1 - compute fraction.
 
+{legend}
 | size | arm | rho | final val NLL | compute fraction | net compute gain | scoring overhead |
 |---|---|---|---|---|---|---|
 {rows}
