@@ -644,6 +644,22 @@ def test_scoring_in_python_names_bad_input_and_streams_iterable_datasets(tmp_pat
     torch.testing.assert_close(
         torch.tensor([r[SCORE_COLUMN] for r in rows]), torch.tensor(scored[SCORE_COLUMN])
     )
+    # a row without text: named by its place in the stream (not in its batch), or left out
+    holey = ["t"] * 1500
+    holey[1100] = None
+    ds2 = datasets.Dataset.from_dict({"text": holey, "i": list(range(1500))})
+    with pytest.raises(ValueError, match="row 1100 of 'text' is not text: None"):
+        list(score_dataset(rater, ds2.to_iterable_dataset()))
+    with pytest.raises(ValueError, match="row 1100 of 'text'.*skip_bad_rows=True"):
+        score_dataset(rater, ds2)
+    kept = list(score_dataset(rater, ds2.to_iterable_dataset(), skip_bad_rows=True))
+    assert [r["i"] for r in kept] == [i for i in range(1500) if i != 1100]
+    with pytest.warns(UserWarning, match="left out 1 rows without text"):
+        eager = score_dataset(rater, ds2, skip_bad_rows=True)
+    assert eager["i"] == [r["i"] for r in kept]
+    torch.testing.assert_close(
+        torch.tensor(eager[SCORE_COLUMN]), torch.tensor([r[SCORE_COLUMN] for r in kept])
+    )
 
 
 def test_skip_bad_rows_leaves_out_rows_without_text_and_counts_them(tmp_path, capsys):

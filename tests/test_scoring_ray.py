@@ -56,6 +56,14 @@ def test_batch_scorer_names_bad_input(tmp_path):
         scorer({"text": ["fine", 7]})
     with pytest.raises(FileNotFoundError):
         RaterScorer(tmp_path / "nowhere")
+    frame = pa.table({"text": ["a", None, "c"], "k": [1, 2, 3]}).to_pandas()
+    frame.index = [1000, 1001, 1002]  # a batch's own row labels name the row
+    with pytest.raises(ValueError, match="row 1001 of 'text' is not text: (None|nan)"):
+        scorer(frame)
+    lenient = RaterScorer(rater, skip_bad_rows=True)
+    for batch in (frame, pa.Table.from_pandas(frame), {"text": ["a", None, "c"], "k": [1, 2, 3]}):
+        out = lenient(batch)
+        assert list(out["k"]) == [1, 3] and len(out[SCORE_COLUMN]) == 2
 
 
 @pytest.mark.slow

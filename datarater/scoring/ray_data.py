@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .score import SCORE_COLUMN, check_tokenizer, padding_id, score_texts, scoring_copy
+from .score import (
+    SCORE_COLUMN,
+    check_tokenizer,
+    padding_id,
+    score_texts,
+    scoring_copy,
+    text_rows,
+)
 
 
 class RaterScorer:
@@ -40,6 +47,7 @@ class RaterScorer:
         device: str | None = None,
         precision: str = "auto",
         tokenizer=None,
+        skip_bad_rows: bool = False,
     ) -> None:
         if isinstance(rater, (str, Path)):
             from ..training import load_rater
@@ -51,9 +59,10 @@ class RaterScorer:
         self.rater = scoring_copy(rater, device, pad, precision)  # once per actor
         self.text_column, self.aggregate, self.batch_size = text_column, aggregate, batch_size
         self.precision = precision  # the prepared copy's: score_texts then uses it as it is
+        self.skip_bad_rows = skip_bad_rows
 
     def __call__(self, batch):
-        texts = self._texts(batch)
+        batch, texts = self._texts(batch)
         scores = score_texts(
             self.rater,
             texts,
@@ -70,19 +79,24 @@ class RaterScorer:
         batch[SCORE_COLUMN] = scores
         return batch
 
-    def _texts(self, batch) -> list[str]:
+    def _texts(self, batch):
+        """The batch (its rows without text left out, with ``skip_bad_rows``) and its texts."""
         names = batch.column_names if hasattr(batch, "column_names") else list(batch.keys())
         if self.text_column not in names:
             raise ValueError(f"no column {self.text_column!r} in the batch (columns: {names})")
         column = batch[self.text_column]
         texts = column.to_pylist() if hasattr(column, "to_pylist") else list(column)
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise ValueError(
-                f"row {bad} of {self.text_column!r} is not text: {texts[bad]!r} "
-                f"({type(texts[bad]).__name__})"
-            )
-        return texts
+        labels = list(batch.index) if hasattr(batch, "iloc") else None  # a DataFrame's own
+        good = text_rows(texts, self.text_column, self.skip_bad_rows, labels)
+        if len(good) == len(texts):
+            return batch, texts
+        if hasattr(batch, "take"):  # pyarrow.Table
+            batch = batch.take(good)
+        elif hasattr(batch, "iloc"):
+            batch = batch.iloc[good]
+        else:
+            batch = {k: [v[i] for i in good] for k, v in batch.items()}
+        return batch, [texts[i] for i in good]
 
 
 def score_ray(

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -685,6 +686,20 @@ def _is_iterable_dataset(dataset) -> bool:
     return isinstance(dataset, datasets.IterableDataset)
 
 
+def text_rows(texts: Sequence, column: str, skip_bad_rows: bool, labels=None) -> list[int]:
+    """Positions of the values that are text. A value that is not is an error naming its row
+    (``labels[i]``, else i), unless ``skip_bad_rows``, which leaves such rows out."""
+    good = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    if len(good) < len(texts) and not skip_bad_rows:
+        first = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+        label = first if labels is None else labels[first]
+        raise ValueError(
+            f"row {label} of {column!r} is not text: {texts[first]!r} "
+            f"({type(texts[first]).__name__}); skip_bad_rows=True leaves such rows out"
+        )
+    return good
+
+
 def score_dataset(
     rater,
     dataset,
@@ -692,11 +707,14 @@ def score_dataset(
     precision: str = "auto",
     compile: bool = False,
     attention: str = "sdpa",
+    skip_bad_rows: bool = False,
     **kwargs,
 ):
     """A Hugging Face ``datasets.Dataset`` with a ``datarater_score`` column added; the other
     arguments are :func:`score_texts`'s. An ``IterableDataset`` is scored lazily, batch by
-    batch as it is iterated, with the rater prepared once."""
+    batch as it is iterated, with the rater prepared once. A row whose text is missing or not
+    a string is an error naming it, or with ``skip_bad_rows`` is left out (with a warning
+    that counts them, for a ``Dataset``)."""
     names = dataset.column_names
     if isinstance(names, dict):  # a DatasetDict: {split: columns}
         raise TypeError(
@@ -710,23 +728,29 @@ def score_dataset(
             f"the dataset already has a {SCORE_COLUMN!r} column; drop it first "
             f"(dataset.remove_columns({SCORE_COLUMN!r}))"
         )
+    options = dict(precision=precision, compile=compile, attention=attention)
     if _is_iterable_dataset(dataset):  # scored lazily, as it is iterated
         tokenizer = check_tokenizer(rater, kwargs.pop("tokenizer", None))
         device = kwargs.pop("device", None)
-        options = dict(precision=precision, compile=compile, attention=attention)
         prepared = scoring_copy(rater, device, padding_id(rater, tokenizer), **options)
+        seen = 0  # rows before this batch: errors name a row of the stream, not of the batch
 
         def add_scores(batch: dict) -> dict:  # the same options: the copy is used as it is
+            nonlocal seen
+            texts = batch[text_column]
+            labels = range(seen, seen + len(texts))
+            good = text_rows(texts, text_column, skip_bad_rows, labels)
+            seen += len(texts)
+            if len(good) < len(texts):
+                batch = {k: [v[i] for i in good] for k, v in batch.items()}
             scores = score_texts(prepared, batch[text_column], tokenizer, **options, **kwargs)
             return {**batch, SCORE_COLUMN: scores.tolist()}
 
         return dataset.map(add_scores, batched=True, batch_size=1024)
-    scores = score_texts(
-        rater,
-        dataset[text_column],
-        precision=precision,
-        compile=compile,
-        attention=attention,
-        **kwargs,
-    )
+    texts = dataset[text_column]
+    good = text_rows(texts, text_column, skip_bad_rows)
+    if len(good) < len(texts):
+        warnings.warn(f"left out {len(texts) - len(good)} rows without text", stacklevel=2)
+        dataset, texts = dataset.select(good), [texts[i] for i in good]
+    scores = score_texts(rater, texts, **options, **kwargs)
     return dataset.add_column(SCORE_COLUMN, scores.tolist())
