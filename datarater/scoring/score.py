@@ -561,6 +561,8 @@ def score_files(
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, files, settings)
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
+    if world > 1:  # each rank prints its own report: say whose (its shards: i % world == rank)
+        report = {"rank": rank, "world": world, **report}
     if skip_bad_rows:
         report["bad_rows"] = {}
     t0, tokens = time.perf_counter(), 0
