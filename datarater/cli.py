@@ -294,7 +294,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         sizes=args.sizes.split(","),
         rhos=_fractions(args.rhos),
         steps=args.steps,
-        eval_every=args.eval_every or max(1, min(25, args.steps // 10)),
+        eval_every=(
+            max(1, min(25, args.steps // 10)) if args.eval_every is None else args.eval_every
+        ),
         batch=args.batch,
         seq_len=rater.cfg.max_seq_len if args.seq_len is None else args.seq_len,
         seed=args.seed,

@@ -144,6 +144,10 @@ def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, 
         assert r["curve"][-1][0] == 300 and math.isfinite(r["final_nll"])
     for name in ("evaluation.md", "evaluation_curves.png", "rho_sweep.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert (
+        f"the rows of {kept}, kept at its rho" in (tmp_path / "eval" / "evaluation.md").read_text()
+    )
+    assert main([*args, "--eval-every", "0"]) == 2  # refused, not replaced by the default
 
     assert main(["analyze", "--scored", scored, "--out", ana, "--source-column", "kind"]) == 0
     analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())

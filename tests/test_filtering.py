@@ -127,3 +127,5 @@ def test_vectorised_rules_equal_a_plain_python_reference(seed):
     assert torch.equal(quantile_keep(scores, rho, ids=names), ref_quantile(names))
     with pytest.raises(ValueError, match="1 scores are NaN or infinite"):
         topk_groups(torch.tensor([0.0, float("nan")]), 0.5, 1)
+    with pytest.raises(ValueError, match=r"one-dimensional, got shape \(3, 2\)"):
+        quantile_keep(torch.zeros(3, 2), 0.5)

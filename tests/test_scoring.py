@@ -221,6 +221,12 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     pq.write_table(holes, tmp_path / "holes" / "part-00000.parquet")
     assert main(["filter", "--scored", str(tmp_path / "holes"), "--out", str(tmp_path / "h")]) == 2
     assert "part-00000.parquet: 1 scores are missing or NaN" in capsys.readouterr().err
+    empty = pa.table({"text": pa.array([], pa.string()), SCORE_COLUMN: pa.array([], pa.float32())})
+    (tmp_path / "empty_parts").mkdir()
+    pq.write_table(empty, tmp_path / "empty_parts" / "part-00000.parquet")
+    nothing = ["filter", "--scored", str(tmp_path / "empty_parts"), "--out", str(tmp_path / "e")]
+    assert main(nothing) == 2 and "hold no rows" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
 
 
@@ -648,8 +654,10 @@ def test_scoring_in_python_names_bad_input_and_streams_iterable_datasets(tmp_pat
     holey = ["t"] * 1500
     holey[1100] = None
     ds2 = datasets.Dataset.from_dict({"text": holey, "i": list(range(1500))})
-    with pytest.raises(ValueError, match="row 1100 of 'text' is not text: None"):
-        list(score_dataset(rater, ds2.to_iterable_dataset()))
+    stream = score_dataset(rater, ds2.to_iterable_dataset())
+    for _ in range(2):  # the same row, however often the stream is iterated
+        with pytest.raises(ValueError, match="row 1100 of 'text' is not text: None"):
+            list(stream)
     with pytest.raises(ValueError, match="row 1100 of 'text'.*skip_bad_rows=True"):
         score_dataset(rater, ds2)
     kept = list(score_dataset(rater, ds2.to_iterable_dataset(), skip_bad_rows=True))

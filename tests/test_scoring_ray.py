@@ -65,6 +65,8 @@ def test_batch_scorer_names_bad_input(tmp_path):
         out = lenient(batch)
         k = out["k"].to_pylist() if isinstance(out, pa.Table) else list(out["k"])
         assert k == [1, 3] and len(out[SCORE_COLUMN]) == 2
+    nothing = lenient(pa.table({"text": pa.array([None, None], pa.string())}))
+    assert nothing.num_rows == 0 and SCORE_COLUMN in nothing.column_names
 
 
 @pytest.mark.slow

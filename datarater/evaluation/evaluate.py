@@ -156,7 +156,7 @@ def _check_setup(texts, val_texts, rater_cfg, cfg: EvalConfig, vocab: int) -> li
                 f"LM size {size!r} costs {cost / 1e6:.2f} MFLOP per token, no more than the "
                 f"rater's {rater_cost / 1e6:.2f}: scoring eats any gain; use larger sizes"
             )
-    points = cfg.steps // cfg.eval_every + 1
+    points = len(set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps})  # the last too
     if points < 5:
         said.append(
             f"each curve has {points} points ({cfg.steps} steps, evaluated every "
@@ -364,7 +364,7 @@ def _markdown(rep: dict) -> str:
     warned = "".join(f"> **Warning:** {w}\n>\n" for w in rep.get("warnings", []))
     arms = {r["arm"] for r in rep["runs"]}
     legend = [
-        ("unfiltered", "every candidate, in stream order: the baseline of its size"),
+        ("unfiltered", "the first N of each step's random candidates: the baseline of its size"),
         ("datarater", "the rater's top (1 - rho) of each oversampled batch"),
         (
             "ppl-low / ppl-mid / ppl-high",

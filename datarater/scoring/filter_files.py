@@ -61,8 +61,10 @@ def filter_files(
         if not torch.isfinite(part).all():  # nulls read as NaN
             raise ValueError(f"{p}: {int((~torch.isfinite(part)).sum())} scores are missing or NaN")
         scores.append(part)
-    out.mkdir(parents=True, exist_ok=True)
     everything = torch.cat(scores)
+    if len(everything) == 0:
+        raise ValueError(f"{scored}: the scored parts hold no rows")
+    out.mkdir(parents=True, exist_ok=True)
     if rule == "quantile":
         keep_all = quantile_keep(everything, rho)
         keeps = list(keep_all.split([len(s) for s in scores]))

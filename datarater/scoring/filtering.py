@@ -65,7 +65,10 @@ def topk_groups(scores: Tensor, rho: float, batch: int) -> Tensor:
 
 
 def _finite(scores: Tensor) -> Tensor:
-    scores = scores.detach().flatten()
+    """The scores as a CPU vector (where the keep masks are built), checked."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one-dimensional, got shape {tuple(scores.shape)}")
+    scores = scores.detach().cpu()
     if not torch.isfinite(scores).all():
         raise ValueError(f"{int((~torch.isfinite(scores)).sum())} scores are NaN or infinite")
     return scores
@@ -126,9 +129,9 @@ def accept(
 def quantile_keep(scores: Tensor, rho: float, ids: Sequence | None = None) -> Tensor:
     """Keep exactly round((1 - rho) n) rows with the highest scores; ties broken by id."""
     _check_rho(rho)
+    scores = _finite(scores)
     n = len(scores)
     k = round((1.0 - rho) * n)
-    scores = _finite(scores)
     # order by id first, then a stable sort by descending score: ties end in id order
     by_id = (
         torch.arange(n)

@@ -90,12 +90,17 @@ class RaterScorer:
         good = text_rows(texts, self.text_column, self.skip_bad_rows, labels)
         if len(good) == len(texts):
             return batch, texts
-        if hasattr(batch, "take"):  # pyarrow.Table
-            batch = batch.take(good)
-        elif hasattr(batch, "iloc"):
+        if hasattr(batch, "iloc"):  # a DataFrame
             batch = batch.iloc[good]
-        else:
-            batch = {k: [v[i] for i in good] for k, v in batch.items()}
+        elif hasattr(batch, "take"):  # a pyarrow.Table (typed indices: [] has no type)
+            import pyarrow as pa
+
+            batch = batch.take(pa.array(good, pa.int64()))
+        else:  # a dict of columns: numpy arrays stay arrays
+            batch = {
+                k: v[good] if hasattr(v, "shape") else [v[i] for i in good]
+                for k, v in batch.items()
+            }
         return batch, [texts[i] for i in good]
 
 

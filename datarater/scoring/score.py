@@ -735,20 +735,16 @@ def score_dataset(
         tokenizer = check_tokenizer(rater, kwargs.pop("tokenizer", None))
         device = kwargs.pop("device", None)
         prepared = scoring_copy(rater, device, padding_id(rater, tokenizer), **options)
-        seen = 0  # rows before this batch: errors name a row of the stream, not of the batch
 
-        def add_scores(batch: dict) -> dict:  # the same options: the copy is used as it is
-            nonlocal seen
+        def add_scores(batch: dict, rows: list[int]) -> dict:  # rows: places in the stream
             texts = batch[text_column]
-            labels = range(seen, seen + len(texts))
-            good = text_rows(texts, text_column, skip_bad_rows, labels)
-            seen += len(texts)
+            good = text_rows(texts, text_column, skip_bad_rows, rows)
             if len(good) < len(texts):
                 batch = {k: [v[i] for i in good] for k, v in batch.items()}
             scores = score_texts(prepared, batch[text_column], tokenizer, **options, **kwargs)
             return {**batch, SCORE_COLUMN: scores.tolist()}
 
-        return dataset.map(add_scores, batched=True, batch_size=1024)
+        return dataset.map(add_scores, batched=True, batch_size=1024, with_indices=True)
     texts = dataset[text_column]
     good = text_rows(texts, text_column, skip_bad_rows)
     if len(good) < len(texts):
