@@ -209,6 +209,28 @@ def _text_list(texts) -> list[str]:
     return texts
 
 
+def text_rows(
+    texts: Sequence,
+    column: str,
+    skip_bad_rows: bool,
+    labels=None,
+    hint: str = "skip_bad_rows=True",
+) -> list[int]:
+    """Positions of the values that are text. A value that is not is an error naming its row
+    (``labels[i]``, else i) and how many there are, unless ``skip_bad_rows``, which leaves
+    such rows out; ``hint`` is how the caller's user switches that on."""
+    good = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    if len(good) < len(texts) and not skip_bad_rows:
+        first = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+        label = first if labels is None else labels[first]
+        raise ValueError(
+            f"row {label} of {column!r} is not text: {texts[first]!r} "
+            f"({type(texts[first]).__name__}), one of {len(texts) - len(good)} such rows; "
+            f"{hint} leaves them out"
+        )
+    return good
+
+
 def _windows(
     texts: Sequence[str], tokenizer, seq_len: int, aggregate: str
 ) -> list[tuple[int, list[int]]]:
@@ -455,7 +477,7 @@ def _read_table(path: Path):
         return pj.read_json(f)
 
 
-def _jsonl_rows(path: Path, text_column: str):
+def _jsonl_table(path: Path, text_column: str):
     """A jsonl shard read row by row, rows without a text value left out, and how many: for
     shards pyarrow refuses whole (a column that changes type, a malformed line). Another
     column whose values still do not share a type is kept as JSON text."""
@@ -504,22 +526,16 @@ def _load_shard(path: Path, text_column: str, skip_bad_rows: bool = False):
     except pa.ArrowInvalid:
         if not (skip_bad_rows and file_format(path) == "jsonl"):
             raise
-        table, bad = _jsonl_rows(path, text_column)
+        table, bad = _jsonl_table(path, text_column)
         return table, table.column(text_column).to_pylist(), bad
     if text_column not in table.column_names:
         raise ValueError(f"no column {text_column!r} (columns: {table.column_names})")
     texts = table.column(text_column).to_pylist()
-    good = [isinstance(t, str) for t in texts]
-    bad = good.count(False)
-    if bad and not skip_bad_rows:
-        first = good.index(False)
-        raise ValueError(
-            f"{bad} non-text values in {text_column!r} (first at row {first}: "
-            f"{texts[first]!r}); --skip-bad-rows leaves such rows out"
-        )
+    good = text_rows(texts, text_column, skip_bad_rows, hint="--skip-bad-rows")
+    bad = len(texts) - len(good)
     if bad:
-        table = table.filter(pa.array(good))
-        texts = [t for t, ok in zip(texts, good) if ok]
+        table = table.take(pa.array(good, pa.int64()))
+        texts = [texts[i] for i in good]
     return table, texts, bad
 
 
@@ -686,20 +702,6 @@ def _is_iterable_dataset(dataset) -> bool:
     except ImportError:
         return False
     return isinstance(dataset, datasets.IterableDataset)
-
-
-def text_rows(texts: Sequence, column: str, skip_bad_rows: bool, labels=None) -> list[int]:
-    """Positions of the values that are text. A value that is not is an error naming its row
-    (``labels[i]``, else i), unless ``skip_bad_rows``, which leaves such rows out."""
-    good = [i for i, t in enumerate(texts) if isinstance(t, str)]
-    if len(good) < len(texts) and not skip_bad_rows:
-        first = next(i for i, t in enumerate(texts) if not isinstance(t, str))
-        label = first if labels is None else labels[first]
-        raise ValueError(
-            f"row {label} of {column!r} is not text: {texts[first]!r} "
-            f"({type(texts[first]).__name__}); skip_bad_rows=True leaves such rows out"
-        )
-    return good
 
 
 def score_dataset(
