@@ -111,6 +111,17 @@ def env_var(key: str, value: str):
             os.environ[key] = keep
 
 
+@contextmanager
+def matmul_tf32(on: bool):
+    """TF32 tensor-core matmuls (and convolutions) for the duration, or strict float32."""
+    keep = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = keep
+
+
 def rel_err(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -311,19 +322,39 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
     case("meta_step", "plain training step", plain, device, T=0, **tag)
     for t_steps in steps:
         inner = [batch_of() for _ in range(t_steps)]
-        variants = (  # (the torch.func pass was timed in 2026-11-28's runs: 1.79x mixed)
-            ("reverse", "reverse", "auto", "1"),
-            ("mixed", "mixed", "auto", "1"),
-            ("mixed (plain-torch tangent ops)", "mixed", "auto", "0"),
+
+        def meta_grad(mode: str, inner=inner) -> list[torch.Tensor]:
+            rater.zero_grad(set_to_none=True)
+            dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode)
+            return [p.grad.detach().clone() for p in rater.parameters()]
+
+        with matmul_tf32(False):
+            exact = meta_grad("reverse")  # what the TF32 rows are compared with
+        # (the torch.func pass was timed in 2026-11-28's runs: 1.79x mixed). The TF32 rows ask
+        # whether mixed mode's fewer ops and bytes (0.79x, bench/meta_step_work.py) win once
+        # matmuls stop dominating: float32 matmuls run on CUDA cores, TF32 on tensor cores.
+        variants = (
+            ("reverse", "reverse", "1", False),
+            ("mixed", "mixed", "1", False),
+            ("mixed (plain-torch tangent ops)", "mixed", "0", False),
+            ("reverse, TF32 matmuls", "reverse", "1", True),
+            ("mixed, TF32 matmuls", "mixed", "1", True),
         )
-        for name, mode, hvp, triton_tangent in variants:
+        for name, mode, triton_tangent, tf32 in variants:
 
-            def run(mode=mode, hvp=hvp, inner=inner):
+            def run(mode=mode, inner=inner):
                 rater.zero_grad(set_to_none=True)
-                dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode, hvp=hvp)
+                dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode)
 
-            with env_var("DATARATER_TANGENT_TRITON", triton_tangent):
-                case("meta_step", name, run, device, T=t_steps, **tag)
+            def check(mode=mode, exact=exact):
+                got = meta_grad(mode)
+                num = sum(float((g - e).double().pow(2).sum()) for g, e in zip(got, exact))
+                den = sum(float(e.double().pow(2).sum()) for e in exact)
+                return {"rel_err_vs_fp32_reverse": f"{(num / max(den, 1e-300)) ** 0.5:.1e}"}
+
+            with env_var("DATARATER_TANGENT_TRITON", triton_tangent), matmul_tf32(tf32):
+                case("meta_step", name, run, device, check=check if tf32 else None,
+                     T=t_steps, **tag)  # fmt: skip
     if torch.device(device).type == "cuda":  # where the time goes, for the next session
         inner = [batch_of()]
         for mode in ("reverse", "mixed"):
