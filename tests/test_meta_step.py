@@ -4,6 +4,8 @@ differences of the whole unrolled computation, done independently with torch.opt
 from __future__ import annotations
 
 import copy
+import importlib
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ import datarater as dr
 from datarater import optim
 
 from .conftest import VOCAB, make_batches, tiny_lm, tiny_rater, user_lm
+
+meta_step_module = importlib.import_module("datarater.meta.meta_step")  # (the package's
+# attribute of that name is the function)
 
 TAU = 0.7
 CLIP = 0.05  # small enough that clipping is active in every step
@@ -433,3 +438,86 @@ def test_weighted_steps_equal_the_forward_sweep_of_meta_step():
     assert after_plain.step == after_meta.step == 3
     for k, v in after_meta.params.items():
         torch.testing.assert_close(after_plain.params[k], v, rtol=1e-12, atol=1e-14)
+
+
+class SdpaLM(torch.nn.Module):
+    """A user's LM calling PyTorch's fused attention (as Hugging Face models do by default),
+    or the same maths written out (``fused=False``)."""
+
+    def __init__(self, fused: bool, vocab=VOCAB, d=12, heads=2, max_len=16) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.fused, self.heads = fused, heads
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.randn(max_len, d) * 0.3)
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.out = torch.nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        b, n = ids.shape
+        x = self.emb(ids) + self.pos[:n]
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            a = s.softmax(-1) @ v
+        return self.out(x + a.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_models_with_fused_attention_are_meta_differentiated(monkeypatch):
+    """F.scaled_dot_product_attention's fused kernels have no forward-mode AD and no double
+    backward; meta_step runs it on the math backend, so both modes work and equal the
+    written-out attention."""
+    opt = optim.Adam(0.01, eps=1e-3, clip_norm=CLIP)
+    inner, outer = make_batches(2, masked=True)
+    rater = tiny_rater()
+    fused, plain = SdpaLM(True).double(), SdpaLM(False).double()
+    grads = {}
+    for name, model in (("fused", fused), ("plain", plain)):
+        for mode in ("mixed", "reverse"):
+            state = dr.InnerState.init(model, opt)
+            grads[name, mode] = run(mode, rater, model, state, inner, outer, opt)[1]
+    ref = grads["plain", "reverse"]
+    for key, g in grads.items():
+        assert rel(g, ref) < 1e-9, key
+
+    # What users met before: PyTorch's own errors, now explained.
+    monkeypatch.setattr(meta_step_module, "_attention_with_higher_derivatives", nullcontext)
+    for mode, need in (("mixed", "forward-mode AD"), ("reverse", "a differentiable backward")):
+        with pytest.raises(NotImplementedError, match=f"needs {need}.*attn_implementation='eager'"):
+            run(mode, rater, fused, dr.InnerState.init(fused, opt), inner, outer, opt)
+
+
+def test_an_op_without_the_needed_derivative_is_named():
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.tanh(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output)
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y * y)
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = user_lm()
+
+        def forward(self, ids):
+            return NoJvp.apply(self.lm(ids).logits)
+
+    model, rater, opt = Custom(), tiny_rater(), optim.SGD(0.1)
+    inner, outer = make_batches(1)
+    state = dr.InnerState.init(model, opt)
+    with pytest.raises(
+        NotImplementedError, match=r"needs forward-mode AD \(a jvp\).*mode='reverse'"
+    ):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed")
+    dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")  # runs

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..optim import InnerOptimizer, Params, State
 from .batch import SeqBatch, logits_of, sequence_losses
@@ -221,6 +222,24 @@ def _refuse_dropout(**modules: nn.Module) -> None:
         )
 
 
+def _attention_with_higher_derivatives():
+    """PyTorch's fused attention kernels (flash, memory-efficient, cuDNN, the CPU flash kernel)
+    have neither forward-mode AD nor a double backward, so a model calling
+    ``F.scaled_dot_product_attention`` (Hugging Face's default) could not be meta-differentiated.
+    Its math backend is made of plain ops that have both, at O(L^2) memory per head."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _missing_derivative(e: BaseException) -> bool:
+    """Is ``e`` PyTorch saying an op lacks a forward-mode or a second-order derivative?"""
+    text = str(e)
+    return (
+        "forward AD" in text
+        or "forward mode AD" in text
+        or ("derivative for" in text and "not implemented" in text)
+    )
+
+
 def _declared_vocab(model: nn.Module) -> int | None:
     """The vocabulary size a model declares in its config (ours, or Hugging Face style)."""
     for name in ("cfg", "config"):
@@ -325,11 +344,27 @@ def meta_step(
     )
     sweep = _mixed if mode == "mixed" else _reverse
     try:
-        new_state, outer_loss, inner_losses, gnorms, weights, meta = sweep(run, state, inner, outer)
+        with _attention_with_higher_derivatives():
+            new_state, outer_loss, inner_losses, gnorms, weights, meta = sweep(
+                run, state, inner, outer
+            )
     except IndexError as e:  # an embedding lookup past the table, in a model we cannot inspect
         raise ValueError(
             f"the model or rater raised IndexError ({e}); the largest token id in the batches is "
             f"{max_id}: is it out of range for the model's vocabulary?"
+        ) from e
+    except (NotImplementedError, RuntimeError) as e:
+        if not _missing_derivative(e):
+            raise
+        need = "forward-mode AD (a jvp)" if mode == "mixed" else "a differentiable backward"
+        raise NotImplementedError(
+            f"meta_step(mode={mode!r}) needs {need} of every op in the inner model, and one "
+            f"op has none: {str(e).splitlines()[0]} PyTorch's scaled_dot_product_attention is "
+            "already run on its math backend here; other fused kernels (flash-attn, xformers, "
+            "fused losses or norms) must be switched off in the model, e.g. a Hugging Face "
+            "model loaded with attn_implementation='eager'"
+            + (", or try mode='reverse'" if mode == "mixed" else "")
+            + "."
         ) from e
 
     reason = None
