@@ -454,7 +454,9 @@ def test_a_missing_tokenizer_file_is_named(tmp_path):
         get_tokenizer(str(tmp_path / "bad.json"))
 
 
-def test_rerun_inputs_must_match_new_ones_may_follow_each_is_taken_once(tmp_path, capsys):
+def test_rerun_needs_the_recorded_inputs_new_ones_get_new_parts_each_is_taken_once(
+    tmp_path, capsys
+):
     _, folder = _rater(tmp_path)
     data = tmp_path / "data"
     data.mkdir()
@@ -466,17 +468,26 @@ def test_rerun_inputs_must_match_new_ones_may_follow_each_is_taken_once(tmp_path
     rows = sum(pq.read_table(p).num_rows for p in out.glob("part-*.parquet"))
     assert rows == 2
     assert main([*args, str(data)]) == 0  # same inputs again: all skipped
+    # A new shard that sorts before the old ones gets the next part number: nothing shifts,
+    # only it is scored.
     (data / "a.jsonl").write_text(json.dumps({"text": "doc a"}) + "\n")
-    capsys.readouterr()
-    assert main([*args, str(data)]) == 2  # a new shard would shift the part numbers
-    assert "add new ones after them" in capsys.readouterr().err
-    # after the recorded ones it shifts nothing: only the new shard is scored
     old_parts = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
-    assert main([*args, str(data / "b.jsonl"), str(data / "c.jsonl"), str(data / "a.jsonl")]) == 0
+    capsys.readouterr()
+    assert main([*args, str(data)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["done"] == 1 and report["skipped"] == 2
     assert all((out / name).read_bytes() == b for name, b in old_parts.items())
     assert pq.read_table(out / "part-00002.parquet").column("text").to_pylist() == ["doc a"]
+    # the order the inputs are given in does not matter either
+    assert main([*args, str(data / "c.jsonl"), str(data / "a.jsonl"), str(data / "b.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 3
+    # a recorded input left out would leave its part without its input
+    assert main([*args, str(data / "a.jsonl"), str(data / "c.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 3 input files" in err and "b.jsonl" in err
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(3)
+    ]
 
 
 def test_windows_scores_are_plain_tensors_and_single_token_tails_fold_away():

@@ -421,27 +421,32 @@ def recorded_settings(folder: Path | str) -> dict:
     return before.get("settings", {}) if isinstance(before, dict) else {}
 
 
-def _check_run(out: Path, files: list[Path], settings: dict) -> None:
-    """Shard i is ``part-i``: a rerun must see the same input list, or rows would be lost or
-    scored twice, and the same rater and settings, or one folder would hold two kinds of
-    scores. The first run records both in ``inputs.json``; later runs compare (inputs may be
-    added after the recorded ones: shards of a growing crawl). Settings may
-    change while no shard is finished (a first run that failed on a wrong column can be
-    fixed in place), and ``skip_bad_rows`` may be switched on (a shard finished without it
-    had no bad rows); settings a folder's first version did not record are not compared."""
+def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
+    """The input behind each part number (``part-i`` is the returned list's item i), and the
+    same rater and settings as the run that started the folder.
+
+    The first run records its inputs in order in ``inputs.json``, with what the scores depend
+    on. A rerun must list every recorded input (in any order) so that no part is orphaned;
+    inputs it adds get the next part numbers, wherever they sort (shards of a growing crawl).
+    Settings may change while no shard is finished (a first run that failed on a wrong
+    column can be fixed in place), and ``skip_bad_rows`` may be switched on (a shard
+    finished without it had no bad rows); settings a folder's first version did not record
+    are not compared. Every rank of a torchrun job derives the same numbering."""
     manifest = out / "inputs.json"
-    listed = [str(f.resolve()) for f in files]
-    before = json.loads(manifest.read_text()) if manifest.exists() else {"inputs": listed}
+    by_name = {str(f.resolve()): f for f in files}
+    before = json.loads(manifest.read_text()) if manifest.exists() else {"inputs": []}
     if isinstance(before, list):  # written before settings were recorded
         before = {"inputs": before}
     old = before["inputs"]
-    if listed[: len(old)] != old:  # new inputs may follow the old ones: their parts are new
+    gone = [name for name in old if name not in by_name]
+    if gone:
         raise ValueError(
-            f"{out}: the input files differ from the run that started this folder "
-            f"({len(old)} then, {len(listed)} now, the first {len(old)} not the same); "
-            "finish with the same inputs, add new ones after them (as further --data "
-            "arguments), or use a new --out"
+            f"{out}: {len(gone)} of the {len(old)} input files of the run that started this "
+            f"folder are not among the inputs now (first: {gone[0]}); finish with all of them "
+            "(new ones may be added), or use a new --out"
         )
+    recorded = set(old)
+    numbered = old + [name for name in by_name if name not in recorded]
     then = before.get("settings", {})
 
     def conflicts(key: str, now) -> bool:
@@ -455,9 +460,10 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> None:
             f"{out} was started with another rater or other settings ({'; '.join(diff)}); "
             "finish it with the same ones or use a new --out"
         )
-    if then != settings or len(listed) != len(old):
-        record = {"inputs": listed, "settings": settings}
+    if then != settings or numbered != old:
+        record = {"inputs": numbered, "settings": settings}
         atomic_write_text(manifest, json.dumps(record, indent=1))
+    return [by_name[name] for name in numbered]
 
 
 def _read_table(path: Path):
@@ -575,7 +581,7 @@ def score_files(
     settings["skip_bad_rows"] = skip_bad_rows
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, files, settings)
+    files = _check_run(out, files, settings)  # in part order
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
     if world > 1:  # each rank prints its own report: say whose (its shards: i % world == rank)
         report = {"rank": rank, "world": world, **report}
