@@ -255,3 +255,30 @@ def test_every_command_has_help_with_the_defaults_worth_knowing(command, capsys)
     expected = {"train": "(default: 128)", "score": "(default: 64)", "filter": "(default: 0.5)"}
     assert expected.get(command, "") in out
     assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_training_curves_are_drawn_at_checkpoints(tmp_path):
+    from datarater.data import ByteTokenizer, per_document
+    from datarater.training import Trainer
+    from datarater.training.curves import _running_mean, plot_training
+
+    seqs = per_document([f"document number {i} " * 3 for i in range(12)], ByteTokenizer(), 32)
+    cfg = TrainConfig.from_dict({**CONFIG, "steps": 4, "checkpoint_every": 2})
+    trainer = Trainer(cfg, seqs, seqs, 258, tmp_path, 257)
+    trainer.run(progress=False, stop_after=1)
+    assert not (tmp_path / "training_curves.png").exists()  # no checkpoint yet
+    trainer.run(progress=False)
+    png = tmp_path / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.glob("*.png*")] == [png.name]  # no temporary left
+    # skipped steps (NaN norms, a missing loss) and a changing population still draw
+    history = [dict(r) for r in trainer.history]
+    history[1]["meta_grad_norms"] = [float("nan")]
+    history[2]["outer_loss"] = None
+    plot_training(history, tmp_path / "odd.png")
+    assert (tmp_path / "odd.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no meta-steps"):
+        plot_training([], tmp_path / "none.png")
+    nan = float("nan")
+    got = _running_mean([nan, 1.0, 3.0, nan, 5.0], 2)
+    assert got[0] != got[0] and got[1:] == [1.0, 2.0, 2.0, 4.0]

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..meta import InnerState, meta_step, weighted_steps
 from ..models import CausalLM, Rater, TransformerConfig
 from ..optim import Adam
 from .checkpoint import atomic_write_text, flatten, load_checkpoint, save_checkpoint, unflatten
+from .curves import plot_training
 
 
 @dataclass
@@ -336,7 +338,23 @@ class Trainer:
             "tokenizer": self.tokenizer,
             "history": self.history,
         }
-        return save_checkpoint(self._ckpt_dir(), self.step, self.state_tensors(), meta)
+        saved = save_checkpoint(self._ckpt_dir(), self.step, self.state_tensors(), meta)
+        self._plot()
+        return saved
+
+    def _plot(self) -> None:
+        """``training_curves.png`` beside the log, redrawn at every checkpoint (a picture is
+        no reason to fail a run: a plotting error is a warning)."""
+        if not self.history:
+            return
+        name = "training_curves.png" if self.world == 1 else f"training_curves.rank{self.rank}.png"
+        title = "Meta-training" + (
+            f" (rank {self.rank}: inner models {self.mine})" if self.world > 1 else ""
+        )
+        try:
+            plot_training(self.history, self.out / name, title)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"could not draw {name}: {e!r}", stacklevel=2)
 
     def _ckpt_dir(self) -> Path:
         root = self.out / "checkpoints"
