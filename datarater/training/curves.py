@@ -20,9 +20,15 @@ def _running_mean(xs: list[float], k: int) -> list[float]:
     return out
 
 
-def plot_training(history: list[dict], path: Path | str, title: str = "Meta-training") -> None:
-    """Outer and inner loss, the entropy of the batch weights and each inner model's
-    meta-gradient norm against the meta-step, as a PNG written atomically to ``path``."""
+def plot_training(
+    history: list[dict],
+    path: Path | str,
+    title: str = "Meta-training",
+    batch: int | None = None,
+) -> None:
+    """Outer and inner loss, the entropy of the batch weights (against ln ``batch``, that of
+    uniform weights, when given) and each inner model's meta-gradient norm against the
+    meta-step, as a PNG written atomically to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +53,10 @@ def plot_training(history: list[dict], path: Path | str, title: str = "Meta-trai
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     ax = axes[1, 0]
-    ax.plot(steps, series("weight_entropy"), color="tab:green")
+    ax.plot(steps, series("weight_entropy"), color="tab:green", label="rater weights")
+    if batch is not None:
+        ax.axhline(math.log(batch), color="grey", ls="--", lw=0.8, label="uniform weights")
+        ax.legend(fontsize=8)
     ax.set_ylabel("entropy of the batch weights (nats)")
     ax.set_xlabel("meta-step")
     ax = axes[1, 1]

@@ -352,7 +352,7 @@ class Trainer:
             f" (rank {self.rank}: inner models {self.mine})" if self.world > 1 else ""
         )
         try:
-            plot_training(self.history, self.out / name, title)
+            plot_training(self.history, self.out / name, title, self.cfg.inner_batch)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"could not draw {name}: {e!r}", stacklevel=2)
 
