@@ -266,9 +266,9 @@ def test_training_curves_are_drawn_at_checkpoints(tmp_path):
     cfg = TrainConfig.from_dict({**CONFIG, "steps": 4, "checkpoint_every": 2})
     trainer = Trainer(cfg, seqs, seqs, 258, tmp_path, 257)
     trainer.run(progress=False, stop_after=1)
-    assert not (tmp_path / "training_curves.png").exists()  # no checkpoint yet
+    assert not (tmp_path / "meta_training.png").exists()  # no checkpoint yet
     trainer.run(progress=False)
-    png = tmp_path / "training_curves.png"
+    png = tmp_path / "meta_training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.glob("*.png*")] == [png.name]  # no temporary left
     # skipped steps (NaN norms, a missing loss) and a changing population still draw

@@ -343,11 +343,11 @@ class Trainer:
         return saved
 
     def _plot(self) -> None:
-        """``training_curves.png`` beside the log, redrawn at every checkpoint (a picture is
+        """``meta_training.png`` beside the log, redrawn at every checkpoint (a picture is
         no reason to fail a run: a plotting error is a warning)."""
         if not self.history:
             return
-        name = "training_curves.png" if self.world == 1 else f"training_curves.rank{self.rank}.png"
+        name = "meta_training.png" if self.world == 1 else f"meta_training.rank{self.rank}.png"
         title = "Meta-training" + (
             f" (rank {self.rank}: inner models {self.mine})" if self.world > 1 else ""
         )
