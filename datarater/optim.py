@@ -86,6 +86,18 @@ def global_norm(tensors: dict[str, Tensor]) -> Tensor:
     return safe_sqrt(sum(t.pow(2).sum() for t in tensors.values()))
 
 
+CHUNK = 1 << 24  # elements per piece of the written-out VJPs: bounds their temporaries
+
+
+def _chunks(t: Tensor) -> list[Tensor]:
+    """Flat views of ``t`` (contiguous) in pieces of at most CHUNK elements."""
+    return list(t.reshape(-1).split(CHUNK))
+
+
+def _empty_like(tensors: Params) -> Params:
+    return {k: torch.empty(t.shape, dtype=t.dtype, device=t.device) for k, t in tensors.items()}
+
+
 def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
     return (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
 
@@ -127,7 +139,61 @@ class InnerOptimizer:
         """True when ``grads_for_vjp`` can rebuild a step's gradient from its two states."""
         return False
 
+    def update_vjp(
+        self,
+        params: Params,
+        grads: Params,
+        state: State,
+        step: int,
+        a_params: Params,
+        a_state: State,
+    ) -> tuple[Params, State, Params]:
+        """Pull the adjoints of ``update``'s outputs back to its inputs: (a_params, a_state,
+        a_grads). This generic version differentiates ``update`` with autograd; the library's
+        optimizers override it with their derivatives written out, elementwise, which keeps a
+        few parameter-sized temporaries where autograd keeps dozens."""
+        th = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+        gg = {k: t.detach().requires_grad_(True) for k, t in grads.items()}
+        ss = {
+            n: {k: t.detach().requires_grad_(True) for k, t in d.items()} for n, d in state.items()
+        }
+        with torch.enable_grad():
+            new_th, new_s = self.update(th, gg, ss, step)
+        outs = [new_th[k] for k in th] + [new_s[n][k] for n in ss for k in ss[n]]
+        cots = [a_params[k] for k in th] + [a_state[n][k] for n in ss for k in ss[n]]
+        ins = [*th.values(), *(t for d in ss.values() for t in d.values()), *gg.values()]
+        got = iter(torch.autograd.grad(outs, ins, cots, allow_unused=True, materialize_grads=True))
+        a_th = {k: next(got) for k in th}
+        a_s = {n: {k: next(got) for k in d} for n, d in ss.items()}
+        return a_th, a_s, {k: next(got) for k in gg}
+
     # -- shared ----------------------------------------------------------------------------
+    def _clip_scale(self, grads: Params) -> tuple[Tensor | None, Tensor | None]:
+        """The clip factor f and the gradient norm (None, None without clipping)."""
+        if self.clip_norm is None:
+            return None, None
+        norm = global_norm(grads)
+        return clip_factor(norm, self.clip_norm), norm
+
+    def _clip_vjp_(self, grads: Params, a_clipped: Params, f, norm) -> Params:
+        """Pull an adjoint of the clipped gradients back through the global-norm clipping,
+        in place: f a + (df/dg . a) with df/dg = -c / (n + eps)^2 * g / n where f < 1."""
+        if f is None:
+            return a_clipped
+        clipping = float(self.clip_norm / (norm + CLIP_EPS)) <= 1.0 and float(norm) > 0.0
+        coef = None
+        if clipping:  # (else f = 1 is a constant)
+            inner = sum(
+                torch.dot(a.reshape(-1), grads[k].reshape(-1)) for k, a in a_clipped.items()
+            )
+            coef = -self.clip_norm / (norm + CLIP_EPS) ** 2 / norm * inner
+        for k, a in a_clipped.items():
+            for part, g in zip(_chunks(a), _chunks(grads[k])):
+                part.mul_(f)
+                if coef is not None:
+                    part.add_(g * coef)
+        return a_clipped
+
     def clip(self, grads: Params) -> tuple[Params, Tensor | None, Tensor]:
         """Global-norm clipping; returns (clipped grads, clip factor or None, grad norm)."""
         norm = global_norm(grads)
@@ -178,6 +244,27 @@ class SGD(InnerOptimizer):
         else:
             d = buf
         return {k: p - self.lr * d[k] for k, p in params.items()}, {"momentum_buffer": buf}
+
+    def update_vjp(self, params, grads, state, step, a_params, a_state):
+        lr, mu, wd = self.lr, self.momentum, self.weight_decay
+        f, norm = self._clip_scale(grads)
+        out = {name: _empty_like(a_params) for name in ("params", "buf", "grads")}
+        for k, a_out in a_params.items():
+            a_buf_out = a_state["momentum_buffer"][k] if mu else a_out
+            for a, a_buf1, a_th, a_buf0, a_g in zip(
+                *map(_chunks, (a_out, a_buf_out, out["params"][k], out["buf"][k], out["grads"][k]))
+            ):
+                a_d = a * -lr
+                if mu == 0.0:
+                    a_gd = a_d
+                else:
+                    a_buf1 = a_buf1 + (a_d * mu if self.nesterov else a_d)
+                    a_gd = a_buf1 + a_d if self.nesterov else a_buf1
+                    torch.mul(a_buf1, mu, out=a_buf0)
+                torch.add(a, a_gd, alpha=wd, out=a_th) if wd else a_th.copy_(a)
+                a_g.copy_(a_gd)
+        a_s = {"momentum_buffer": out["buf"]} if mu else {}
+        return out["params"], a_s, self._clip_vjp_(grads, out["grads"], f, norm)
 
     @property
     def linear_in_grads(self) -> bool:
@@ -232,6 +319,37 @@ class Adam(InnerOptimizer):
             for k, p in params.items()
         }
         return new, {"exp_avg": m, "exp_avg_sq": v}
+
+    def update_vjp(self, params, grads, state, step, a_params, a_state):
+        b1, b2 = self.betas
+        bc1, root_bc2 = 1.0 - b1**step, (1.0 - b2**step) ** 0.5
+        decay = 1.0 - self.lr * self.weight_decay
+        f, norm = self._clip_scale(grads)
+        out = {name: _empty_like(a_params) for name in ("params", "m", "v", "grads")}
+        for k in a_params:
+            ins = (grads[k], state["exp_avg"][k], state["exp_avg_sq"][k], a_params[k])
+            ins += (a_state["exp_avg"][k], a_state["exp_avg_sq"][k])
+            outs = (out["params"][k], out["m"][k], out["v"][k], out["grads"][k])
+            for g, m0, v0, a, a_m1, a_v1, a_th, a_m0, a_v0, a_g in zip(*map(_chunks, ins + outs)):
+                if f is not None:
+                    g = g * f
+                m1 = m0 * b1 + g * (1.0 - b1)
+                sq = (v0 * b2).addcmul_(g, g, value=1.0 - b2).sqrt_()
+                den = sq / root_bc2 + self.eps
+                # theta' = theta decay - (lr / bc1) m1 / den, with den = sqrt(v1) / root_bc2 + eps
+                a_over = a * (self.lr / bc1) / den
+                a_m1 = a_m1 - a_over
+                # d theta' / d v1 = (lr / bc1) m1 / den^2 / (2 sqrt(v1) root_bc2), and 0 where
+                # v1 = 0 (safe_sqrt's derivative)
+                pos = sq > 0
+                a_over.mul_(m1).div_(den).div_(torch.where(pos, sq, 1.0) * (2.0 * root_bc2))
+                a_v1 = torch.where(pos, a_over, 0.0).add_(a_v1)
+                torch.mul(a_m1, 1.0 - b1, out=a_g).add_(a_v1 * g, alpha=2.0 * (1.0 - b2))
+                torch.mul(a_m1, b1, out=a_m0)
+                torch.mul(a_v1, b2, out=a_v0)
+                torch.mul(a, decay, out=a_th)
+        a_s = {"exp_avg": out["m"], "exp_avg_sq": out["v"]}
+        return out["params"], a_s, self._clip_vjp_(grads, out["grads"], f, norm)
 
     @property
     def recovers_grads(self) -> bool:

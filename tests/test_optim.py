@@ -106,3 +106,57 @@ def test_safe_sqrt_has_zero_derivative_at_zero():
 def test_bad_hyperparameters_raise(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        optim.SGD(0.1),
+        optim.SGD(0.1, clip_norm=0.5),
+        optim.SGD(0.1, momentum=0.9, weight_decay=0.01, clip_norm=0.5),
+        optim.SGD(0.05, momentum=0.8, nesterov=True, weight_decay=0.01, clip_norm=0.5),
+        optim.SGD(0.05, momentum=0.8, nesterov=True, clip_norm=100.0),  # not clipping
+        optim.Adam(1e-2),
+        optim.Adam(1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, clip_norm=0.5),
+        optim.Adam(1e-2, eps=1e-3, clip_norm=100.0),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("step", [1, 7])
+@pytest.mark.parametrize("chunk", [optim.CHUNK, 4])
+def test_written_out_update_vjp_equals_autograd(opt, step, chunk, monkeypatch):
+    """Each optimizer's own VJP of its update equals autograd's (the base class's) in
+    float64, clipping on or off, with second moments that are exactly zero in places, whole
+    or in pieces of a few elements."""
+    monkeypatch.setattr(optim, "CHUNK", chunk)
+    gen = torch.Generator().manual_seed(step)
+
+    def like(scale=1.0):
+        return {
+            k: torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale for k, p in params.items()
+        }
+
+    params = _params(step)
+    grads = like(0.7)
+    state = opt.init(params)
+    if state:  # a state that has seen earlier steps
+        state = {n: like() for n in state}
+    if "exp_avg_sq" in state:
+        state["exp_avg_sq"] = {k: v.abs() for k, v in state["exp_avg_sq"].items()}
+        state["exp_avg_sq"]["a"][0] = 0.0  # an entry that never saw a gradient ...
+        grads["a"][0] = 0.0  # ... and does not now
+    a_params = like()
+    a_state = {n: like() for n in state}
+    ours = opt.update_vjp(params, grads, state, step, a_params, a_state)
+    ref = optim.InnerOptimizer.update_vjp(opt, params, grads, state, step, a_params, a_state)
+    flat = [
+        lambda r: list(r[0].values()),
+        lambda r: [t for d in r[1].values() for t in d.values()],
+        lambda r: list(r[2].values()),
+    ]
+    for part, name in zip(flat, ("params", "state", "grads")):
+        got, want = part(ours), part(ref)
+        assert len(got) == len(want), name
+        for x, y in zip(got, want):
+            assert torch.isfinite(x).all(), name
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14, msg=name)

@@ -147,15 +147,6 @@ class _Flat:
         return {self.KEY: vec}
 
 
-def _flat_state(state: State) -> list[Tensor]:
-    return [t for name in sorted(state) for _, t in sorted(state[name].items())]
-
-
-def _unflat_state(like: State, flat: Sequence[Tensor]) -> State:
-    it = iter(flat)
-    return {name: {k: next(it) for k, _ in sorted(like[name].items())} for name in sorted(like)}
-
-
 def _check_scores(scores, size: int) -> Tensor:
     if not isinstance(scores, Tensor) or scores.shape != (size,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores)
@@ -462,19 +453,11 @@ def _sweep_step(run: _Run, rec: _Tape, s_next: State, batch: SeqBatch, a_theta, 
 
 def _update_vjp(opt: InnerOptimizer, rec: _Tape, g: Tensor, a_theta: Tensor, a_s: State):
     """Pull (a_theta, a_s) back through U(theta_t, s_t, g_t): elementwise, so cheap."""
-    th = rec.params.detach().requires_grad_(True)
-    gg = g.detach().requires_grad_(True)
-    flat_s = [t.detach().requires_grad_(True) for t in _flat_state(rec.opt_state)]
-    with torch.enable_grad():
-        new_th, new_s = opt.update(
-            {_Flat.KEY: th}, {_Flat.KEY: gg}, _unflat_state(rec.opt_state, flat_s), rec.step
-        )
-    outs = [new_th[_Flat.KEY], *_flat_state(new_s)]
-    cots = [a_theta, *_flat_state(a_s)]
-    grads = torch.autograd.grad(
-        outs, [th, *flat_s, gg], cots, allow_unused=True, materialize_grads=True
+    key = _Flat.KEY
+    a_th, a_s, a_g = opt.update_vjp(
+        {key: rec.params}, {key: g}, rec.opt_state, rec.step, {key: a_theta}, a_s
     )
-    return grads[0], _unflat_state(rec.opt_state, grads[1:-1]), grads[-1]
+    return a_th[key], a_s, a_g[key]
 
 
 def _hvp_and_tangents(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, v: Tensor):
