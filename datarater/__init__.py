@@ -1,7 +1,7 @@
 """datarater: meta-learned data curation for language-model pre-training."""
 
 from . import kernels, models, optim
-from .meta import InnerState, MetaStepResult, NonFiniteMetaGradient, meta_step
+from .meta import InnerState, MetaStepResult, NonFiniteMetaGradient, meta_step, weighted_steps
 
 __version__ = "0.1.0"
 
@@ -14,4 +14,5 @@ __all__ = [
     "meta_step",
     "models",
     "optim",
+    "weighted_steps",
 ]

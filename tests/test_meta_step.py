@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -380,6 +381,8 @@ def test_loss_mask_problems():
         ({"mode": "forward"}, "mode"),
         ({"tau": 0.0}, "tau"),
         ({"micro_batch_size": 0}, "micro_batch"),
+        ({"micro_batch_size": True}, "micro_batch"),
+        ({"tau": True}, "tau"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite"),
     ],
 )
@@ -408,6 +411,16 @@ def test_bad_batch_structure():
         dr.meta_step(
             rater, model, state, [{"input_ids": inner[0]["input_ids"][:, :1]}], outer, optimizer=opt
         )
+    ids = inner[0]["input_ids"]
+    hf_style = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(
+        ValueError, match=r"key\(s\) \['attention_mask', 'labels'\].*Pad at the end"
+    ):
+        dr.meta_step(rater, model, state, [hf_style], outer, optimizer=opt)
+    for mask in (torch.full(ids.shape, -1.0), torch.full(ids.shape, float("nan"))):
+        with pytest.raises(ValueError, match=r"loss_mask'\] must be finite and >= 0"):
+            dr.meta_step(rater, model, state, [{"input_ids": ids, "loss_mask": mask}], outer,
+                         optimizer=opt)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["mixed", "reverse"])
@@ -417,13 +430,13 @@ def test_non_finite_raises_or_skips(mode):
     bad = state.clone()
     name = next(iter(bad.params))
     bad.params[name][0] = float("nan")
-    with pytest.raises(dr.NonFiniteMetaGradient, match="outer loss"):
+    with pytest.raises(dr.NonFiniteMetaGradient, match="the inner loss of step 0 is nan"):
         dr.meta_step(rater, model, bad, inner, outer, optimizer=opt, mode=mode)
     rater.zero_grad(set_to_none=True)
     res = dr.meta_step(
         rater, model, bad, inner, outer, optimizer=opt, mode=mode, on_nonfinite="skip"
     )
-    assert res.skipped and "outer loss" in res.reason
+    assert res.skipped and "inner loss of step 0" in res.reason
     assert all(p.grad is None for p in rater.parameters())
     assert res.state is bad  # the non-finite update is not handed on
 
@@ -521,3 +534,122 @@ def test_an_op_without_the_needed_derivative_is_named():
     ):
         dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed")
     dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")  # runs
+
+
+def test_half_precision_inner_parameters_are_refused():
+    model, rater, opt, _ = _setup()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    inner, outer = make_batches(1)
+    with pytest.raises(ValueError, match="inner parameters are torch.bfloat16"):
+        dr.meta_step(rater, half, dr.InnerState.init(half, opt), inner, outer, optimizer=opt)
+
+
+class _Noisy(torch.nn.Module):
+    """Functional dropout inside forward: no nn.Dropout layer to find by name."""
+
+    def __init__(self, inner: torch.nn.Module, p: float) -> None:
+        super().__init__()
+        self.inner, self.p = inner, p
+
+    def forward(self, ids):
+        out = self.inner(ids)
+        out = out.logits if hasattr(out, "logits") else out
+        return F.dropout(out, self.p, self.training) if out.dim() == 3 else out
+
+
+def test_mixed_mode_refuses_a_forward_pass_that_draws_random_numbers():
+    model, rater, opt, _ = _setup()
+    inner, outer = make_batches(1)
+    noisy = _Noisy(model, 0.5)
+    state = dr.InnerState.init(noisy, opt)
+    with pytest.raises(ValueError, match="the model's forward pass draws random numbers"):
+        dr.meta_step(rater, noisy, state, inner, outer, optimizer=opt)
+    dr.meta_step(rater, noisy, state, inner, outer, optimizer=opt, mode="reverse")  # runs
+    noisy.eval()  # no draws: the same as the plain model
+    a = run("mixed", rater, noisy, state, inner, outer, opt)[1]
+    b = run("mixed", rater, model, dr.InnerState.init(model, opt), inner, outer, opt)[1]
+    assert rel(a, b) < 1e-12
+
+    class NoisyRater(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rater = rater
+
+        def forward(self, ids):
+            return self.rater(ids) + 0.1 * torch.randn(ids.shape[0], dtype=torch.float64)
+
+    with pytest.raises(ValueError, match="the rater's forward pass draws random numbers"):
+        dr.meta_step(NoisyRater(), model, dr.InnerState.init(model, opt), inner, outer,
+                     optimizer=opt)  # fmt: skip
+
+
+def test_gradient_checkpointing_is_refused():
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(1)
+    model.blocks[0].gradient_checkpointing = True  # Hugging Face's switch, on a submodule
+    for mode in ("mixed", "reverse"):
+        with pytest.raises(ValueError, match="gradient checkpointing on"):
+            dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
+    with pytest.raises(ValueError, match="gradient checkpointing on"):
+        dr.weighted_steps(rater, model, state, inner, optimizer=opt)
+
+
+def test_a_once_differentiable_op_is_refused_in_both_modes():
+    class OnceTanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = x.tanh()
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y * y)
+
+    class Once(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = user_lm()
+
+        def forward(self, ids):
+            return OnceTanh.apply(self.lm(ids).logits)
+
+    model, rater, opt = Once(), tiny_rater(), optim.SGD(0.1)
+    inner, outer = make_batches(2)
+    state = dr.InnerState.init(model, opt)
+    with pytest.raises(NotImplementedError, match="once-differentiable"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")
+    with pytest.raises(NotImplementedError, match="needs forward-mode AD"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed")
+
+
+def test_index_errors_name_the_limits_the_batches_exceed():
+    class PosLM(torch.nn.Module):  # a position table, as GPT-2 has (n_positions)
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(vocab_size=VOCAB, n_positions=8)
+            self.tok, self.pos = torch.nn.Embedding(VOCAB, 6), torch.nn.Embedding(8, 6)
+            self.out = torch.nn.Linear(6, VOCAB)
+
+        def forward(self, ids):
+            return self.out(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+
+    model, rater, opt, state = _setup()
+    pos_lm = PosLM().double()
+    long = [{"input_ids": torch.randint(0, VOCAB, (2, 12))}]
+    with pytest.raises(
+        ValueError, match="sequences of 12 tokens, beyond the model's n_positions of 8"
+    ):
+        dr.meta_step(rater, pos_lm, dr.InnerState.init(pos_lm, opt), long, long[0], optimizer=opt)
+    small = tiny_rater(vocab=VOCAB - 5)
+    ids = [{"input_ids": torch.full((2, 6), VOCAB - 1)}]
+    with pytest.raises(ValueError, match=f"out of range for the rater's vocabulary of {VOCAB - 5}"):
+        dr.meta_step(small, model, state, ids, ids[0], optimizer=opt)
+
+
+def test_load_into_another_model_is_named():
+    model, _, opt, state = _setup()
+    with pytest.raises(ValueError, match="load_into: the state's .* another model"):
+        state.load_into(user_lm())

@@ -11,6 +11,8 @@ from torch import Tensor
 from ..kernels import select_backend
 from ..kernels.cross_entropy import cross_entropy_per_token
 
+KEYS = {"input_ids", "loss_mask"}
+
 
 @dataclass(frozen=True)
 class SeqBatch:
@@ -30,6 +32,15 @@ class SeqBatch:
     def from_dict(cls, batch: Mapping[str, Tensor], name: str) -> SeqBatch:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(f"{name} must be a dict with an 'input_ids' tensor, got {type(batch)}")
+        extra = sorted(set(batch) - KEYS)
+        if extra:
+            raise ValueError(
+                f"{name} has key(s) {extra}; batches take 'input_ids' [B, L] and an optional "
+                "'loss_mask' [B, L] only: models and raters are called with the ids alone and "
+                "the targets are the ids shifted by one. Pad at the end of each row with "
+                "loss_mask 0 there (under causal attention trailing padding changes no earlier "
+                "token); left padding would need an attention mask, which is not passed on"
+            )
         ids = batch["input_ids"]
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
             shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids)
@@ -53,6 +64,11 @@ class SeqBatch:
                 f"{name}['loss_mask'] must have the shape of input_ids {(b, n)}, got {shape}"
             )
         mask = mask.to(device=ids.device, dtype=torch.float64)
+        if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+            raise ValueError(
+                f"{name}['loss_mask'] must be finite and >= 0 (a weight per target: each "
+                "row's loss is the mask-weighted mean of its token losses)"
+            )
         target_mask = torch.cat([mask[:, 1:], mask.new_zeros(b, 1)], dim=1)
         counts = target_mask.sum(dim=1)
         if bool((counts == 0).any()):

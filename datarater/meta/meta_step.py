@@ -213,6 +213,81 @@ def _refuse_dropout(**modules: nn.Module) -> None:
         )
 
 
+def _rng_state(device: torch.device) -> list[Tensor]:
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _refuse_randomness(before: list[Tensor], device: torch.device, role: str) -> None:
+    """Mixed mode recomputes every forward pass: one that draws random numbers (functional
+    dropout, ``scaled_dot_product_attention(dropout_p=...)``, Hugging Face's
+    ``attention_dropout``) would see other draws there, and the meta-gradient would be silently
+    wrong. A forward pass that moved the random generators is refused."""
+    after = _rng_state(device)
+    if any(not torch.equal(a, b) for a, b in zip(before, after)):
+        raise ValueError(
+            f"mode='mixed' recomputes every inner step's forward pass, and the {role}'s forward "
+            "pass draws random numbers (dropout through F.dropout or "
+            "scaled_dot_product_attention(dropout_p=...), e.g. a Hugging Face model's "
+            "attention_dropout in training mode): the recomputation would see other draws and "
+            f"the meta-gradient would be silently wrong. Call .eval() on the {role}, set its "
+            "dropout to 0, or use mode='reverse'"
+        )
+
+
+def _refuse_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing recomputes forward passes during the backward pass, after
+    ``functional_call`` has put the module's own weights back: the gradients would be those
+    of other weights. Hugging Face's switch is refused; plain ``torch.utils.checkpoint`` calls
+    inside a model's code cannot be seen from here."""
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(
+            "the model has gradient checkpointing on: its recomputation in the backward pass "
+            "would read the module's own weights instead of the inner state's, and the "
+            "gradients would be silently wrong. Switch it off "
+            "(model.gradient_checkpointing_disable()); micro_batch_size bounds the activation "
+            "memory instead"
+        )
+
+
+def _refuse_cut_graph(grad: Tensor) -> None:
+    """A once-differentiable op (``@once_differentiable``, the pattern of many fused kernels)
+    leaves an error node in the gradient's graph, and autograd then drops its second-order
+    terms without a word: reverse mode's meta-gradient would be silently wrong."""
+    seen, stack = set(), [grad.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in ("Error", "DelayedError"):
+            raise NotImplementedError(
+                "meta_step(mode='reverse') needs a differentiable backward of every op in the "
+                "inner model, and one op is marked once-differentiable (@once_differentiable, "
+                "as many fused kernels are): its second-order terms would be silently dropped. "
+                "Switch such kernels off in the model (e.g. a Hugging Face model loaded with "
+                "attn_implementation='eager', no fused losses or norms)"
+            )
+        stack.extend(n for n, _ in node.next_functions)
+
+
+def _declared_limits(module: nn.Module, max_id: int, length: int) -> list[str]:
+    """What a module's config declares that the batches exceed (vocabulary, positions)."""
+    found = []
+    for name in ("cfg", "config"):
+        cfg = getattr(module, name, None)
+        vocab = getattr(cfg, "vocab_size", None)
+        if isinstance(vocab, int) and max_id >= vocab:
+            found.append(f"vocabulary of {vocab}")
+        for key in ("max_seq_len", "n_positions", "max_position_embeddings"):
+            limit = getattr(cfg, key, None)
+            if isinstance(limit, int) and length > limit:
+                found.append(f"{key} of {limit}")
+    return found
+
+
 def _attention_with_higher_derivatives():
     """PyTorch's fused attention kernels (flash, memory-efficient, cuDNN, the CPU flash kernel)
     have neither forward-mode AD nor a double backward, so a model calling
@@ -227,6 +302,7 @@ def _missing_derivative(e: BaseException) -> bool:
     return (
         "forward AD" in text
         or "forward mode AD" in text
+        or "override the setup_context staticmethod" in text
         or ("derivative for" in text and "not implemented" in text)
     )
 
@@ -284,10 +360,14 @@ def meta_step(
         raise ValueError(f"hvp must be 'auto' or 'func', got {hvp!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
+    if isinstance(tau, bool) or not (
+        isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)
+    ):
         raise ValueError(f"tau must be a positive finite number, got {tau!r}")
     if micro_batch_size is not None and (
-        not isinstance(micro_batch_size, int) or micro_batch_size < 1
+        isinstance(micro_batch_size, bool)
+        or not isinstance(micro_batch_size, int)
+        or micro_batch_size < 1
     ):
         raise ValueError(
             f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}"
@@ -305,7 +385,14 @@ def meta_step(
     _check_state(state, model, optimizer)
     if mode == "mixed":
         _refuse_dropout(model=model, rater=rater)
+    _refuse_checkpointing(model)
     dtype = next(iter(state.params.values())).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"the inner parameters are {dtype}: differentiating through T optimizer steps in "
+            "half precision gives meta-gradients dominated by rounding (and Adam's eps "
+            "underflows in float16); keep the inner model's parameters in float32 or float64"
+        )
     # Batches are checked now and prepared again where they are used, so that their derived
     # targets and weights are not held for all T steps at once.
     checked = [SeqBatch.from_dict(b, f"inner_batches[{t}]") for t, b in enumerate(inner_batches)]
@@ -320,6 +407,12 @@ def meta_step(
     vocab = _declared_vocab(model)
     if vocab is not None and max_id >= vocab:
         raise ValueError(f"token id {max_id} is out of range for the model's vocabulary of {vocab}")
+    rater_vocab = _declared_vocab(rater)
+    if rater_vocab is not None and max_id >= rater_vocab:
+        raise ValueError(
+            f"token id {max_id} is out of range for the rater's vocabulary of {rater_vocab}: "
+            "the rater reads the same ids as the model, so it needs the same tokenizer"
+        )
 
     run = _Run(
         rater,
@@ -339,10 +432,18 @@ def meta_step(
             new_state, outer_loss, inner_losses, gnorms, weights, meta = sweep(
                 run, state, inner, outer
             )
-    except IndexError as e:  # an embedding lookup past the table, in a model we cannot inspect
+    except IndexError as e:  # an embedding lookup past a table, in a model we cannot inspect
+        length = max(b.input_ids.shape[1] for b in [inner[0], outer])
+        limits = [
+            f"the {role}'s {what}"
+            for role, m in (("model", model), ("rater", rater))
+            for what in _declared_limits(m, max_id, length)
+        ]
         raise ValueError(
-            f"the model or rater raised IndexError ({e}); the largest token id in the batches is "
-            f"{max_id}: is it out of range for the model's vocabulary?"
+            f"the model or rater raised IndexError ({e}); the batches hold token ids up to "
+            f"{max_id} and sequences of {length} tokens"
+            + (f", beyond {' and '.join(limits)}" if limits else "")
+            + ": is an id out of a vocabulary, or a sequence longer than a position table?"
         ) from e
     except (NotImplementedError, RuntimeError) as e:
         if not _missing_derivative(e):
@@ -359,7 +460,10 @@ def meta_step(
         ) from e
 
     reason = None
-    if not math.isfinite(outer_loss):
+    bad_step = next((t for t, x in enumerate(inner_losses) if not math.isfinite(x)), None)
+    if bad_step is not None:
+        reason = f"the inner loss of step {bad_step} is {inner_losses[bad_step]}"
+    elif not math.isfinite(outer_loss):
         reason = f"outer loss is {outer_loss}"
     elif not _all_finite(meta):
         reason = "meta-gradient has NaN or inf entries"
@@ -405,9 +509,12 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     tape: list[_Tape] = []
     losses, gnorms, weights = [], [], []
     for batch in inner:
+        rng = _rng_state(theta.device)
         with torch.no_grad():
             w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
+        _refuse_randomness(rng, theta.device, "rater")
         g, loss = _inner_grad(run, theta, batch, w)
+        _refuse_randomness(rng, theta.device, "model")
         with torch.no_grad():
             clipped, f, gnorm = opt.clip(fl.wrap(g))
             new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
@@ -525,6 +632,8 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
             for mb, wm in run.micro_batches(batch, w):
                 obj = (wm * run.losses(views, mb)).sum()
                 gm = torch.autograd.grad(obj, theta, create_graph=True)[0]
+                if g is None and not losses:  # the first micro-batch: is its graph whole?
+                    _refuse_cut_graph(gm)
                 g = gm if g is None else g + gm
                 loss += float(obj.detach())
             gnorms.append(float(opt.clip(fl.wrap(g))[2].detach()))
@@ -560,6 +669,7 @@ def weighted_steps(
 ) -> InnerState:
     """Plain inner training on rater-weighted batches, no meta-gradient: what inner models do
     between meta-updates. Same weighting and update as ``meta_step``'s forward sweep."""
+    _refuse_checkpointing(model)
     fl = _Flat(state.params)
     theta, s, step = fl.flat(state.params), fl.flat_state(state.opt_state), state.step
     run = _Run(

@@ -56,8 +56,15 @@ class InnerState:
 
     def load_into(self, model: nn.Module) -> None:
         """Copy this state's parameters and buffers into ``model`` (for evaluation or export)."""
+        named = dict(model.named_parameters()) | dict(model.named_buffers())
+        for k, v in (self.params | self.buffers).items():
+            if k not in named or named[k].shape != v.shape:
+                found = "no such tensor" if k not in named else f"shape {tuple(named[k].shape)}"
+                raise ValueError(
+                    f"load_into: the state's {k!r} {tuple(v.shape)} has no match in "
+                    f"{type(model).__name__} ({found}): the state belongs to another model"
+                )
         with torch.no_grad():
-            named = dict(model.named_parameters()) | dict(model.named_buffers())
             for k, v in (self.params | self.buffers).items():
                 named[k].copy_(v)
 
