@@ -4,7 +4,9 @@ The configuration is one where activations dominate memory as in real training: 
 tokens through a 141k-parameter transformer, so a step's activations are ~55x the bytes of
 parameters plus Adam state (see docs/design.md). Reverse mode runs with the library's loss
 kernels and with PyTorch's own ops (``loss_backend="torch"``); the faster is the baseline.
-Mixed mode also runs with ``hvp="func"`` (torch.func's forward-over-reverse) for reference.
+Mixed mode also runs with ``hvp="func"`` (torch.func's forward-over-reverse) and
+``hvp="double"`` (one step's reverse-over-reverse, the pass for models without a hand-written
+one) for reference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ CFG = dict(batch=16, seq_len=128, vocab=256, d_model=64, n_layers=2)
 VARIANTS = {
     "mixed": dict(mode="mixed"),
     "mixed/torch.func": dict(mode="mixed", hvp="func"),
+    "mixed/double backward": dict(mode="mixed", hvp="double"),
     "reverse": dict(mode="reverse"),
     "reverse/torch loss": dict(mode="reverse", loss_backend="torch"),
 }

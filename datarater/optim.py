@@ -177,22 +177,26 @@ class InnerOptimizer:
 
     def _clip_vjp_(self, grads: Params, a_clipped: Params, f, norm) -> Params:
         """Pull an adjoint of the clipped gradients back through the global-norm clipping,
-        in place: f a + (df/dg . a) with df/dg = -c / (n + eps)^2 * g / n where f < 1."""
+        in place: f a + (df/dg . a) g with df/dg = -c / (n + eps)^2 * g / n where the clamp
+        is not active (f = 1 is a constant otherwise). No host synchronisation."""
         if f is None:
             return a_clipped
-        clipping = float(self.clip_norm / (norm + CLIP_EPS)) <= 1.0 and float(norm) > 0.0
-        coef = None
-        if clipping:  # (else f = 1 is a constant)
-            inner = sum(
-                torch.dot(a.reshape(-1), grads[k].reshape(-1)) for k, a in a_clipped.items()
-            )
-            coef = -self.clip_norm / (norm + CLIP_EPS) ** 2 / norm * inner
+        inner = sum(torch.dot(a.reshape(-1), grads[k].reshape(-1)) for k, a in a_clipped.items())
+        clipping = (self.clip_norm / (norm + CLIP_EPS) <= 1.0) & (norm > 0)
+        slope = -self.clip_norm / (norm + CLIP_EPS) ** 2 / norm.clamp_min(CLIP_EPS)
+        coef = torch.where(clipping, slope * inner, 0.0)
         for k, a in a_clipped.items():
             for part, g in zip(_chunks(a), _chunks(grads[k])):
-                part.mul_(f)
-                if coef is not None:
-                    part.add_(g * coef)
+                part.mul_(f).add_(g * coef)
         return a_clipped
+
+    def _written_vjp_applies(self, owner: type) -> bool:
+        """A subclass that changes the update (its step, update or clipping) is not what
+        ``owner``'s written-out VJP differentiates: it gets autograd's."""
+        cls = type(self)
+        return all(
+            getattr(cls, name) is getattr(owner, name) for name in ("step", "update", "clip")
+        )
 
     def clip(self, grads: Params) -> tuple[Params, Tensor | None, Tensor]:
         """Global-norm clipping; returns (clipped grads, clip factor or None, grad norm)."""
@@ -246,9 +250,14 @@ class SGD(InnerOptimizer):
         return {k: p - self.lr * d[k] for k, p in params.items()}, {"momentum_buffer": buf}
 
     def update_vjp(self, params, grads, state, step, a_params, a_state):
+        if not self._written_vjp_applies(SGD):
+            return super().update_vjp(params, grads, state, step, a_params, a_state)
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
         f, norm = self._clip_scale(grads)
-        out = {name: _empty_like(a_params) for name in ("params", "buf", "grads")}
+        names = ("params", "buf", "grads") if mu else ("params", "grads")
+        out = {name: _empty_like(a_params) for name in names}
+        if not mu:
+            out["buf"] = out["params"]  # (not written: no momentum buffer)
         for k, a_out in a_params.items():
             a_buf_out = a_state["momentum_buffer"][k] if mu else a_out
             for a, a_buf1, a_th, a_buf0, a_g in zip(
@@ -321,6 +330,8 @@ class Adam(InnerOptimizer):
         return new, {"exp_avg": m, "exp_avg_sq": v}
 
     def update_vjp(self, params, grads, state, step, a_params, a_state):
+        if not self._written_vjp_applies(Adam):
+            return super().update_vjp(params, grads, state, step, a_params, a_state)
         b1, b2 = self.betas
         bc1, root_bc2 = 1.0 - b1**step, (1.0 - b2**step) ** 0.5
         decay = 1.0 - self.lr * self.weight_decay

@@ -119,6 +119,8 @@ def meta_step_workload(
             optimizer=opt,
             mode=mode,
             micro_batch_size=micro_batch_size,
+            hvp=hvp,
+            loss_backend=loss_backend,
         )
         return {
             "state_bytes": state.num_bytes(),

@@ -58,3 +58,9 @@ def test_written_out_update_vjp_keeps_few_temporaries(make, monkeypatch):
     outputs = (2 + len(state)) * 4 * n  # adjoints of params, grads and each state tensor
     assert ours < outputs + 16 * 4 * optim.CHUNK  # a few temporaries of one piece
     assert ours < 0.6 * theirs
+
+
+def test_the_workload_passes_its_options_on():
+    for kw, match in (({"hvp": "bogus"}, "hvp must be"), ({"loss_backend": "bogus"}, "bogus")):
+        with pytest.raises(ValueError, match=match):
+            meta_step_workload("mixed", 1, batch=2, seq_len=8, **kw)()

@@ -498,9 +498,14 @@ def test_models_with_fused_attention_are_meta_differentiated(monkeypatch):
 
     # What users met before: PyTorch's own errors, now explained.
     monkeypatch.setattr(meta_step_module, "_attention_with_higher_derivatives", nullcontext)
-    for mode, need in (("mixed", "forward-mode AD"), ("reverse", "a differentiable backward")):
+    cases = (
+        ("mixed", "func", "forward-mode AD"),
+        ("mixed", "double", "a differentiable backward"),
+        ("reverse", "auto", "a differentiable backward"),
+    )
+    for mode, hvp, need in cases:
         with pytest.raises(NotImplementedError, match=f"needs {need}.*attn_implementation='eager'"):
-            run(mode, rater, fused, dr.InnerState.init(fused, opt), inner, outer, opt)
+            run(mode, rater, fused, dr.InnerState.init(fused, opt), inner, outer, opt, hvp=hvp)
 
 
 def test_an_op_without_the_needed_derivative_is_named():
@@ -532,8 +537,11 @@ def test_an_op_without_the_needed_derivative_is_named():
     with pytest.raises(
         NotImplementedError, match=r"needs forward-mode AD \(a jvp\).*mode='reverse'"
     ):
-        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed")
-    dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")  # runs
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed", hvp="func")
+    # the double-backward pass needs no jvp: both modes run and agree
+    a = run("mixed", rater, model, state, inner, outer, opt)[1]
+    b = run("reverse", rater, model, state, inner, outer, opt)[1]
+    assert rel(a, b) < 1e-10
 
 
 def test_half_precision_inner_parameters_are_refused():
@@ -582,6 +590,44 @@ def test_mixed_mode_refuses_a_forward_pass_that_draws_random_numbers():
         dr.meta_step(NoisyRater(), model, dr.InnerState.init(model, opt), inner, outer,
                      optimizer=opt)  # fmt: skip
 
+    # attention dropout (Hugging Face's attention_dropout) and a private generator are seen
+    class AttentionDropout(SdpaLM):
+        def forward(self, ids):
+            b, n = ids.shape
+            x = self.emb(ids) + self.pos[:n]
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.3)
+            gen = torch.Generator().manual_seed(0)
+            noise = torch.rand(b, n, 1, generator=gen, dtype=x.dtype)
+            return self.out(x + noise * a.transpose(1, 2).reshape(b, n, -1))
+
+    drop = AttentionDropout(fused=True).double()
+    with pytest.raises(
+        ValueError, match=r"model's forward pass draws random numbers \(.*bernoulli"
+    ):
+        dr.meta_step(rater, drop, dr.InnerState.init(drop, opt), inner, outer, optimizer=opt)
+
+
+def test_random_numbers_drawn_by_other_threads_are_not_the_models():
+    import threading
+
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(2)
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            torch.randperm(1000)
+
+    worker = threading.Thread(target=draw, daemon=True)
+    worker.start()
+    try:
+        for _ in range(5):
+            dr.meta_step(rater, model, state, inner, outer, optimizer=opt)
+    finally:
+        stop.set()
+        worker.join()
+
 
 def test_gradient_checkpointing_is_refused():
     model, rater, opt, state = _setup()
@@ -621,8 +667,10 @@ def test_a_once_differentiable_op_is_refused_in_both_modes():
     state = dr.InnerState.init(model, opt)
     with pytest.raises(NotImplementedError, match="once-differentiable"):
         dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")
-    with pytest.raises(NotImplementedError, match="needs forward-mode AD"):
+    with pytest.raises(NotImplementedError, match="once-differentiable"):
         dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed")
+    with pytest.raises(NotImplementedError, match="needs forward-mode AD"):
+        dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="mixed", hvp="func")
 
 
 def test_index_errors_name_the_limits_the_batches_exceed():

@@ -160,3 +160,24 @@ def test_written_out_update_vjp_equals_autograd(opt, step, chunk, monkeypatch):
         for x, y in zip(got, want):
             assert torch.isfinite(x).all(), name
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_subclass_that_changes_the_update_gets_autograds_vjp():
+    @dataclasses.dataclass(frozen=True)
+    class Tripled(optim.Adam):
+        def step(self, params, grads, state, step):
+            new, st = super().step(params, grads, state, step)
+            return {k: 3 * v - 2 * params[k] for k, v in new.items()}, st
+
+    opt = Tripled(1e-2, clip_norm=0.5)
+    params = _params(2)
+    gen = torch.Generator().manual_seed(4)
+    like = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+    state = {n: {k: v.abs() for k, v in like.items()} for n in opt.init(params)}
+    args = (params, like, state, 3, like, state)
+    ours = opt.update_vjp(*args)
+    ref = optim.InnerOptimizer.update_vjp(opt, *args)
+    for x, y in zip(ours[2].values(), ref[2].values()):  # the gradients' adjoints
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    plain = optim.Adam(1e-2, clip_norm=0.5).update_vjp(*args)
+    assert not torch.allclose(plain[2]["a"], ours[2]["a"])  # the override matters here

@@ -273,7 +273,7 @@ def test_training_curves_are_drawn_at_checkpoints(tmp_path):
     assert [p.name for p in tmp_path.glob("*.png*")] == [png.name]  # no temporary left
     # skipped steps (NaN norms, a missing loss) and a changing population still draw
     history = [dict(r) for r in trainer.history]
-    history[1]["meta_grad_norms"] = [float("nan")]
+    history[1]["meta_grad_norms"] = [float("nan"), None]  # a skipped model is None
     history[2]["outer_loss"] = None
     plot_training(history, tmp_path / "odd.png")
     assert (tmp_path / "odd.png").stat().st_size > 0
@@ -282,3 +282,9 @@ def test_training_curves_are_drawn_at_checkpoints(tmp_path):
     nan = float("nan")
     got = _running_mean([nan, 1.0, 3.0, nan, 5.0], 2)
     assert got[0] != got[0] and got[1:] == [1.0, 2.0, 2.0, 4.0]
+    assert _running_mean([1.0, 2.0, 3.0, 4.0], 10) == [1.0, 1.5, 2.0, 2.5]
+    import matplotlib
+
+    backend = matplotlib.rcParams._get_backend_or_none()
+    plot_training(history, tmp_path / "again.png")
+    assert matplotlib.rcParams._get_backend_or_none() == backend  # a notebook's stays

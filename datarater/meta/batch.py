@@ -39,7 +39,9 @@ class SeqBatch:
                 "'loss_mask' [B, L] only: models and raters are called with the ids alone and "
                 "the targets are the ids shifted by one. Pad at the end of each row with "
                 "loss_mask 0 there (under causal attention trailing padding changes no earlier "
-                "token); left padding would need an attention mask, which is not passed on"
+                "token; the library's Rater masks its pad_id, a rater of your own sees the "
+                "padding unless it masks it); left padding would need an attention mask, which "
+                "is not passed on"
             )
         ids = batch["input_ids"]
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..optim import InnerOptimizer, Params, State
 from .batch import SeqBatch, logits_of, sequence_losses
 from .state import InnerState
 
 MODES = ("mixed", "reverse")
+HVP_PASSES = ("auto", "func", "double")
 
 
 class NonFiniteMetaGradient(FloatingPointError):
@@ -213,36 +216,57 @@ def _refuse_dropout(**modules: nn.Module) -> None:
         )
 
 
-def _rng_state(device: torch.device) -> list[Tensor]:
-    states = [torch.random.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
+class _RandomOps(TorchDispatchMode):
+    """Notes every random op (PyTorch tags them ``nondeterministic_seeded``: dropout's
+    bernoulli, rand, randn, ...) dispatched by this thread while it is active; other threads
+    and private generators make no difference to what it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags and not _no_dropout(func, args, kwargs):
+            self.seen.append(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
 
 
-def _refuse_randomness(before: list[Tensor], device: torch.device, role: str) -> None:
+def _no_dropout(func, args, kwargs) -> bool:
+    """Fused attention kernels are tagged random because they can drop out; with a dropout
+    probability of 0 they draw nothing that matters."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "dropout_p":
+            value = kwargs.get("dropout_p", args[i] if i < len(args) else arg.default_value)
+            return value == 0
+    return False
+
+
+def _refuse_randomness(seen: list[str], role: str) -> None:
     """Mixed mode recomputes every forward pass: one that draws random numbers (functional
     dropout, ``scaled_dot_product_attention(dropout_p=...)``, Hugging Face's
     ``attention_dropout``) would see other draws there, and the meta-gradient would be silently
-    wrong. A forward pass that moved the random generators is refused."""
-    after = _rng_state(device)
-    if any(not torch.equal(a, b) for a, b in zip(before, after)):
+    wrong. The first step's passes are watched; one with a random op is refused."""
+    if seen:
         raise ValueError(
             f"mode='mixed' recomputes every inner step's forward pass, and the {role}'s forward "
-            "pass draws random numbers (dropout through F.dropout or "
-            "scaled_dot_product_attention(dropout_p=...), e.g. a Hugging Face model's "
-            "attention_dropout in training mode): the recomputation would see other draws and "
-            f"the meta-gradient would be silently wrong. Call .eval() on the {role}, set its "
-            "dropout to 0, or use mode='reverse'"
+            f"pass draws random numbers ({', '.join(sorted(set(seen)))}: dropout through "
+            "F.dropout or scaled_dot_product_attention(dropout_p=...), e.g. a Hugging Face "
+            "model's attention_dropout in training mode?): the recomputation would see other "
+            f"draws and the meta-gradient would be silently wrong. Call .eval() on the {role}, "
+            "set its dropout to 0, or use mode='reverse'"
         )
 
 
 def _refuse_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing recomputes forward passes during the backward pass, after
     ``functional_call`` has put the module's own weights back: the gradients would be those
-    of other weights. Hugging Face's switch is refused; plain ``torch.utils.checkpoint`` calls
+    of other weights. Hugging Face's switch is refused on modules in training mode (the only
+    ones it checkpoints); plain ``torch.utils.checkpoint`` calls
     inside a model's code cannot be seen from here."""
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+    if any(
+        getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules()
+    ):
         raise ValueError(
             "the model has gradient checkpointing on: its recomputation in the backward pass "
             "would read the module's own weights instead of the inner state's, and the "
@@ -252,11 +276,11 @@ def _refuse_checkpointing(model: nn.Module) -> None:
         )
 
 
-def _refuse_cut_graph(grad: Tensor) -> None:
+def _refuse_cut_graph(*grads: Tensor) -> None:
     """A once-differentiable op (``@once_differentiable``, the pattern of many fused kernels)
     leaves an error node in the gradient's graph, and autograd then drops its second-order
     terms without a word: reverse mode's meta-gradient would be silently wrong."""
-    seen, stack = set(), [grad.grad_fn]
+    seen, stack = set(), [g.grad_fn for g in grads]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -264,7 +288,7 @@ def _refuse_cut_graph(grad: Tensor) -> None:
         seen.add(node)
         if type(node).__name__ in ("Error", "DelayedError"):
             raise NotImplementedError(
-                "meta_step(mode='reverse') needs a differentiable backward of every op in the "
+                "meta_step needs a differentiable backward of every op in the "
                 "inner model, and one op is marked once-differentiable (@once_differentiable, "
                 "as many fused kernels are): its second-order terms would be silently dropped. "
                 "Switch such kernels off in the model (e.g. a Hugging Face model loaded with "
@@ -351,13 +375,14 @@ def meta_step(
     ``micro_batch_size`` splits every batch into chunks of at most that many rows; the
     batch-wide softmax weights stay exact, and so does the result. ``hvp`` (mixed mode):
     ``"auto"`` uses the model's hand-written forward-over-reverse pass when it has one (the
-    library's ``CausalLM`` does), ``"func"`` always uses ``torch.func``. ``loss_backend``
+    library's ``CausalLM`` does), else ``"double"`` (one step's reverse-over-reverse);
+    ``"func"`` uses ``torch.func.jvp`` of ``torch.func.grad``. ``loss_backend``
     picks the cross-entropy kernel backend of the loss layer (default: the best available).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if hvp not in ("auto", "func"):
-        raise ValueError(f"hvp must be 'auto' or 'func', got {hvp!r}")
+    if hvp not in HVP_PASSES:
+        raise ValueError(f"hvp must be one of {HVP_PASSES}, got {hvp!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if isinstance(tau, bool) or not (
@@ -398,6 +423,7 @@ def meta_step(
     checked = [SeqBatch.from_dict(b, f"inner_batches[{t}]") for t, b in enumerate(inner_batches)]
     outer = SeqBatch.from_dict(outer_batch, "outer_batch").to(dtype)
     max_id = max(b.max_id for b in [*checked, outer])
+    length = max(b.input_ids.shape[1] for b in [*checked, outer])
     del checked
     inner = _Prepared(inner_batches, dtype)
     phi = [p for p in rater.parameters() if p.requires_grad]
@@ -433,7 +459,6 @@ def meta_step(
                 run, state, inner, outer
             )
     except IndexError as e:  # an embedding lookup past a table, in a model we cannot inspect
-        length = max(b.input_ids.shape[1] for b in [inner[0], outer])
         limits = [
             f"the {role}'s {what}"
             for role, m in (("model", model), ("rater", rater))
@@ -448,14 +473,16 @@ def meta_step(
     except (NotImplementedError, RuntimeError) as e:
         if not _missing_derivative(e):
             raise
-        need = "forward-mode AD (a jvp)" if mode == "mixed" else "a differentiable backward"
+        text = str(e)
+        forward = "forward" in text or "setup_context" in text  # (else a double backward)
+        need = "forward-mode AD (a jvp)" if forward else "a differentiable backward"
         raise NotImplementedError(
             f"meta_step(mode={mode!r}) needs {need} of every op in the inner model, and one "
             f"op has none: {str(e).splitlines()[0]} PyTorch's scaled_dot_product_attention is "
             "already run on its math backend here; other fused kernels (flash-attn, xformers, "
             "fused losses or norms) must be switched off in the model, e.g. a Hugging Face "
             "model loaded with attn_implementation='eager'"
-            + (", or try mode='reverse'" if mode == "mixed" else "")
+            + (", or try hvp='double' or mode='reverse'" if forward else "")
             + "."
         ) from e
 
@@ -508,13 +535,15 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     keep_grads = not (opt.linear_in_grads or opt.recovers_grads)
     tape: list[_Tape] = []
     losses, gnorms, weights = [], [], []
-    for batch in inner:
-        rng = _rng_state(theta.device)
-        with torch.no_grad():
+    for t, batch in enumerate(inner):
+        with torch.no_grad(), _RandomOps() if t == 0 else nullcontext() as watch:
             w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
-        _refuse_randomness(rng, theta.device, "rater")
-        g, loss = _inner_grad(run, theta, batch, w)
-        _refuse_randomness(rng, theta.device, "model")
+        if t == 0:
+            _refuse_randomness(watch.seen, "rater")
+        with _RandomOps() if t == 0 else nullcontext() as watch:
+            g, loss = _inner_grad(run, theta, batch, w)
+        if t == 0:
+            _refuse_randomness(watch.seen, "model")
         with torch.no_grad():
             clipped, f, gnorm = opt.clip(fl.wrap(g))
             new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
@@ -568,10 +597,12 @@ def _update_vjp(opt: InnerOptimizer, rec: _Tape, g: Tensor, a_theta: Tensor, a_s
 
 
 def _hvp_and_tangents(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, v: Tensor):
-    """One forward-over-reverse pass along v per micro-batch: (H v, c = [grad l_i . v]_i).
+    """(H v, c = [grad l_i . v]_i), one pass per micro-batch.
 
-    Uses the model's own hand-written pass when it has one (``hvp="auto"``), else
-    ``torch.func.jvp`` of ``torch.func.grad``.
+    ``hvp="auto"``: the model's own hand-written forward-over-reverse pass when it has one (the
+    library's ``CausalLM``), else ``"double"``. ``"func"``: ``torch.func.jvp`` of
+    ``torch.func.grad``. ``"double"``: reverse-over-reverse of this one step, g = grad J with a
+    graph, then one backward of g . v to (theta, w): H v, and c_i = d(g . v)/dw_i.
     """
     hv_total, cs = None, []
     primals, tangents = run.fl.views(theta), run.fl.views(v)
@@ -588,18 +619,38 @@ def _hvp_and_tangents(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, v: T
                 wm,
                 loss_backend=run.loss_backend,
             )
-        if out is None:
+        if out is None and run.hvp == "func":
 
             def objective(p, mb=mb, wm=wm):
                 l = run.losses(p, mb)
                 return (wm * l).sum(), l
 
             _, out = jvp(grad(objective, has_aux=True), (primals,), (tangents,))
+        if out is None:
+            out = _double_backward_pass(run, primals, tangents, mb, wm)
         hv, c = out
         hv = run.fl.flat(hv)
         hv_total = hv if hv_total is None else hv_total + hv
         cs.append(c)
     return hv_total, torch.cat(cs)
+
+
+def _double_backward_pass(run: _Run, primals: Params, tangents: Params, mb: SeqBatch, wm: Tensor):
+    """H v and c for one micro-batch by reverse-over-reverse of this step alone: the graph of
+    one step's backward lives only inside this call, so memory stays flat in T."""
+    leaves = {k: t.detach().requires_grad_(True) for k, t in primals.items()}
+    weights = wm.detach().requires_grad_(True)
+    with torch.enable_grad():
+        obj = (weights * run.losses(leaves, mb)).sum()
+        g = torch.autograd.grad(
+            obj, list(leaves.values()), create_graph=True, allow_unused=True, materialize_grads=True
+        )
+        _refuse_cut_graph(*g)
+        gv = sum((gi * tangents[k]).sum() for gi, k in zip(g, leaves))
+        *hv, c = torch.autograd.grad(
+            gv, [*leaves.values(), weights], allow_unused=True, materialize_grads=True
+        )
+    return dict(zip(leaves, hv)), c
 
 
 def _rater_vjp(run: _Run, batch: SeqBatch, w: Tensor, c: Tensor, meta: list[Tensor]):

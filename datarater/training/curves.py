@@ -10,13 +10,17 @@ from pathlib import Path
 
 def _running_mean(xs: list[float], k: int) -> list[float]:
     """Mean of the last k finite values at each point (NaN until there is one): the outer
-    loss jumps whenever an inner model is re-initialised, so its trend needs smoothing."""
-    out, window = [], []
+    loss jumps whenever an inner model is re-initialised, so its trend needs smoothing.
+    Linear in len(xs), whatever k."""
+    finite = [x for x in xs if math.isfinite(x)]
+    sums = [0.0]
+    for x in finite:
+        sums.append(sums[-1] + x)
+    out, seen = [], 0
     for x in xs:
-        if math.isfinite(x):
-            window.append(x)
-            window = window[-k:]
-        out.append(sum(window) / len(window) if window else float("nan"))
+        seen += math.isfinite(x)
+        lo = max(0, seen - k)
+        out.append((sums[seen] - sums[lo]) / (seen - lo) if seen else float("nan"))
     return out
 
 
@@ -25,14 +29,13 @@ def plot_training(
     path: Path | str,
     title: str = "Meta-training",
     batch: int | None = None,
+    models: list[int] | None = None,
 ) -> None:
     """Outer and inner loss, the entropy of the batch weights (against ln ``batch``, that of
     uniform weights, when given) and each inner model's meta-gradient norm against the
-    meta-step, as a PNG written atomically to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    meta-step, as a PNG written atomically to ``path``. ``models`` names the inner models
+    whose norms each row lists, in order (default 0, 1, ...)."""
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     if not history:
         raise ValueError("no meta-steps to plot")
@@ -41,7 +44,8 @@ def plot_training(
     def series(key: str) -> list[float]:
         return [float("nan") if row.get(key) is None else float(row[key]) for row in history]
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig = Figure(figsize=(11, 7))
+    axes = fig.subplots(2, 2, sharex=True)
     smooth = max(1, len(steps) // 20)
     for ax, key, label in (
         (axes[0, 0], "outer_loss", "outer loss (held-out)"),
@@ -60,20 +64,24 @@ def plot_training(
     ax.set_ylabel("entropy of the batch weights (nats)")
     ax.set_xlabel("meta-step")
     ax = axes[1, 1]
-    models = max(len(row.get("meta_grad_norms", [])) for row in history)
-    for m in range(models):
-        norms = [(row.get("meta_grad_norms") or [])[m : m + 1] for row in history]
-        values = [n[0] if n and math.isfinite(n[0]) and n[0] > 0 else float("nan") for n in norms]
-        ax.plot(steps, values, lw=0.8, label=f"inner model {m}")
+    count = max(len(row.get("meta_grad_norms") or []) for row in history)
+    names = models if models is not None and len(models) == count else list(range(count))
+    for m in range(count):
+        values = []
+        for row in history:
+            norms = row.get("meta_grad_norms") or []
+            x = norms[m] if m < len(norms) else None
+            ok = isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+            values.append(x if ok else float("nan"))  # a skipped step leaves a gap
+        ax.plot(steps, values, lw=0.8, label=f"inner model {names[m]}")
     ax.set_yscale("log")
     ax.set_ylabel("meta-gradient norm")
     ax.set_xlabel("meta-step")
-    if 1 < models <= 8:
+    if 1 < count <= 8:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)

@@ -224,6 +224,7 @@ class Trainer:
                 )
             if res.skipped:
                 skipped += 1
+                norms.append(None)  # (one entry per inner model of this rank, in order)
                 continue
             grad = torch.cat(
                 [
@@ -352,7 +353,7 @@ class Trainer:
             f" (rank {self.rank}: inner models {self.mine})" if self.world > 1 else ""
         )
         try:
-            plot_training(self.history, self.out / name, title, self.cfg.inner_batch)
+            plot_training(self.history, self.out / name, title, self.cfg.inner_batch, self.mine)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"could not draw {name}: {e!r}", stacklevel=2)
 
