@@ -333,18 +333,20 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
         # (the torch.func pass was timed in 2026-11-28's runs: 1.79x mixed). The TF32 rows ask
         # whether mixed mode's fewer ops and bytes (0.79x, bench/meta_step_work.py) win once
         # matmuls stop dominating: float32 matmuls run on CUDA cores, TF32 on tensor cores.
+        # "double": the per-step pass users' own models get (one step's reverse-over-reverse)
         variants = (
-            ("reverse", "reverse", "1", False),
-            ("mixed", "mixed", "1", False),
-            ("mixed (plain-torch tangent ops)", "mixed", "0", False),
-            ("reverse, TF32 matmuls", "reverse", "1", True),
-            ("mixed, TF32 matmuls", "mixed", "1", True),
+            ("reverse", "reverse", "auto", "1", False),
+            ("mixed", "mixed", "auto", "1", False),
+            ("mixed (plain-torch tangent ops)", "mixed", "auto", "0", False),
+            ("mixed, double-backward pass", "mixed", "double", "1", False),
+            ("reverse, TF32 matmuls", "reverse", "auto", "1", True),
+            ("mixed, TF32 matmuls", "mixed", "auto", "1", True),
         )
-        for name, mode, triton_tangent, tf32 in variants:
+        for name, mode, hvp, triton_tangent, tf32 in variants:
 
-            def run(mode=mode, inner=inner):
+            def run(mode=mode, hvp=hvp, inner=inner):
                 rater.zero_grad(set_to_none=True)
-                dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode)
+                dr.meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode, hvp=hvp)
 
             def check(mode=mode, exact=exact):
                 got = meta_grad(mode)

@@ -227,9 +227,15 @@ class _RandomOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded in func.tags and not _no_dropout(func, args, kwargs):
+        seeded = _SEEDED.get(func)
+        if seeded is None:
+            seeded = _SEEDED[func] = torch.Tag.nondeterministic_seeded in func.tags
+        if seeded and not _no_dropout(func, args, kwargs):
             self.seen.append(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)
+
+
+_SEEDED: dict = {}  # op -> is it tagged random (a lookup per op is what the watch costs)
 
 
 def _no_dropout(func, args, kwargs) -> bool:
@@ -513,12 +519,17 @@ def meta_step(
 # mixed mode
 
 
-def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor):
-    """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value."""
+def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, watch: bool = False):
+    """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value.
+    ``watch``: refuse a first forward pass that runs random ops (see ``_RandomOps``)."""
     total, loss = None, 0.0
     for mb, wm in run.micro_batches(batch, w):
         leaves = {k: v.detach().requires_grad_(True) for k, v in run.fl.views(theta).items()}
-        obj = (wm * run.losses(leaves, mb)).sum()
+        with _RandomOps() if watch else nullcontext() as seen:
+            obj = (wm * run.losses(leaves, mb)).sum()
+        if watch:
+            _refuse_randomness(seen.seen, "model")
+            watch = False
         g = torch.autograd.grad(
             obj, list(leaves.values()), allow_unused=True, materialize_grads=True
         )
@@ -540,10 +551,7 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
             w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
         if t == 0:
             _refuse_randomness(watch.seen, "rater")
-        with _RandomOps() if t == 0 else nullcontext() as watch:
-            g, loss = _inner_grad(run, theta, batch, w)
-        if t == 0:
-            _refuse_randomness(watch.seen, "model")
+        g, loss = _inner_grad(run, theta, batch, w, watch=t == 0)
         with torch.no_grad():
             clipped, f, gnorm = opt.clip(fl.wrap(g))
             new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
