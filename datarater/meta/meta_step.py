@@ -315,6 +315,7 @@ def _declared_limits(module: nn.Module, max_id: int, length: int) -> list[str]:
             limit = getattr(cfg, key, None)
             if isinstance(limit, int) and length > limit:
                 found.append(f"{key} of {limit}")
+                break  # (Hugging Face configs alias these names)
     return found
 
 
