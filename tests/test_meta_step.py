@@ -701,3 +701,35 @@ def test_load_into_another_model_is_named():
     model, _, opt, state = _setup()
     with pytest.raises(ValueError, match="load_into: the state's .* another model"):
         state.load_into(user_lm())
+
+
+def test_a_custom_function_whose_backward_has_no_graph_is_refused():
+    """Old-style kernels (flash-attn's, many fused ones) compute their backward with kernels
+    that have no derivatives: the second-order terms through them would vanish silently."""
+
+    class Opaque(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = x.tanh()
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return (g * (1 - y * y)).detach()  # as a kernel without derivatives would
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = user_lm()
+
+        def forward(self, ids):
+            return Opaque.apply(self.lm(ids).logits)
+
+    model, rater, opt = Model(), tiny_rater(), optim.SGD(0.1)
+    inner, outer = make_batches(2)
+    state = dr.InnerState.init(model, opt)
+    for mode in ("reverse", "mixed"):
+        with pytest.raises(NotImplementedError, match=r"Function\(s\) \['Opaque'\] is not"):
+            dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)

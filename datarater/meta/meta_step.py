@@ -66,6 +66,7 @@ class _Run:
     phi: list[Tensor]
     buffers: dict[str, Tensor]
     fl: _Flat
+    check_graph: bool = True  # the first double-backward pass checks its graph for cuts
 
     def scores(self, batch: SeqBatch) -> Tensor:
         return torch.cat(
@@ -301,6 +302,52 @@ def _refuse_cut_graph(*grads: Tensor) -> None:
                 "attn_implementation='eager', no fused losses or norms)"
             )
         stack.extend(n for n, _ in node.next_functions)
+
+
+def _grad_with_graph(obj: Tensor, inputs: list[Tensor], check: bool) -> tuple[Tensor, ...]:
+    """``grad(obj, inputs, create_graph=True)``; with ``check``, refuse a custom autograd
+    Function whose backward is not itself differentiable (it calls kernels without
+    derivatives, or detaches): its outputs would not carry the incoming gradient's graph, and
+    the second-order terms through it would be dropped without a word. Seen by a hook on each
+    custom Function's node while this backward runs."""
+    cut: list[str] = []
+
+    def hook(node, grad_inputs, grad_outputs):
+        carried = any(g is not None and g.requires_grad for g in grad_outputs)
+        if carried and any(g is not None and not g.requires_grad for g in grad_inputs):
+            cut.append(type(node).__name__.removesuffix("Backward"))
+
+    handles = []
+    if check:
+        seen, stack = set(), [obj.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                handles.append(node.register_hook(lambda gi, go, node=node: hook(node, gi, go)))
+            stack.extend(n for n, _ in node.next_functions)
+    try:
+        grads = torch.autograd.grad(
+            obj, inputs, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    if cut:
+        raise NotImplementedError(
+            "meta_step needs a differentiable backward of every op in the inner model, and "
+            f"the backward of the custom autograd Function(s) {sorted(set(cut))} is not (it "
+            "returns gradients without a graph: kernels without derivatives, or a detach): "
+            "the second-order terms through it would be silently dropped. Switch such kernels "
+            "off in the model (e.g. a Hugging Face model loaded with "
+            "attn_implementation='eager', no fused losses or norms), or give the Function a "
+            "jvp and use mode='mixed', hvp='func'"
+        )
+    if check:
+        _refuse_cut_graph(*grads)
+    return grads
 
 
 def _declared_limits(module: nn.Module, max_id: int, length: int) -> list[str]:
@@ -651,10 +698,8 @@ def _double_backward_pass(run: _Run, primals: Params, tangents: Params, mb: SeqB
     weights = wm.detach().requires_grad_(True)
     with torch.enable_grad():
         obj = (weights * run.losses(leaves, mb)).sum()
-        g = torch.autograd.grad(
-            obj, list(leaves.values()), create_graph=True, allow_unused=True, materialize_grads=True
-        )
-        _refuse_cut_graph(*g)
+        g = _grad_with_graph(obj, list(leaves.values()), check=run.check_graph)
+        run.check_graph = False  # (once per meta_step call)
         gv = sum((gi * tangents[k]).sum() for gi, k in zip(g, leaves))
         *hv, c = torch.autograd.grad(
             gv, [*leaves.values(), weights], allow_unused=True, materialize_grads=True
@@ -691,9 +736,8 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
             g, loss = None, 0.0
             for mb, wm in run.micro_batches(batch, w):
                 obj = (wm * run.losses(views, mb)).sum()
-                gm = torch.autograd.grad(obj, theta, create_graph=True)[0]
-                if g is None and not losses:  # the first micro-batch: is its graph whole?
-                    _refuse_cut_graph(gm)
+                # the first micro-batch's graph is checked for cuts (not the others: cost)
+                gm = _grad_with_graph(obj, [theta], check=g is None and not losses)[0]
                 g = gm if g is None else g + gm
                 loss += float(obj.detach())
             gnorms.append(float(opt.clip(fl.wrap(g))[2].detach()))
