@@ -508,6 +508,45 @@ def test_models_with_fused_attention_are_meta_differentiated(monkeypatch):
             run(mode, rater, fused, dr.InnerState.init(fused, opt), inner, outer, opt, hvp=hvp)
 
 
+class _OldTanh(torch.autograd.Function):
+    """tanh as an old-style custom Function (forward takes ctx), as many fused kernels are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.tanh()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OnceTanh(_OldTanh):
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return _OldTanh.backward(ctx, g)
+
+
+class _OpaqueTanh(_OldTanh):
+    @staticmethod
+    def backward(ctx, g):
+        return _OldTanh.backward(ctx, g).detach()  # as a kernel without derivatives would
+
+
+class _AfterLM(torch.nn.Module):
+    """A user's LM whose logits go through a custom autograd Function under test."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.lm, self.fn = user_lm(), fn
+
+    def forward(self, ids):
+        return self.fn.apply(self.lm(ids).logits)
+
+
 def test_an_op_without_the_needed_derivative_is_named():
     class NoJvp(torch.autograd.Function):
         @staticmethod
@@ -523,15 +562,7 @@ def test_an_op_without_the_needed_derivative_is_named():
             (y,) = ctx.saved_tensors
             return g * (1 - y * y)
 
-    class Custom(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = user_lm()
-
-        def forward(self, ids):
-            return NoJvp.apply(self.lm(ids).logits)
-
-    model, rater, opt = Custom(), tiny_rater(), optim.SGD(0.1)
+    model, rater, opt = _AfterLM(NoJvp), tiny_rater(), optim.SGD(0.1)
     inner, outer = make_batches(1)
     state = dr.InnerState.init(model, opt)
     with pytest.raises(
@@ -641,28 +672,7 @@ def test_gradient_checkpointing_is_refused():
 
 
 def test_a_once_differentiable_op_is_refused_in_both_modes():
-    class OnceTanh(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            y = x.tanh()
-            ctx.save_for_backward(y)
-            return y
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, g):
-            (y,) = ctx.saved_tensors
-            return g * (1 - y * y)
-
-    class Once(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = user_lm()
-
-        def forward(self, ids):
-            return OnceTanh.apply(self.lm(ids).logits)
-
-    model, rater, opt = Once(), tiny_rater(), optim.SGD(0.1)
+    model, rater, opt = _AfterLM(_OnceTanh), tiny_rater(), optim.SGD(0.1)
     inner, outer = make_batches(2)
     state = dr.InnerState.init(model, opt)
     with pytest.raises(NotImplementedError, match="once-differentiable"):
@@ -707,29 +717,9 @@ def test_a_custom_function_whose_backward_has_no_graph_is_refused():
     """Old-style kernels (flash-attn's, many fused ones) compute their backward with kernels
     that have no derivatives: the second-order terms through them would vanish silently."""
 
-    class Opaque(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            y = x.tanh()
-            ctx.save_for_backward(y)
-            return y
-
-        @staticmethod
-        def backward(ctx, g):
-            (y,) = ctx.saved_tensors
-            return (g * (1 - y * y)).detach()  # as a kernel without derivatives would
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = user_lm()
-
-        def forward(self, ids):
-            return Opaque.apply(self.lm(ids).logits)
-
-    model, rater, opt = Model(), tiny_rater(), optim.SGD(0.1)
+    model, rater, opt = _AfterLM(_OpaqueTanh), tiny_rater(), optim.SGD(0.1)
     inner, outer = make_batches(2)
     state = dr.InnerState.init(model, opt)
     for mode in ("reverse", "mixed"):
-        with pytest.raises(NotImplementedError, match=r"Function\(s\) \['Opaque'\] is not"):
+        with pytest.raises(NotImplementedError, match=r"Function\(s\) \['_OpaqueTanh'\] is not"):
             dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
