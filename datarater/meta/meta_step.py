@@ -283,16 +283,24 @@ def _refuse_checkpointing(model: nn.Module) -> None:
         )
 
 
-def _refuse_cut_graph(*grads: Tensor) -> None:
-    """A once-differentiable op (``@once_differentiable``, the pattern of many fused kernels)
-    leaves an error node in the gradient's graph, and autograd then drops its second-order
-    terms without a word: reverse mode's meta-gradient would be silently wrong."""
-    seen, stack = set(), [g.grad_fn for g in grads]
+def _graph_nodes(*roots: Tensor):
+    """Every autograd node behind ``roots``, once each."""
+    seen, stack = set(), [t.grad_fn for t in roots]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions)
+
+
+def _refuse_cut_graph(*grads: Tensor) -> None:
+    """A once-differentiable op (``@once_differentiable``, the pattern of many fused kernels)
+    leaves an error node in the gradient's graph, and autograd then drops its second-order
+    terms without a word: the meta-gradient of reverse mode or of the double-backward pass
+    would be silently wrong."""
+    for node in _graph_nodes(*grads):
         if type(node).__name__ in ("Error", "DelayedError"):
             raise NotImplementedError(
                 "meta_step needs a differentiable backward of every op in the "
@@ -301,7 +309,6 @@ def _refuse_cut_graph(*grads: Tensor) -> None:
                 "Switch such kernels off in the model (e.g. a Hugging Face model loaded with "
                 "attn_implementation='eager', no fused losses or norms)"
             )
-        stack.extend(n for n, _ in node.next_functions)
 
 
 def _grad_with_graph(obj: Tensor, inputs: list[Tensor], check: bool) -> tuple[Tensor, ...]:
@@ -317,17 +324,12 @@ def _grad_with_graph(obj: Tensor, inputs: list[Tensor], check: bool) -> tuple[Te
         if carried and any(g is not None and not g.requires_grad for g in grad_inputs):
             cut.append(type(node).__name__.removesuffix("Backward"))
 
-    handles = []
-    if check:
-        seen, stack = set(), [obj.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if isinstance(node, torch.autograd.function.BackwardCFunction):
-                handles.append(node.register_hook(lambda gi, go, node=node: hook(node, gi, go)))
-            stack.extend(n for n, _ in node.next_functions)
+    custom = torch.autograd.function.BackwardCFunction
+    handles = [
+        node.register_hook(lambda gi, go, node=node: hook(node, gi, go))
+        for node in (_graph_nodes(obj) if check else ())
+        if isinstance(node, custom)
+    ]
     try:
         grads = torch.autograd.grad(
             obj, inputs, create_graph=True, allow_unused=True, materialize_grads=True
@@ -374,14 +376,19 @@ def _attention_with_higher_derivatives():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _missing_derivative(e: BaseException) -> bool:
-    """Is ``e`` PyTorch saying an op lacks a forward-mode or a second-order derivative?"""
-    text = str(e)
+def _missing_forward_derivative(text: str) -> bool:
     return (
         "forward AD" in text
         or "forward mode AD" in text
         or "override the setup_context staticmethod" in text
-        or ("derivative for" in text and "not implemented" in text)
+    )
+
+
+def _missing_derivative(e: BaseException) -> bool:
+    """Is ``e`` PyTorch saying an op lacks a forward-mode or a second-order derivative?"""
+    text = str(e)
+    return _missing_forward_derivative(text) or (
+        "derivative for" in text and "not implemented" in text
     )
 
 
@@ -527,8 +534,7 @@ def meta_step(
     except (NotImplementedError, RuntimeError) as e:
         if not _missing_derivative(e):
             raise
-        text = str(e)
-        forward = "forward" in text or "setup_context" in text  # (else a double backward)
+        forward = _missing_forward_derivative(str(e))  # (else a double backward)
         need = "forward-mode AD (a jvp)" if forward else "a differentiable backward"
         raise NotImplementedError(
             f"meta_step(mode={mode!r}) needs {need} of every op in the inner model, and one "
