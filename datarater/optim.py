@@ -183,7 +183,7 @@ class InnerOptimizer:
             return a_clipped
         inner = sum(torch.dot(a.reshape(-1), grads[k].reshape(-1)) for k, a in a_clipped.items())
         clipping = (self.clip_norm / (norm + CLIP_EPS) <= 1.0) & (norm > 0)
-        slope = -self.clip_norm / (norm + CLIP_EPS) ** 2 / norm.clamp_min(CLIP_EPS)
+        slope = -self.clip_norm / (norm + CLIP_EPS) ** 2 / torch.where(norm > 0, norm, 1.0)
         coef = torch.where(clipping, slope * inner, 0.0)
         for k, a in a_clipped.items():
             for part, g in zip(_chunks(a), _chunks(grads[k])):
