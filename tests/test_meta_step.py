@@ -723,3 +723,40 @@ def test_a_custom_function_whose_backward_has_no_graph_is_refused():
     for mode in ("reverse", "mixed"):
         with pytest.raises(NotImplementedError, match=r"Function\(s\) \['_OpaqueTanh'\] is not"):
             dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
+
+
+def test_checks_pass_what_is_deterministic_and_differentiable():
+    """No false alarms: random-capable ops outside training or at probability 0, and a custom
+    Function that returns a gradient for an input that needs none (an index)."""
+
+    class Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, idx):
+            y = x.tanh()
+            ctx.save_for_backward(y, idx)
+            return y[..., idx]
+
+        @staticmethod
+        def backward(ctx, g):
+            y, idx = ctx.saved_tensors
+            gx = torch.zeros_like(y).index_add_(-1, idx, g) * (1 - y * y)
+            return gx, torch.zeros_like(idx)  # (autograd drops it: idx needs no gradient)
+
+    class Quiet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = user_lm()
+
+        def forward(self, ids):
+            logits = self.lm(ids).logits
+            logits = torch.native_dropout(logits, 0.3, False)[0]
+            logits = F.rrelu(logits, training=False) + F.dropout(logits, 0.0, True)
+            idx = torch.arange(logits.shape[-1])
+            return Gather.apply(logits, idx)
+
+    model, rater, opt = Quiet(), tiny_rater(), optim.SGD(0.1)
+    inner, outer = make_batches(2)
+    state = dr.InnerState.init(model, opt)
+    a = run("mixed", rater, model, state, inner, outer, opt)[1]
+    b = run("reverse", rater, model, state, inner, outer, opt)[1]
+    assert rel(a, b) < 1e-10

@@ -231,7 +231,7 @@ class _RandomOps(TorchDispatchMode):
         seeded = _SEEDED.get(func)
         if seeded is None:
             seeded = _SEEDED[func] = torch.Tag.nondeterministic_seeded in func.tags
-        if seeded and not _no_dropout(func, args, kwargs):
+        if seeded and not _draws_nothing(func, args, kwargs):
             self.seen.append(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)
 
@@ -239,13 +239,16 @@ class _RandomOps(TorchDispatchMode):
 _SEEDED: dict = {}  # op -> is it tagged random (a lookup per op is what the watch costs)
 
 
-def _no_dropout(func, args, kwargs) -> bool:
-    """Fused attention kernels are tagged random because they can drop out; with a dropout
-    probability of 0 they draw nothing that matters."""
+def _draws_nothing(func, args, kwargs) -> bool:
+    """Ops tagged random because they can draw (fused attention's and dropout's probability,
+    RReLU's training flag) draw nothing that matters with a probability of 0 or outside
+    training."""
     for i, arg in enumerate(func._schema.arguments):
-        if arg.name == "dropout_p":
-            value = kwargs.get("dropout_p", args[i] if i < len(args) else arg.default_value)
-            return value == 0
+        if arg.name in ("dropout_p", "p", "train", "training"):
+            value = kwargs.get(arg.name, args[i] if i < len(args) else arg.default_value)
+            zero = isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+            if value is False or (arg.name in ("dropout_p", "p") and zero):
+                return True
     return False
 
 
@@ -320,9 +323,13 @@ def _grad_with_graph(obj: Tensor, inputs: list[Tensor], check: bool) -> tuple[Te
     cut: list[str] = []
 
     def hook(node, grad_inputs, grad_outputs):
-        carried = any(g is not None and g.requires_grad for g in grad_outputs)
-        if carried and any(g is not None and not g.requires_grad for g in grad_inputs):
-            cut.append(type(node).__name__.removesuffix("Backward"))
+        if not any(g is not None and g.requires_grad for g in grad_outputs):
+            return
+        for g, (edge, _) in zip(grad_inputs, node.next_functions):
+            # (no edge: an input that needs no gradient; all zeros: a derivative that is 0)
+            if edge is not None and g is not None and not g.requires_grad and bool(g.any()):
+                cut.append(type(node).__name__.removesuffix("Backward"))
+                return
 
     custom = torch.autograd.function.BackwardCFunction
     handles = [
@@ -387,8 +394,10 @@ def _missing_forward_derivative(text: str) -> bool:
 def _missing_derivative(e: BaseException) -> bool:
     """Is ``e`` PyTorch saying an op lacks a forward-mode or a second-order derivative?"""
     text = str(e)
-    return _missing_forward_derivative(text) or (
-        "derivative for" in text and "not implemented" in text
+    return (
+        _missing_forward_derivative(text)
+        or ("derivative for" in text and "not implemented" in text)
+        or "no autograd formula was registered" in text
     )
 
 
