@@ -760,3 +760,24 @@ def test_checks_pass_what_is_deterministic_and_differentiable():
     a = run("mixed", rater, model, state, inner, outer, opt)[1]
     b = run("reverse", rater, model, state, inner, outer, opt)[1]
     assert rel(a, b) < 1e-10
+
+
+def test_the_callers_state_is_not_changed_by_buffer_updates():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = user_lm()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, ids):
+            self.calls += 1  # as running statistics are updated in a forward pass
+            return self.lm(ids).logits
+
+    model, rater, opt = Counting(), tiny_rater(), optim.SGD(0.1)
+    inner, outer = make_batches(2)
+    state = dr.InnerState.init(model, opt)
+    for mode in ("mixed", "reverse"):
+        res = dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode=mode)
+        assert float(state.buffers["calls"]) == 0 and float(res.state.buffers["calls"]) > 0
+    after = dr.weighted_steps(rater, model, state, inner, optimizer=opt)
+    assert float(state.buffers["calls"]) == 0 and float(after.buffers["calls"]) == 2

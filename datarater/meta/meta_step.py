@@ -401,6 +401,12 @@ def _missing_derivative(e: BaseException) -> bool:
     )
 
 
+def _own_buffers(state: InnerState) -> dict[str, Tensor]:
+    """Copies of the state's buffers: a model that updates buffers in its forward pass
+    (running statistics) must not change the caller's state, which stays what it was."""
+    return {k: v.clone() for k, v in state.buffers.items()}
+
+
 def _declared_vocab(model: nn.Module) -> int | None:
     """The vocabulary size a model declares in its config (ours, or Hugging Face style)."""
     for name in ("cfg", "config"):
@@ -519,7 +525,7 @@ def meta_step(
         hvp,
         loss_backend,
         phi,
-        state.buffers,
+        _own_buffers(state),
         _Flat(state.params),
     )
     sweep = _mixed if mode == "mixed" else _reverse
@@ -789,11 +795,9 @@ def weighted_steps(
     """Plain inner training on rater-weighted batches, no meta-gradient: what inner models do
     between meta-updates. Same weighting and update as ``meta_step``'s forward sweep."""
     _refuse_checkpointing(model)
-    fl = _Flat(state.params)
+    fl, buffers = _Flat(state.params), _own_buffers(state)
     theta, s, step = fl.flat(state.params), fl.flat_state(state.opt_state), state.step
-    run = _Run(
-        rater, model, optimizer, float(tau), micro_batch_size, "auto", None, [], state.buffers, fl
-    )
+    run = _Run(rater, model, optimizer, float(tau), micro_batch_size, "auto", None, [], buffers, fl)
     for t, raw in enumerate(batches):
         batch = SeqBatch.from_dict(raw, f"batches[{t}]").to(theta.dtype)
         with torch.no_grad():
@@ -802,4 +806,4 @@ def weighted_steps(
         with torch.no_grad():
             new, s = optimizer.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
         theta, step = new[fl.KEY], step + 1
-    return InnerState(fl.views(theta), state.buffers, fl.state_views(s), step)
+    return InnerState(fl.views(theta), buffers, fl.state_views(s), step)
