@@ -43,6 +43,18 @@ OPTIMIZERS = {
 MODELS = {"transformer": tiny_lm, "user_module": user_lm}
 
 
+class _Around(torch.nn.Module):
+    """A user's module wrapping ``inner`` (a model or a rater), ``fn(self, ids)`` its forward:
+    the one shape of the wrappers these tests need."""
+
+    def __init__(self, inner: torch.nn.Module, fn) -> None:
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, ids):
+        return self.fn(self, ids)
+
+
 def flat_grad(module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters()])
 
@@ -238,16 +250,9 @@ def test_rater_output_of_the_wrong_shape():
     model, rater, opt, state = _setup()
     inner, outer = make_batches(1)
 
-    class Bad(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = rater
-
-        def forward(self, ids):
-            return self.inner(ids)[:, None]
-
+    bad = _Around(rater, lambda m, ids: m.inner(ids)[:, None])
     with pytest.raises(ValueError, match=r"scores of shape \[B\] = \[5\]"):
-        dr.meta_step(Bad(), model, state, inner, outer, optimizer=opt)
+        dr.meta_step(bad, model, state, inner, outer, optimizer=opt)
 
 
 def test_mixed_mode_refuses_dropout_in_training_mode():
@@ -302,33 +307,18 @@ def test_models_may_return_a_mapping_of_logits():
     model, rater, opt, state = _setup()
     inner, outer = make_batches(1)
 
-    class AsDict(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = model
-
-        def forward(self, ids):
-            return {"logits": self.lm(ids), "extra": None}
-
-    wrapped = AsDict()
+    wrapped = _Around(model, lambda m, ids: {"logits": m.inner(ids), "extra": None})
     res = {}
     for name, m in (("dict", wrapped), ("tensor", model)):
         rater.zero_grad()
         out = dr.meta_step(rater, m, dr.InnerState.init(m, opt), inner, outer, optimizer=opt)
         res[name] = (out.outer_loss, flat_grad(rater))
-    assert res["dict"][0] == res["tensor"][0]  # (the wrapper takes torch.func's pass)
+    assert res["dict"][0] == res["tensor"][0]  # (the wrapper takes the generic pass)
     assert rel(res["dict"][1], res["tensor"][1]) < 1e-10
 
-    class Bare(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = model
-
-        def forward(self, ids):
-            return [self.lm(ids)]
-
+    bare = _Around(model, lambda m, ids: [m.inner(ids)])
     with pytest.raises(TypeError, match="a mapping with 'logits'.*returned list"):
-        dr.meta_step(rater, Bare(), dr.InnerState.init(Bare(), opt), inner, outer, optimizer=opt)
+        dr.meta_step(rater, bare, dr.InnerState.init(bare, opt), inner, outer, optimizer=opt)
 
 
 def test_token_ids_out_of_the_model_vocabulary():
@@ -350,15 +340,7 @@ def test_vocabulary_and_batch_size_mismatch_of_the_model():
     with pytest.raises(ValueError, match="out of range for the model's vocabulary"):
         dr.meta_step(rater, small, state, inner, outer, optimizer=opt)
 
-    class Drops(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = tiny_lm()
-
-        def forward(self, ids):
-            return self.lm(ids)[:-1]
-
-    m = Drops()
+    m = _Around(tiny_lm(), lambda m, ids: m.inner(ids)[:-1])  # drops a row of logits
     with pytest.raises(ValueError, match=r"logits \[B, L, V\] = \[5, 9, V\]"):
         dr.meta_step(rater, m, dr.InnerState.init(m, opt), inner, outer, optimizer=opt)
 
@@ -536,15 +518,9 @@ class _OpaqueTanh(_OldTanh):
         return _OldTanh.backward(ctx, g).detach()  # as a kernel without derivatives would
 
 
-class _AfterLM(torch.nn.Module):
+def _after_lm(fn) -> _Around:
     """A user's LM whose logits go through a custom autograd Function under test."""
-
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.lm, self.fn = user_lm(), fn
-
-    def forward(self, ids):
-        return self.fn.apply(self.lm(ids).logits)
+    return _Around(user_lm(), lambda m, ids: fn.apply(m.inner(ids).logits))
 
 
 def test_an_op_without_the_needed_derivative_is_named():
@@ -562,7 +538,7 @@ def test_an_op_without_the_needed_derivative_is_named():
             (y,) = ctx.saved_tensors
             return g * (1 - y * y)
 
-    model, rater, opt = _AfterLM(NoJvp), tiny_rater(), optim.SGD(0.1)
+    model, rater, opt = _after_lm(NoJvp), tiny_rater(), optim.SGD(0.1)
     inner, outer = make_batches(1)
     state = dr.InnerState.init(model, opt)
     with pytest.raises(
@@ -583,23 +559,11 @@ def test_half_precision_inner_parameters_are_refused():
         dr.meta_step(rater, half, dr.InnerState.init(half, opt), inner, outer, optimizer=opt)
 
 
-class _Noisy(torch.nn.Module):
-    """Functional dropout inside forward: no nn.Dropout layer to find by name."""
-
-    def __init__(self, inner: torch.nn.Module, p: float) -> None:
-        super().__init__()
-        self.inner, self.p = inner, p
-
-    def forward(self, ids):
-        out = self.inner(ids)
-        out = out.logits if hasattr(out, "logits") else out
-        return F.dropout(out, self.p, self.training) if out.dim() == 3 else out
-
-
 def test_mixed_mode_refuses_a_forward_pass_that_draws_random_numbers():
     model, rater, opt, _ = _setup()
     inner, outer = make_batches(1)
-    noisy = _Noisy(model, 0.5)
+    # functional dropout in forward: no nn.Dropout layer to find by name
+    noisy = _Around(model, lambda m, ids: F.dropout(m.inner(ids), 0.5, m.training))
     state = dr.InnerState.init(noisy, opt)
     with pytest.raises(ValueError, match="the model's forward pass draws random numbers"):
         dr.meta_step(rater, noisy, state, inner, outer, optimizer=opt)
@@ -609,16 +573,11 @@ def test_mixed_mode_refuses_a_forward_pass_that_draws_random_numbers():
     b = run("mixed", rater, model, dr.InnerState.init(model, opt), inner, outer, opt)[1]
     assert rel(a, b) < 1e-12
 
-    class NoisyRater(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rater = rater
-
-        def forward(self, ids):
-            return self.rater(ids) + 0.1 * torch.randn(ids.shape[0], dtype=torch.float64)
-
+    noisy_rater = _Around(
+        rater, lambda m, ids: m.inner(ids) + 0.1 * torch.randn(ids.shape[0], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="the rater's forward pass draws random numbers"):
-        dr.meta_step(NoisyRater(), model, dr.InnerState.init(model, opt), inner, outer,
+        dr.meta_step(noisy_rater, model, dr.InnerState.init(model, opt), inner, outer,
                      optimizer=opt)  # fmt: skip
 
     # attention dropout (Hugging Face's attention_dropout) and a private generator are seen
@@ -672,7 +631,7 @@ def test_gradient_checkpointing_is_refused():
 
 
 def test_a_once_differentiable_op_is_refused_in_both_modes():
-    model, rater, opt = _AfterLM(_OnceTanh), tiny_rater(), optim.SGD(0.1)
+    model, rater, opt = _after_lm(_OnceTanh), tiny_rater(), optim.SGD(0.1)
     inner, outer = make_batches(2)
     state = dr.InnerState.init(model, opt)
     with pytest.raises(NotImplementedError, match="once-differentiable"):
@@ -717,7 +676,7 @@ def test_a_custom_function_whose_backward_has_no_graph_is_refused():
     """Old-style kernels (flash-attn's, many fused ones) compute their backward with kernels
     that have no derivatives: the second-order terms through them would vanish silently."""
 
-    model, rater, opt = _AfterLM(_OpaqueTanh), tiny_rater(), optim.SGD(0.1)
+    model, rater, opt = _after_lm(_OpaqueTanh), tiny_rater(), optim.SGD(0.1)
     inner, outer = make_batches(2)
     state = dr.InnerState.init(model, opt)
     for mode in ("reverse", "mixed"):
