@@ -254,24 +254,25 @@ class SGD(InnerOptimizer):
             return super().update_vjp(params, grads, state, step, a_params, a_state)
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
         f, norm = self._clip_scale(grads)
-        names = ("params", "buf", "grads") if mu else ("params", "grads")
-        out = {name: _empty_like(a_params) for name in names}
-        if not mu:
-            out["buf"] = out["params"]  # (not written: no momentum buffer)
+        out = {name: _empty_like(a_params) for name in ("params", "grads", "buf")[: 3 if mu else 2]}
         for k, a_out in a_params.items():
-            a_buf_out = a_state["momentum_buffer"][k] if mu else a_out
-            for a, a_buf1, a_th, a_buf0, a_g in zip(
-                *map(_chunks, (a_out, a_buf_out, out["params"][k], out["buf"][k], out["grads"][k]))
-            ):
-                a_d = a * -lr
-                if mu == 0.0:
-                    a_gd = a_d
-                else:
-                    a_buf1 = a_buf1 + (a_d * mu if self.nesterov else a_d)
-                    a_gd = a_buf1 + a_d if self.nesterov else a_buf1
+            pieces = map(_chunks, (a_out, out["params"][k], out["grads"][k]))
+            if mu:  # the buffer's adjoint in and out
+                bufs = zip(*map(_chunks, (a_state["momentum_buffer"][k], out["buf"][k])))
+            for a, a_th, a_g in zip(*pieces):
+                # theta' = theta - lr d with d = gd (+ mu buf' if nesterov), buf' = mu buf + gd,
+                # gd = g + wd theta
+                a_gd = a * -lr
+                if mu:
+                    a_buf1, a_buf0 = next(bufs)
+                    a_buf1 = a_buf1 + (a_gd * mu if self.nesterov else a_gd)
                     torch.mul(a_buf1, mu, out=a_buf0)
-                torch.add(a, a_gd, alpha=wd, out=a_th) if wd else a_th.copy_(a)
+                    a_gd = a_buf1 + a_gd if self.nesterov else a_buf1
                 a_g.copy_(a_gd)
+                if wd:
+                    torch.add(a, a_gd, alpha=wd, out=a_th)
+                else:
+                    a_th.copy_(a)
         a_s = {"momentum_buffer": out["buf"]} if mu else {}
         return out["params"], a_s, self._clip_vjp_(grads, out["grads"], f, norm)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -66,7 +66,7 @@ class _Run:
     phi: list[Tensor]
     buffers: dict[str, Tensor]
     fl: _Flat
-    check_graph: bool = True  # the first double-backward pass checks its graph for cuts
+    check_graph: bool = True  # the first backward with a graph is checked for cuts
 
     def scores(self, batch: SeqBatch) -> Tensor:
         return torch.cat(
@@ -252,15 +252,22 @@ def _draws_nothing(func, args, kwargs) -> bool:
     return False
 
 
-def _refuse_randomness(seen: list[str], role: str) -> None:
+@contextmanager
+def _refuse_randomness(role: str, watch: bool = True):
     """Mixed mode recomputes every forward pass: one that draws random numbers (functional
     dropout, ``scaled_dot_product_attention(dropout_p=...)``, Hugging Face's
     ``attention_dropout``) would see other draws there, and the meta-gradient would be silently
-    wrong. The first step's passes are watched; one with a random op is refused."""
-    if seen:
+    wrong. The passes run inside (with ``watch``) are watched; one with a random op is
+    refused."""
+    if not watch:
+        yield
+        return
+    with _RandomOps() as ops:
+        yield
+    if ops.seen:
         raise ValueError(
             f"mode='mixed' recomputes every inner step's forward pass, and the {role}'s forward "
-            f"pass draws random numbers ({', '.join(sorted(set(seen)))}: dropout through "
+            f"pass draws random numbers ({', '.join(sorted(set(ops.seen)))}: dropout through "
             "F.dropout or scaled_dot_product_attention(dropout_p=...), e.g. a Hugging Face "
             "model's attention_dropout in training mode?): the recomputation would see other "
             f"draws and the meta-gradient would be silently wrong. Call .eval() on the {role}, "
@@ -314,12 +321,14 @@ def _refuse_cut_graph(*grads: Tensor) -> None:
             )
 
 
-def _grad_with_graph(obj: Tensor, inputs: list[Tensor], check: bool) -> tuple[Tensor, ...]:
-    """``grad(obj, inputs, create_graph=True)``; with ``check``, refuse a custom autograd
+def _grad_with_graph(obj: Tensor, inputs: list[Tensor], run: _Run) -> tuple[Tensor, ...]:
+    """``grad(obj, inputs, create_graph=True)``; the first time in a call (``run.check_graph``:
+    the cost of the hooks is paid once), refuse a custom autograd
     Function whose backward is not itself differentiable (it calls kernels without
     derivatives, or detaches): its outputs would not carry the incoming gradient's graph, and
     the second-order terms through it would be dropped without a word. Seen by a hook on each
     custom Function's node while this backward runs."""
+    check, run.check_graph = run.check_graph, False
     cut: list[str] = []
 
     def hook(node, grad_inputs, grad_outputs):
@@ -590,15 +599,13 @@ def meta_step(
 
 def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, watch: bool = False):
     """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value.
-    ``watch``: refuse a first forward pass that runs random ops (see ``_RandomOps``)."""
+    ``watch``: refuse a first forward pass that runs random ops (``_refuse_randomness``)."""
     total, loss = None, 0.0
     for mb, wm in run.micro_batches(batch, w):
         leaves = {k: v.detach().requires_grad_(True) for k, v in run.fl.views(theta).items()}
-        with _RandomOps() if watch else nullcontext() as seen:
+        with _refuse_randomness("model", watch):
             obj = (wm * run.losses(leaves, mb)).sum()
-        if watch:
-            _refuse_randomness(seen.seen, "model")
-            watch = False
+        watch = False
         g = torch.autograd.grad(
             obj, list(leaves.values()), allow_unused=True, materialize_grads=True
         )
@@ -616,10 +623,8 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     tape: list[_Tape] = []
     losses, gnorms, weights = [], [], []
     for t, batch in enumerate(inner):
-        with torch.no_grad(), _RandomOps() if t == 0 else nullcontext() as watch:
+        with torch.no_grad(), _refuse_randomness("rater", t == 0):
             w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
-        if t == 0:
-            _refuse_randomness(watch.seen, "rater")
         g, loss = _inner_grad(run, theta, batch, w, watch=t == 0)
         with torch.no_grad():
             clipped, f, gnorm = opt.clip(fl.wrap(g))
@@ -719,8 +724,7 @@ def _double_backward_pass(run: _Run, primals: Params, tangents: Params, mb: SeqB
     weights = wm.detach().requires_grad_(True)
     with torch.enable_grad():
         obj = (weights * run.losses(leaves, mb)).sum()
-        g = _grad_with_graph(obj, list(leaves.values()), check=run.check_graph)
-        run.check_graph = False  # (once per meta_step call)
+        g = _grad_with_graph(obj, list(leaves.values()), run)
         gv = sum((gi * tangents[k]).sum() for gi, k in zip(g, leaves))
         *hv, c = torch.autograd.grad(
             gv, [*leaves.values(), weights], allow_unused=True, materialize_grads=True
@@ -757,8 +761,7 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
             g, loss = None, 0.0
             for mb, wm in run.micro_batches(batch, w):
                 obj = (wm * run.losses(views, mb)).sum()
-                # the first micro-batch's graph is checked for cuts (not the others: cost)
-                gm = _grad_with_graph(obj, [theta], check=g is None and not losses)[0]
+                gm = _grad_with_graph(obj, [theta], run)[0]
                 g = gm if g is None else g + gm
                 loss += float(obj.detach())
             gnorms.append(float(opt.clip(fl.wrap(g))[2].detach()))
