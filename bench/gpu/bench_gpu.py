@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -58,7 +60,7 @@ def timed(fn, device, iters: int = 5, warmup: int = 2, setup=None) -> tuple[floa
     return sorted(times)[len(times) // 2], peak
 
 
-OUT: dict = {"path": None, "device": ""}  # where add() keeps the JSON current
+OUT: dict = {"path": None, "device": "", "rivals": {}}  # where add() keeps the JSON current
 
 
 def add(row: dict) -> None:
@@ -138,12 +140,11 @@ def bench_weighted_ce(device, n: int, v: int, backends: list[str]) -> None:
     (ref_grad,) = torch.autograd.grad(ref.sum(), zz)
     del zz
 
-    def run_with(loss_fn, inplace=False):
-        leaf = z0.clone().requires_grad_(True) if inplace else z0.detach().requires_grad_(True)
+    def run_with(loss_fn):
+        leaf = z0.detach().requires_grad_(True)
 
         def run():
-            src = leaf.detach().clone().requires_grad_(True) if inplace else leaf
-            return torch.autograd.grad(loss_fn(src), src)[0]
+            return torch.autograd.grad(loss_fn(leaf), leaf)[0]
 
         return run
 
@@ -176,6 +177,7 @@ def bench_weighted_ce(device, n: int, v: int, backends: list[str]) -> None:
         case("weighted CE bf16 fwd+bwd", f"datarater {b}", run_with(ours), device, check=check,
              **tag)  # fmt: skip
         bench_fused_ce(device, z0, t, w, ref_grad, b, tag)
+    bench_liger_ce(device, z0, t, w, ref_grad, tag)
     if "cuda" in backends:  # the register-resident fused kernels (new: last, after the rest)
         for slots in ("16", "32"):
             with env_var("DATARATER_CE_FUSED_SLOTS", slots):
@@ -216,6 +218,159 @@ def bench_fused_ce(device, z0, t, w, ref_grad, backend: str, tag: dict, name: st
         check=check,
         **tag,
     )
+
+
+RIVAL_HINT = (
+    "pip install -e '.[rivals]'; with no network: bash bench/gpu/fetch_rivals.sh where there is "
+    "one, then carry bench/gpu/wheels"
+)
+
+
+def rival(module: str, group: str, device):
+    """A rival library (Liger Kernel, Cut Cross-Entropy) for the comparison rows, or None with a
+    row saying how to get it. Their kernels are Triton only: on the CPU they run under
+    ``TRITON_INTERPRET=1`` or not at all."""
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        add(dict(group=group, case=module, skipped=f"{e}; {RIVAL_HINT}"[:240]))
+        return None
+    dist = module.split(".")[0].replace("_", "-")
+    OUT["rivals"][dist] = importlib.metadata.version(dist)  # saved beside the rows
+    return mod
+
+
+def bench_liger_ce(device, z0, t, w, ref_grad, tag: dict) -> None:
+    """Liger Kernel's cross-entropy on the same logits. It has no per-token weights, so the
+    weighted loss is its per-token loss times w (its backward then multiplies an N x V
+    gradient by w); its fastest path, a summed unweighted loss, is timed too, with its own
+    reference. Like our in-place path it writes the gradient over the logits: each call gets
+    a fresh copy, made untimed."""
+    group = "weighted CE bf16 fwd+bwd"
+    liger = rival("liger_kernel.transformers.functional", group, device)
+    if liger is None:
+        return
+    r = ref_grad.shape[0]
+    zz = z0[:r].double().requires_grad_(True)
+    (unweighted_ref,) = torch.autograd.grad(F.cross_entropy(zz, t[:r], reduction="sum"), zz)
+
+    def fresh():
+        return z0.detach().clone().requires_grad_(True)
+
+    def weighted(z):
+        loss = (liger.liger_cross_entropy(z, t, reduction="none") * w).sum()
+        return torch.autograd.grad(loss, z)[0]
+
+    def summed(z):
+        return torch.autograd.grad(liger.liger_cross_entropy(z, t, reduction="sum"), z)[0]
+
+    for name, run, ref in (
+        ("Liger, per-token loss x w", weighted, ref_grad),
+        ("Liger, summed loss without weights (its fast path)", summed, unweighted_ref),
+    ):
+
+        def check(run=run, ref=ref):
+            return dict(grad_rel_err=f"{rel_err(run(fresh())[:r], ref):.1e}")
+
+        case(group, name, run, device, setup=fresh, check=check, **tag)
+
+
+MODES = ("backward", "func_grad", "func_jvp", "hvp_jvp_of_grad", "double_backward")
+
+
+def derivatives(f, xs: tuple, ts: tuple, r: tuple) -> dict:
+    """The derivatives of a scalar loss ``f(*xs)`` in each mode a meta-gradient may use:
+    autograd's backward, ``torch.func.grad``, ``torch.func.jvp`` (direction ``ts``), the
+    Hessian-vector product as jvp of grad, and double backward (the gradient of
+    <grad, r>). Each mode's value, or the exception it raised."""
+    argnums = tuple(range(len(xs)))
+
+    def backward():
+        leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+        return torch.autograd.grad(f(*leaves), leaves)
+
+    def double_backward():
+        leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+        grads = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, r)), leaves)
+
+    modes = {
+        "backward": backward,
+        "func_grad": lambda: torch.func.grad(f, argnums)(*xs),
+        "func_jvp": lambda: torch.func.jvp(f, xs, ts)[1:],
+        "hvp_jvp_of_grad": lambda: torch.func.jvp(torch.func.grad(f, argnums), xs, ts)[1],
+        "double_backward": double_backward,
+    }
+    out = {}
+    for mode, fn in modes.items():
+        try:
+            out[mode] = [y.detach().double() for y in fn()]
+        except Exception as e:  # noqa: BLE001 - the answer is that it raised
+            out[mode] = e
+    return out
+
+
+def bench_derivatives(device, backends: list[str]) -> None:
+    """Which derivative modes each loss function gets right, ours and the rivals', on small
+    float32 inputs against the plain-torch loss in float64: "yes" (relative error < 1e-4),
+    "wrong" with the error, or "no" with what it raised. A meta-gradient needs the last
+    three modes (design.md section 3.1)."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    n, d, v = 33, 16, 515
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    z, h, wt = rand(n, v), rand(n, d), rand(v, d) / d**0.5
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    w = torch.rand(n, generator=g).to(device)
+
+    def ce_torch(z):
+        return (F.cross_entropy(z, t, reduction="none") * w.to(z.dtype)).sum()
+
+    def lin_torch(h, wt):
+        return ce_torch(h @ wt.T)
+
+    ce = {"torch eager": ce_torch}
+    lin = {"torch eager": lin_torch}
+    for b in backends:
+        ce[f"datarater {b}"] = lambda z, b=b: weighted_cross_entropy(z, t, w, backend=b).sum()
+        lin[f"datarater {b}"] = lambda h, wt, b=b: linear_weighted_cross_entropy(
+            h, wt, t, w, backend=b
+        ).sum()
+    group = "derivatives"
+    liger = rival("liger_kernel.transformers.functional", group, device)
+    if liger is not None:  # it writes the gradient over its input: give it a copy
+        ce["Liger"] = lambda z: (
+            liger.liger_cross_entropy(z.clone(), t, reduction="none") * w
+        ).sum()
+        lin["Liger"] = lambda h, wt: (
+            liger.liger_fused_linear_cross_entropy(h, wt, t, reduction="none") * w
+        ).sum()
+    cce = rival("cut_cross_entropy", group, device)
+    if cce is not None:
+        lin["Cut Cross-Entropy"] = lambda h, wt: (
+            cce.linear_cross_entropy(h, wt, t, reduction="none", filter_eps=None) * w
+        ).sum()
+    for kind, fns, xs in (("weighted CE", ce, (z,)), ("linear+CE", lin, (h, wt))):
+        ts = tuple(torch.randn_like(x) for x in xs)
+        r = tuple(torch.randn_like(x) for x in xs)
+        ref = derivatives(
+            fns["torch eager"], *(tuple(y.double() for y in ys) for ys in (xs, ts, r))
+        )
+        for name, f in fns.items():
+            got = derivatives(f, xs, ts, r)
+            row = dict(group=group, case=f"{kind}: {name}")
+            for mode in MODES:
+                if isinstance(got[mode], Exception):
+                    row[mode] = f"no ({type(got[mode]).__name__})"
+                    row.setdefault("first_error", f"{mode}: {got[mode]}"[:160])
+                    continue
+                err = max(rel_err(a, b) for a, b in zip(got[mode], ref[mode]))
+                row[mode] = "yes" if err < 1e-4 else f"wrong ({err:.1e})"
+            add(row)
 
 
 def _sweep_inputs(device, n: int, v: int):
@@ -262,6 +417,8 @@ def sweep_triton_fused(device, n: int, v: int) -> None:
 
 
 def bench_linear_ce(device, n: int, d: int, v: int, backends: list[str]) -> None:
+    """Output projection + weighted CE, forward and backward, against eager, torch.compile
+    and the rival libraries; every row's gradients are compared with a float32 eager run."""
     g = torch.Generator(device="cpu").manual_seed(1)
     h0 = torch.randn(n, d, generator=g).to(device=device, dtype=torch.bfloat16)
     w0 = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=torch.bfloat16)
@@ -269,33 +426,54 @@ def bench_linear_ce(device, n: int, d: int, v: int, backends: list[str]) -> None
     sw = torch.rand(n, generator=g).to(device)
     h, wt = h0.requires_grad_(True), w0.requires_grad_(True)
 
-    def eager():
-        loss = (F.cross_entropy((h @ wt.T).float(), t, reduction="none") * sw).sum()
-        return torch.autograd.grad(loss, (h, wt))
-
     def loss_fn(h, wt):
         return (F.cross_entropy((h @ wt.T).float(), t, reduction="none") * sw).sum()
 
-    tag = dict(N=n, D=d, V=v)
-    case("linear+CE bf16 fwd+bwd", "torch eager", eager, device, **tag)
+    hf, wf = h0.detach().float().requires_grad_(True), w0.detach().float().requires_grad_(True)
+    with matmul_tf32(False):
+        ref = torch.autograd.grad(loss_fn(hf, wf), (hf, wf))
+    del hf, wf
+    rows = [("torch eager", lambda: loss_fn(h, wt))]
     if torch.device(device).type == "cuda":
         compiled = torch.compile(loss_fn)
-
-        def comp():
-            return torch.autograd.grad(compiled(h, wt), (h, wt))
-
-        case("linear+CE bf16 fwd+bwd", "torch.compile", comp, device, **tag)
+        rows.append(("torch.compile", lambda: compiled(h, wt)))
     for b in backends:
         # 32 MB: vocabulary tiles (four projections, ~chunk_bytes extra); 256 MB and 1 GB: row
         # chunks whose logits also give the gradients (three projections, more memory)
         for mb in (32, 256, 1024) if b == backends[0] else (32,):
 
             def ours(b=b, mb=mb):
-                loss = linear_weighted_cross_entropy(h, wt, t, sw, backend=b,
+                return linear_weighted_cross_entropy(h, wt, t, sw, backend=b,
                                                      chunk_bytes=mb << 20).sum()  # fmt: skip
-                return torch.autograd.grad(loss, (h, wt))
 
-            case("linear+CE bf16 fwd+bwd", f"datarater {b}, {mb} MB chunks", ours, device, **tag)
+            rows.append((f"datarater {b}, {mb} MB chunks", ours))
+    group = "linear+CE bf16 fwd+bwd"
+    liger = rival("liger_kernel.transformers.functional", group, device)
+    if liger is not None:  # chunks of rows; no per-token weights: per-token loss times w
+
+        def liger_loss():
+            return (liger.liger_fused_linear_cross_entropy(h, wt, t, reduction="none") * sw).sum()
+
+        rows.append(("Liger fused linear CE, per-token loss x w", liger_loss))
+    cce = rival("cut_cross_entropy", group, device)
+    if cce is not None:  # its default skips gradient blocks it deems negligible ("high")
+        for name, eps in (("its default gradient filter", "high"), ("exact, filter off", None)):
+
+            def cce_loss(eps=eps):
+                loss = cce.linear_cross_entropy(h, wt, t, reduction="none", filter_eps=eps)
+                return (loss * sw).sum()
+
+            rows.append((f"Cut Cross-Entropy, per-token loss x w ({name})", cce_loss))
+    for name, loss in rows:
+
+        def run(loss=loss):
+            return torch.autograd.grad(loss(), (h, wt))
+
+        def check(run=run):
+            err = max(rel_err(a, b) for a, b in zip(run(), ref))
+            return dict(grad_rel_err=f"{err:.1e}")
+
+        case(group, name, run, device, check=check, N=n, D=d, V=v)
 
 
 def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]) -> None:
@@ -571,12 +749,13 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
                     torch.cuda.empty_cache()
 
 
-GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep")
+GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep", "derivs")
 
 
 def _save(path: str | None, device_name: str) -> None:
     if path:
-        Path(path).write_text(json.dumps({"device": device_name, "rows": ROWS}, indent=1))
+        record = {"device": device_name, "rivals": OUT["rivals"], "rows": ROWS}
+        Path(path).write_text(json.dumps(record, indent=1))
 
 
 def main(argv=None) -> int:
@@ -606,6 +785,7 @@ def main(argv=None) -> int:
             "linear": lambda: bench_linear_ce(device, 48, 32, 300, backends),
             "meta": lambda: bench_meta_step(device, "toy", 4, 32, [1, 2]),
             "scoring": lambda: bench_scoring(device, preset("toy", max_seq_len=64), 8, 2, 20),
+            "derivs": lambda: bench_derivatives(device, backends),
         }
     else:
         print(name, torch.__version__, flush=True)
@@ -617,6 +797,7 @@ def main(argv=None) -> int:
             "linear": lambda: bench_linear_ce(device, 8192, 4096, 131072, backends),
             "meta": lambda: bench_meta_step(device, "17m", 16, 256, [1, 8]),
             "scoring": lambda: bench_scoring(device, preset("rater-70m"), 64, 8, 2000),
+            "derivs": lambda: bench_derivatives(device, backends),
         }
     OUT.update(path=args.out, device=name)
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one GPU check: build the extension with CUDA, time the kernels, the scoring path and
-# meta_step against torch eager and torch.compile, run the GPU tests, and print a table last.
+# meta_step against torch eager, torch.compile and (where carried) Liger Kernel and Cut
+# Cross-Entropy, run the GPU tests, and print a table last.
 # Meant for a GPU slot of a few minutes (torch 2.11 + CUDA, triton and nvcc present, no
 # network):
 #   bash bench/gpu/check.sh                  (results also go to $OUT, or /tmp/datarater-gpu)
 #   FIRST=ce THEN=meta bash bench/gpu/check.sh   (benchmark groups before and after the tests,
-#   in order, from ce, ce32k, sweep (CUDA fused), tsweep (Triton fused), linear, meta, scoring;
-#   default FIRST=ce,scoring,meta THEN=linear,sweep,ce32k: what decides open goals first; a
+#   in order, from ce, ce32k, sweep (CUDA fused), tsweep (Triton fused), linear, meta, scoring,
+#   derivs (derivative modes, ours and the rivals');
+#   default FIRST=ce,scoring,meta THEN=linear,derivs,sweep,ce32k: what decides open goals first; a
 #   560 s slot with a fresh build rarely reaches the last groups)
 # Every stage has its own time limit (BUILD_S; NEW_TESTS_S per new-kernel test file; CE_S,
 # SCORING_S or GROUP_S per benchmark group; TESTS_S), cut to what is left of TOTAL_S (560 s) so that the script
@@ -34,10 +36,17 @@ MAX_JOBS=${MAX_JOBS:-16} timeout "$(limit "${BUILD_S:-240}")" python3 -m pip ins
 grep -iE "error|warning: datarater" "$out/build.log" | head -20
 python3 -c "import datarater._C as c, torch; print('extension with CUDA:', c.with_cuda, '| torch', torch.__version__, '|', torch.cuda.get_device_name())" \
     || echo "!! the extension did not build or load: see build.log; going on without it"
+# the rival libraries (Liger Kernel, Cut Cross-Entropy), where their wheels were carried here
+# (bench/gpu/fetch_rivals.sh); without them their rows say how to get them
+if compgen -G "bench/gpu/wheels/*.whl" >/dev/null; then
+    python3 -m pip install --no-deps --no-index bench/gpu/wheels/*.whl >>"$out/build.log" 2>&1 \
+        && echo "rivals: $(cd bench/gpu/wheels && ls -- *.whl | tr '\n' ' ')" \
+        || echo "!! the rival wheels did not install: see build.log"
+fi
 # one process per benchmark group, each with its own limit: a hang or a sticky CUDA error in
 # one group (a kernel run for the first time) costs that group only
-# (limits: CE_S 100, SCORING_S 240, any other <GROUP>_S, else GROUP_S 150)
-CE_S=${CE_S:-100}
+# (limits: CE_S 120, SCORING_S 240, any other <GROUP>_S, else GROUP_S 150)
+CE_S=${CE_S:-120}
 SCORING_S=${SCORING_S:-240}
 groups() {
     local stage=$1 list=$2 g var
@@ -63,5 +72,5 @@ stamp "GPU tests"
 timeout -k 10 "$(limit "${TESTS_S:-180}")" python3 -m pytest -v --tb=short -p no:cacheprovider \
     tests/test_gpu.py -k "not in_registers" tests/test_gpu_fast_scoring.py \
     tests/test_forward_over_reverse.py 2>&1 | tee "$out/tests.log" | tail -8
-groups then "${THEN:-linear,sweep,ce32k}"
+groups then "${THEN:-linear,derivs,sweep,ce32k}"
 stamp "total"
