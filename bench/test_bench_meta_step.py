@@ -6,7 +6,8 @@ parameters plus Adam state (see docs/design.md). Reverse mode runs with the libr
 kernels and with PyTorch's own ops (``loss_backend="torch"``); the faster is the baseline.
 Mixed mode also runs with ``hvp="func"`` (torch.func's forward-over-reverse) and
 ``hvp="double"`` (one step's reverse-over-reverse, the pass for models without a hand-written
-one) for reference.
+one) for reference. "pytorch" is the baseline the library must beat: PyTorch's own
+reverse-over-reverse as a user writes it (``datarater.meta.baseline``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ VARIANTS = {
     "mixed/double backward": dict(mode="mixed", hvp="double"),
     "reverse": dict(mode="reverse"),
     "reverse/torch loss": dict(mode="reverse", loss_backend="torch"),
+    "pytorch": dict(mode="pytorch"),
 }
-DECISIVE = ("mixed", "reverse", "reverse/torch loss")  # what the interleaved ratio compares
+DECISIVE = ("mixed", "reverse", "reverse/torch loss", "pytorch")  # compared interleaved
 RESULTS: dict[tuple[str, int], dict] = {}
 
 
@@ -59,6 +61,11 @@ def test_time_ratio_interleaved(benchmark, record, summarize):
         "meta_step_interleaved",
         f"time mixed/best reverse at T=8 (interleaved): {med['mixed'] / base:.3f}",
     )
+    for v in ("mixed", "reverse"):
+        summarize(
+            "meta_step_interleaved",
+            f"time {v}/PyTorch's reverse-over-reverse at T=8: {med[v] / med['pytorch']:.3f}",
+        )
 
 
 @pytest.mark.parametrize("steps", [1, 8])
@@ -95,3 +102,11 @@ def test_meta_step(benchmark, record, summarize, variant, steps):
             f"vs 7 x state {7 * m1['state_mib']:.3f} MiB",
         )
         summarize("meta_step", f"time mixed/reverse at T=8: {m8['seconds'] / r8['seconds']:.3f}")
+        p8 = RESULTS["pytorch", 8]
+        for v in ("mixed", "reverse"):
+            summarize(
+                "meta_step",
+                f"{v}/PyTorch's reverse-over-reverse at T=8: time "
+                f"{RESULTS[v, 8]['seconds'] / p8['seconds']:.3f}, "
+                f"peak {RESULTS[v, 8]['peak_mib'] / p8['peak_mib']:.3f}",
+            )

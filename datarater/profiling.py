@@ -79,8 +79,14 @@ def meta_step_workload(
     """A meta-step on the library's transformer where activations dominate memory.
 
     Returns a callable that runs one ``meta_step`` and reports what it keeps per inner step.
+    ``mode="pytorch"`` runs the baseline instead: PyTorch's own reverse-over-reverse
+    (:mod:`datarater.meta.baseline`), on the same model, batches and optimizer.
     """
     from . import InnerState, meta_step
+    from .meta.baseline import torch_reverse_over_reverse
+
+    if mode == "pytorch" and (micro_batch_size or hvp != "auto" or loss_backend):
+        raise ValueError("the PyTorch baseline takes no micro-batches, hvp or loss backend")
     from .models import CausalLM, Rater, TransformerConfig
     from .optim import Adam
 
@@ -110,23 +116,28 @@ def meta_step_workload(
 
     def run() -> dict:
         rater.zero_grad(set_to_none=True)
-        res = meta_step(
-            rater,
-            lm,
-            state,
-            inner,
-            outer,
-            optimizer=opt,
-            mode=mode,
-            micro_batch_size=micro_batch_size,
-            hvp=hvp,
-            loss_backend=loss_backend,
-        )
+        if mode == "pytorch":
+            outer_loss = torch_reverse_over_reverse(rater, lm, state, inner, outer, optimizer=opt)[
+                1
+            ]
+        else:
+            outer_loss = meta_step(
+                rater,
+                lm,
+                state,
+                inner,
+                outer,
+                optimizer=opt,
+                mode=mode,
+                micro_batch_size=micro_batch_size,
+                hvp=hvp,
+                loss_backend=loss_backend,
+            ).outer_loss
         return {
             "state_bytes": state.num_bytes(),
             "params": sum(p.numel() for p in state.params.values()),
             "tokens": batch * seq_len,
-            "outer_loss": res.outer_loss,
+            "outer_loss": outer_loss,
         }
 
     return run

@@ -169,6 +169,30 @@ def test_mixed_equals_reverse_from_a_trained_state(opt_name):
     assert rel(g_m, g_r) < 1e-9
 
 
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("opt_name", ["momentum_clip", "adamw_clip"])
+def test_both_modes_equal_pytorchs_own_reverse_over_reverse(model_name, opt_name):
+    """The benchmarks' baseline (one tensor per parameter, autograd's own cross-entropy, every
+    step in one graph) is an oracle that shares none of meta_step's machinery; from a state
+    with moments and a step count, with micro-batches in meta_step."""
+    from datarater.meta.baseline import torch_reverse_over_reverse
+
+    opt = OPTIMIZERS[opt_name][0]
+    model, rater = MODELS[model_name](), tiny_rater()
+    warm, _ = make_batches(2, seed=5)
+    state = dr.meta_step(rater, model, dr.InnerState.init(model, opt), warm, warm[0],
+                         optimizer=opt).state  # fmt: skip
+    inner, outer = make_batches(3, masked=True, seed=6)
+    meta, outer_loss = torch_reverse_over_reverse(
+        rater, model, state, inner, outer, optimizer=opt, tau=TAU
+    )
+    expected = torch.cat([m.flatten() for m in meta])
+    for mode in ("mixed", "reverse"):
+        res, got = run(mode, rater, model, state, inner, outer, opt, micro_batch_size=3)
+        assert rel(got, expected) < 1e-9, mode
+        assert res.outer_loss == pytest.approx(outer_loss, rel=1e-12)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw_clip"])
 def test_float32_mixed_is_close_to_reverse(opt_name):
     opt = OPTIMIZERS[opt_name][0]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import datarater as dr
 from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
+from datarater.meta.baseline import torch_reverse_over_reverse
 from datarater.models import CausalLM, Rater, preset, set_inference_attention
 
 ROWS: list[dict] = []
@@ -508,6 +509,12 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
 
         with matmul_tf32(False):
             exact = meta_grad("reverse")  # what the TF32 rows are compared with
+
+            def baseline(inner=inner):  # what the library must beat, in the same run
+                torch_reverse_over_reverse(rater, lm, state, inner, outer, optimizer=opt)
+
+            case("meta_step", "PyTorch reverse-over-reverse (baseline)", baseline, device,
+                 T=t_steps, **tag)  # fmt: skip
         # (the torch.func pass was timed in 2026-11-28's runs: 1.79x mixed). The TF32 rows ask
         # whether mixed mode's fewer ops and bytes (0.79x, bench/meta_step_work.py) win once
         # matmuls stop dominating: float32 matmuls run on CUDA cores, TF32 on tensor cores.
