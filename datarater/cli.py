@@ -469,7 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the target corpus for validation NLL; keep it disjoint from the rater's outer data",
     )
     ev.add_argument("--filtered", help="also train on a folder written by `datarater filter`")
-    ev.add_argument("--out", required=True, help="folder for evaluation.json/.md and plots")
+    ev.add_argument(
+        "--out",
+        required=True,
+        help="folder for evaluation.json/.md and plots; finished runs are kept in its runs/, "
+        "so the same command after a crash trains only what is left",
+    )
     ev.add_argument("--text-column", default="text", help="column holding the documents")
     ev.add_argument(
         "--sizes",

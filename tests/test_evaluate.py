@@ -283,3 +283,58 @@ def test_evaluate_names_bad_inputs(tmp_path, capsys):
     assert main(args) == 2
     assert f"{part.name}: row 2 has no finite score" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()  # nothing written before the inputs are good
+
+
+@pytest.mark.filterwarnings("ignore:.*validation documents also occur")
+@pytest.mark.filterwarnings("ignore:each curve has")
+def test_an_evaluation_stopped_by_a_crash_resumes_and_loses_nothing(tmp_path, monkeypatch):
+    """Killed in the middle (here: the fifth training run raises), rerun with the same data and
+    settings: only the runs left are trained (the reference LM included), and the report is
+    the one an uninterrupted evaluation writes. Other settings or data are refused, named."""
+    import datarater.evaluation.evaluate as ev
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    texts = [" ".join(words[(i * k) % 10] for k in range(12)) for i in range(40)]
+    val = texts[::3]
+    scores = torch.linspace(-1, 1, len(texts))
+    tok = ByteTokenizer()
+    rater_cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=8, n_layers=1, n_heads=2)
+    cfg = EvalConfig(sizes=("toy",), rhos=(0.25, 0.5), steps=4, batch=4, seq_len=32,
+                     eval_every=2)  # fmt: skip
+    calls = []
+    real = ev.train_lm
+
+    def counted(*args, **kw):
+        calls.append(args[0])
+        if crash_at and len(calls) == crash_at:
+            raise RuntimeError("the machine went away")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ev, "train_lm", counted)
+
+    def evaluate(folder, **kw):
+        args = dict(texts=texts, scores=scores, val_texts=val, tokenizer=tok, cfg=cfg)
+        args.update(kw)
+        return run_evaluation(out=tmp_path / folder, rater_cfg=rater_cfg, progress=False, **args)
+
+    crash_at = 0
+    whole = evaluate("whole")
+    n_runs = len(calls)  # 3 arms, the reference LM, 3 perplexity arms
+    assert n_runs == 7
+    crash_at, calls[:] = 5, []
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate("crashed")
+    assert not (tmp_path / "crashed" / "evaluation.json").exists()  # nothing half-written
+    crash_at, calls[:] = 0, []
+    resumed = evaluate("crashed")
+    assert len(calls) == n_runs - 4  # the four finished before the crash are not retrained
+    assert resumed == whole
+    assert (tmp_path / "crashed" / "evaluation.md").read_text() == (
+        tmp_path / "whole" / "evaluation.md"
+    ).read_text()
+    calls[:] = []
+    assert evaluate("crashed") == whole and calls == []  # a finished evaluation, read back
+    with pytest.raises(ValueError, match=r"other settings or data \(they differ in: config\)"):
+        evaluate("crashed", cfg=replace(cfg, steps=6))
+    with pytest.raises(ValueError, match="differ in: data_sha256"):
+        evaluate("crashed", scores=scores.flip(0))

@@ -11,11 +11,17 @@ Protocol: the discard fraction rho is swept with the smallest model and the best
 final validation NLL) is used for the larger sizes and for the perplexity baselines (keep the
 lowest, middle or highest perplexity of each oversampled batch, perplexity from a reference LM
 trained on one half of the validation corpus; the other half is the validation set).
+
+Every finished run is kept in ``out/runs/`` (its curve in JSON; the reference LM's
+perplexities in safetensors), so an evaluation stopped by a crash, rerun with the same data and
+settings, trains only what was left and reports what an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -167,6 +173,80 @@ def _check_setup(texts, val_texts, rater_cfg, cfg: EvalConfig, vocab: int) -> li
     return said
 
 
+class _Finished:
+    """The finished runs of one evaluation under ``folder``: a JSON file per run, written
+    atomically when the run ends, and ``settings.json``, what every run depends on (the
+    configuration, the rater's shape, the tokenizer, a digest of the data). A rerun with the
+    same settings loads them; a folder holding another evaluation's runs is refused, named."""
+
+    def __init__(self, folder: Path, settings: dict) -> None:
+        self.folder = folder
+        path = folder / "settings.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != settings:
+                what = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+                raise ValueError(
+                    f"{folder} holds the runs of an evaluation with other settings or data "
+                    f"(they differ in: {', '.join(what)}); use another --out, or delete "
+                    f"{folder} to start over"
+                )
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(settings, indent=1))
+
+    def _path(self, key: str, suffix: str = ".json") -> Path:
+        return self.folder / f"{key}{suffix}"
+
+    def load(self, run: Run) -> bool:
+        path = self._path(self.key(run))
+        if not path.exists():
+            return False
+        kept = json.loads(path.read_text())
+        run.curve = [(int(s), float(nll)) for s, nll in kept["curve"]]
+        run.tokens = float(kept["tokens"])
+        return True
+
+    def save(self, run: Run) -> None:
+        kept = {"curve": run.curve, "tokens": run.tokens}
+        atomic_write_text(self._path(self.key(run)), json.dumps(kept))
+
+    @staticmethod
+    def key(run: Run) -> str:
+        return f"{run.size}-{run.arm}-rho{run.rho:.6g}"
+
+    def tensor(self, name: str, make) -> Tensor:
+        """``make()``'s tensor, kept in safetensors after the first call."""
+        from safetensors.torch import load_file, save_file
+
+        path = self._path(name, ".safetensors")
+        if path.exists():
+            return load_file(str(path))[name]
+        value = make()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({name: value.detach().contiguous().cpu()}, str(tmp))
+        os.replace(tmp, path)
+        return value
+
+
+def _settings(cfg, rater_cfg, tokenizer, texts, scores, val_texts, given) -> dict:
+    """What every run of an evaluation depends on, with a digest of the data."""
+    digest = hashlib.sha256()
+    for part in (texts, val_texts, given[0] if given else ()):
+        digest.update(str(len(part)).encode())
+        for text in part:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(scores.numpy().tobytes())
+    settings = {
+        "config": asdict(cfg),
+        "rater": asdict(rater_cfg),
+        "tokenizer": [getattr(tokenizer, "name", type(tokenizer).__name__), tokenizer.vocab_size],
+        "given_rho": None if given is None else given[1],
+        "data_sha256": digest.hexdigest(),
+    }
+    return json.loads(json.dumps(settings))  # as read back from settings.json
+
+
 def run_evaluation(
     texts: Sequence[str],
     scores: Tensor,
@@ -220,6 +300,9 @@ def run_evaluation(
         raise ValueError(f"the filtered rows give {len(given_pool)} sequences, < batch {cfg.batch}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    finished = _Finished(
+        out / "runs", _settings(cfg, rater_cfg, tokenizer, texts, scores, val_texts, given)
+    )
     # the rater scores candidates of at most its own context
     scored_cfg = replace(rater_cfg, max_seq_len=min(rater_cfg.max_seq_len, cfg.seq_len))
     rater_flops = rater_flops_per_token(scored_cfg)
@@ -234,6 +317,9 @@ def run_evaluation(
     bar = tqdm(total=n_runs * cfg.steps * cfg.repeats, desc="evaluate", disable=not progress)
 
     def train(run: Run, pool_: Sequences, sc: Tensor | None, keep: str = "top") -> None:
+        if finished.load(run):  # trained before a crash, by a run with these settings
+            bar.update(cfg.steps * cfg.repeats)
+            return
         bar.set_postfix(run=f"{run.size} {run.label}")
         trained = [
             train_lm(
@@ -255,6 +341,7 @@ def run_evaluation(
         curves = [t.curve for t in trained]
         run.curve = [(c[0][0], sum(x[1] for x in c) / len(c)) for c in zip(*curves)]
         run.tokens = sum(t.tokens for t in trained) / len(trained)
+        finished.save(run)
 
     for run in runs:
         train(run, pool, None if run.arm == "unfiltered" else seq_scores)
@@ -270,12 +357,17 @@ def run_evaluation(
     if cfg.baselines:
         # the reference LM: the smallest size, trained on the reference half of the target data
         ref_cfg = lm_config(small, vocab, cfg.seq_len)
-        bar.set_postfix(run="reference LM")
-        ref_lm = train_lm(
-            ref_cfg, ref, val, cfg.steps, cfg.batch, cfg.seed + 1, lr=cfg.lr, on_step=bar.update
-        ).model
-        bar.update(cfg.steps * (cfg.repeats - 1))
-        ppl = sequence_nll(ref_lm, pool)
+
+        def reference_nll() -> Tensor:
+            bar.set_postfix(run="reference LM")
+            seed = cfg.seed + 1
+            trained = train_lm(ref_cfg, ref, val, cfg.steps, cfg.batch, seed, lr=cfg.lr,
+                               on_step=bar.update)  # fmt: skip
+            return sequence_nll(trained.model, pool)
+
+        n_done = bar.n
+        ppl = finished.tensor("reference_nll", reference_nll)
+        bar.update(n_done + cfg.steps * cfg.repeats - bar.n)
         ref_flops = forward_flops_per_token(ref_cfg)
         fixed["reference_lm_training_flops"] = (
             cfg.steps * cfg.batch * cfg.seq_len * train_flops_per_token(ref_cfg)
