@@ -148,6 +148,11 @@ def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, 
         f"the rows of {kept}, kept at its rho" in (tmp_path / "eval" / "evaluation.md").read_text()
     )
     assert main([*args, "--eval-every", "0"]) == 2  # refused, not replaced by the default
+    capsys.readouterr()
+    assert main([*args, "--steps", "200"]) == 2  # into a folder holding another evaluation
+    assert "other settings or data (they differ in: config)" in capsys.readouterr().err
+    assert main(args) == 0  # the same command again: every run read back, the same report
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text()) == report
 
     assert main(["analyze", "--scored", scored, "--out", ana, "--source-column", "kind"]) == 0
     analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
