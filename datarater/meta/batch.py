@@ -71,8 +71,7 @@ class SeqBatch:
                 f"{name}['loss_mask'] must be finite and >= 0 (a weight per target: each "
                 "row's loss is the mask-weighted mean of its token losses)"
             )
-        target_mask = torch.cat([mask[:, 1:], mask.new_zeros(b, 1)], dim=1)
-        counts = target_mask.sum(dim=1)
+        counts = mask[:, 1:].sum(dim=1)
         if bool((counts == 0).any()):
             rows = (counts == 0).nonzero().flatten().tolist()
             raise ValueError(
@@ -80,9 +79,25 @@ class SeqBatch:
                 "mean loss is undefined there (loss_mask[:, j] selects input_ids[:, j] as a "
                 "target, j >= 1)"
             )
+        return cls.build(batch, int(ids.max()))
+
+    @classmethod
+    def build(cls, batch: Mapping[str, Tensor], max_id: int) -> SeqBatch:
+        """The batch of a dict ``from_dict`` has already accepted (``max_id``: its largest id),
+        without checking it again: the checks read values back from the device, and meta_step
+        rebuilds every batch where it is used, in loops that should not wait for the GPU."""
+        ids = batch["input_ids"]
+        b = ids.shape[0]
+        mask = batch.get("loss_mask")
+        mask = (
+            torch.ones(b, ids.shape[1], device=ids.device, dtype=torch.float64)
+            if mask is None
+            else mask.to(device=ids.device, dtype=torch.float64)
+        )
+        target_mask = torch.cat([mask[:, 1:], mask.new_zeros(b, 1)], dim=1)
         targets = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1)
-        weights = target_mask / counts[:, None]
-        return cls(ids, targets, weights, int(ids.max()))
+        weights = target_mask / target_mask.sum(dim=1, keepdim=True)
+        return cls(ids, targets, weights, max_id)
 
     @property
     def size(self) -> int:

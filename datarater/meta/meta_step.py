@@ -98,16 +98,19 @@ class _Tape:
 
 
 class _Prepared:
-    """The inner batches as a sequence of SeqBatch, each built when it is used."""
+    """The inner batches as a sequence of SeqBatch, each built (checked once before) when it
+    is used."""
 
-    def __init__(self, batches: Sequence[Mapping[str, Tensor]], dtype: torch.dtype) -> None:
-        self.batches, self.dtype = batches, dtype
+    def __init__(
+        self, batches: Sequence[Mapping[str, Tensor]], max_ids: list[int], dtype: torch.dtype
+    ) -> None:
+        self.batches, self.max_ids, self.dtype = batches, max_ids, dtype
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, t: int) -> SeqBatch:
-        return SeqBatch.from_dict(self.batches[t], f"inner_batches[{t}]").to(self.dtype)
+        return SeqBatch.build(self.batches[t], self.max_ids[t]).to(self.dtype)
 
     def __iter__(self):
         return (self[t] for t in range(len(self)))
@@ -425,6 +428,11 @@ def _declared_vocab(model: nn.Module) -> int | None:
     return None
 
 
+def _floats(scalars: list[Tensor]) -> list[float]:
+    """0-dim tensors as Python floats, read back from their device at once."""
+    return torch.stack([x.double() for x in scalars]).tolist() if scalars else []
+
+
 def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -509,8 +517,8 @@ def meta_step(
     outer = SeqBatch.from_dict(outer_batch, "outer_batch").to(dtype)
     max_id = max(b.max_id for b in [*checked, outer])
     length = max(b.input_ids.shape[1] for b in [*checked, outer])
+    inner = _Prepared(inner_batches, [b.max_id for b in checked], dtype)
     del checked
-    inner = _Prepared(inner_batches, dtype)
     phi = [p for p in rater.parameters() if p.requires_grad]
     if not phi:
         raise ValueError("the rater has no parameters that require grad")
@@ -598,7 +606,8 @@ def meta_step(
 
 
 def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, watch: bool = False):
-    """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value.
+    """Flat gradient of sum_i w_i l_i at theta, summed over micro-batches; and its value (a
+    float64 tensor on theta's device: read back once per call, not once per step).
     ``watch``: refuse a first forward pass that runs random ops (``_refuse_randomness``)."""
     total, loss = None, 0.0
     for mb, wm in run.micro_batches(batch, w):
@@ -611,7 +620,7 @@ def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, watch: boo
         )
         g = run.fl.flat(g)
         total = g if total is None else total + g
-        loss += float(obj.detach())
+        loss = obj.detach().double() + loss
     return total, loss
 
 
@@ -632,12 +641,14 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
         tape.append(_Tape(theta, s, g if keep_grads else None, f, w, step + 1))
         theta, s, step = new_theta[fl.KEY], new_s, step + 1
         losses.append(loss)
-        gnorms.append(float(gnorm))
+        gnorms.append(gnorm)
         weights.append(w)
+    losses, gnorms = _floats(losses), _floats(gnorms)
 
     # The outer loss and its gradient at theta_T start the backward sweep.
     mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype, device=theta.device)
     a_theta, outer_loss = _inner_grad(run, theta, outer, mean)
+    outer_loss = float(outer_loss)
     final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
     meta = [torch.zeros_like(p) for p in run.phi]
     if not math.isfinite(outer_loss):
@@ -763,8 +774,8 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
                 obj = (wm * run.losses(views, mb)).sum()
                 gm = _grad_with_graph(obj, [theta], run)[0]
                 g = gm if g is None else g + gm
-                loss += float(obj.detach())
-            gnorms.append(float(opt.clip(fl.wrap(g))[2].detach()))
+                loss = obj.detach().double() + loss
+            gnorms.append(opt.clip(fl.wrap(g))[2].detach())
             new_theta, s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
             theta, step = new_theta[fl.KEY], step + 1
             losses.append(loss)
@@ -782,7 +793,7 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     theta = theta.detach()
     s = {n: {k: v.detach() for k, v in d.items()} for n, d in s.items()}
     final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
-    return final, outer_loss, losses, gnorms, weights, list(meta)
+    return final, outer_loss, _floats(losses), _floats(gnorms), weights, list(meta)
 
 
 def weighted_steps(
