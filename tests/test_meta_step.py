@@ -447,6 +447,37 @@ def test_non_finite_raises_or_skips(mode):
     assert res.state is bad  # the non-finite update is not handed on
 
 
+@pytest.mark.parametrize("mode", ["mixed", "reverse"])
+def test_the_sweeps_read_no_scalar_back_per_inner_step(mode):
+    """On a GPU every value read back (``float(t)``, ``bool(t)``) stalls the host until the
+    device catches up. The batches' checks on entry read a few per batch; the sweeps
+    themselves must read none per inner step, so the count grows with T by the checks only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    opt = OPTIMIZERS["adamw_clip"][0]
+    model, rater = tiny_lm(), tiny_rater()
+    state = dr.InnerState.init(model, opt)
+    inner, outer = make_batches(4, masked=True, seed=2)
+    counts = []
+    for steps in (1, 4):
+        Reads.n = 0
+        with Reads():
+            dr.meta_step(rater, model, state, inner[:steps], outer, optimizer=opt, mode=mode)
+        counts.append(Reads.n)
+    Reads.n = 0
+    with Reads():
+        dr.meta.SeqBatch.from_dict(inner[1], "a batch")
+    assert Reads.n > 0
+    assert counts[1] - counts[0] == 3 * Reads.n
+
+
 def test_weighted_steps_equal_the_forward_sweep_of_meta_step():
     opt = optim.Adam(1e-2, clip_norm=1.0)
     model, rater = tiny_lm(), tiny_rater()

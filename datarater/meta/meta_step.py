@@ -428,17 +428,24 @@ def _declared_vocab(model: nn.Module) -> int | None:
     return None
 
 
-def _floats(scalars: list[Tensor]) -> list[float]:
-    """0-dim tensors as Python floats, read back from their device at once."""
-    return torch.stack([x.double() for x in scalars]).tolist() if scalars else []
+def _on_host(scalars: list[Tensor]) -> list[float]:
+    """0-dim tensors (on one device or several) as Python floats, in one read per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(scalars):
+        by_device.setdefault(x.device, []).append(i)
+    out = [0.0] * len(scalars)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([scalars[i].double() for i in idx]).tolist()):
+            out[i] = v
+    return out
 
 
 def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(v == 1.0 for v in _on_host([torch.isfinite(t).all() for t in tensors]))
 
 
 def _norm(tensors) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    return math.sqrt(sum(_on_host([t.double().pow(2).sum() for t in tensors])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,7 +650,7 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
         losses.append(loss)
         gnorms.append(gnorm)
         weights.append(w)
-    losses, gnorms = _floats(losses), _floats(gnorms)
+    losses, gnorms = _on_host(losses), _on_host(gnorms)
 
     # The outer loss and its gradient at theta_T start the backward sweep.
     mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype, device=theta.device)
@@ -793,7 +800,7 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     theta = theta.detach()
     s = {n: {k: v.detach() for k, v in d.items()} for n, d in s.items()}
     final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
-    return final, outer_loss, _floats(losses), _floats(gnorms), weights, list(meta)
+    return final, outer_loss, _on_host(losses), _on_host(gnorms), weights, list(meta)
 
 
 def weighted_steps(
