@@ -267,7 +267,10 @@ def _kept_rows(folder: str, text_column: str) -> tuple[list[str], float]:
     """Rows a `datarater filter` kept, and the fraction it discarded."""
     stats_path = Path(folder) / "stats.json"
     if not stats_path.exists():
-        raise FileNotFoundError(f"{stats_path} does not exist (run `datarater filter`)")
+        raise FileNotFoundError(
+            f"{stats_path} does not exist: run `datarater filter` (it writes stats.json last; "
+            "a filter stopped before it finished leaves none)"
+        )
     try:
         kept = float(json.loads(stats_path.read_text())["kept_fraction"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -231,6 +231,46 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_a_filter_stopped_half_way_is_taken_for_neither_run(tmp_path, monkeypatch, capsys):
+    """Rerun into its old --out with another rho and stopped after one part, a filter leaves
+    new and old parts side by side: without stats.json (written last, removed first) nothing
+    reads them as kept rows; the rerun to the end equals a run into a fresh folder."""
+    import datarater.scoring.filter_files as ff
+    from datarater.cli import _kept_rows
+
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    for i in range(3):
+        rows = {
+            "text": [f"doc{i}-{j}" for j in range(100)],
+            SCORE_COLUMN: [float(j) for j in range(100)],
+        }
+        pq.write_table(pa.table(rows), scored / f"part-{i:05d}.parquet")
+    out = tmp_path / "kept"
+    ff.filter_files(scored, out, "quantile", 0.5)
+    assert len(_kept_rows(str(out), "text")[0]) == 150
+    real, written = ff.atomic_write, []
+
+    def dying(path, write):
+        if written:
+            raise KeyboardInterrupt("killed")
+        written.append(path)
+        real(path, write)
+
+    monkeypatch.setattr(ff, "atomic_write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ff.filter_files(scored, out, "quantile", 0.9)
+    monkeypatch.undo()
+    assert not (out / "stats.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:05d}.parquet" for i in range(3)]
+    with pytest.raises(FileNotFoundError, match="a filter stopped before it finished"):
+        _kept_rows(str(out), "text")
+    ff.filter_files(scored, out, "quantile", 0.9)
+    ff.filter_files(scored, tmp_path / "fresh", "quantile", 0.9)
+    assert _kept_rows(str(out), "text") == _kept_rows(str(tmp_path / "fresh"), "text")
+    assert len(_kept_rows(str(out), "text")[0]) == 30
+
+
 def test_analyze_cli_on_scored_shards(tmp_path, capsys):
     _, folder = _rater(tmp_path)
     data = tmp_path / "d.jsonl"

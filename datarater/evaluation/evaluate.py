@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +32,7 @@ from torch import Tensor
 from ..data.tokens import Sequences, overlap, per_document, split_heldout
 from ..models import TransformerConfig, preset
 from ..models.transformer import PRESETS
-from ..training.checkpoint import atomic_write_text
+from ..training.checkpoint import atomic_write, atomic_write_text
 from .lm import (
     candidates_per_batch,
     forward_flops_per_token,
@@ -223,9 +222,7 @@ class _Finished:
         if path.exists():
             return load_file(str(path))[name]
         value = make()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({name: value.detach().contiguous().cpu()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file({name: value.detach().contiguous().cpu()}, tmp))
         return value
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..training.checkpoint import atomic_write_text
+from ..training.checkpoint import atomic_write, atomic_write_text
 from .analyze import MISSING
 from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
 from .score import SCORE_COLUMN
@@ -27,8 +26,9 @@ def filter_files(
     source_column: str | None = None,
     cdf_sample: int = 100_000,
 ) -> dict:
-    """Keep rows of ``scored/part-*.parquet`` by ``rule``; write ``out/part-*.parquet`` and
-    ``out/stats.json`` (kept fraction overall and per source)."""
+    """Keep rows of ``scored/part-*.parquet`` by ``rule``; write ``out/part-*.parquet`` and,
+    last, ``out/stats.json`` (kept fraction overall and per source): the mark of a finished
+    filter, which readers of the folder require."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -65,6 +65,9 @@ def filter_files(
     if len(everything) == 0:
         raise ValueError(f"{scored}: the scored parts hold no rows")
     out.mkdir(parents=True, exist_ok=True)
+    # stats.json marks a finished filter: gone while parts are replaced, so that a run stopped
+    # half-way (old and new parts side by side) is not read as either run's rows
+    (out / "stats.json").unlink(missing_ok=True)
     if rule == "quantile":
         keep_all = quantile_keep(everything, rho)
         keeps = list(keep_all.split([len(s) for s in scores]))
@@ -86,9 +89,7 @@ def filter_files(
             total_by.update(src)
             kept_by.update(x for x, keep in zip(src, k.tolist()) if keep)
         kept = t.filter(pa.array(k.numpy()))
-        tmp = out / (p.name + ".tmp")
-        pq.write_table(kept, tmp)
-        os.replace(tmp, out / p.name)
+        atomic_write(out / p.name, lambda tmp, kept=kept: pq.write_table(kept, tmp))
     n, k = len(everything), int(sum(int(x.sum()) for x in keeps))
     stats = {"rule": rule, "rho": rho, "rows": n, "kept": k, "kept_fraction": k / n}
     if source_column:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from ..data.corpus import (
 )
 from ..data.tokens import encode_all, get_tokenizer
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
-from ..training.checkpoint import atomic_write_text
+from ..training.checkpoint import atomic_write, atomic_write_text
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
@@ -619,9 +618,7 @@ def score_files(
         tokens += sum(len(w[1]) for w in windows)
         table = table.append_column(SCORE_COLUMN, pa.array(scores.numpy(), pa.float32()))
         part = out / f"part-{i:05d}.parquet"
-        tmp = part.with_name(part.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, part)
+        atomic_write(part, lambda tmp: pq.write_table(table, tmp))
         marker = out / f"part-{i:05d}.done"
         record = {"input": str(path.resolve()), "rows": table.num_rows}
         if bad:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,15 +20,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part;
-    the temporary name is unique, so concurrent writers (torchrun ranks) cannot collide."""
+def atomic_write(path: Path | str, write: Callable[[Path], object]) -> None:
+    """Let ``write(tmp)`` write a file, then put it at ``path`` so that readers see the old or
+    the new file, never a part, even after a power loss (synced before the rename). The
+    temporary name is unique, so concurrent writers (torchrun ranks) cannot collide."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """``text`` at ``path``, written atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def save_checkpoint(

@@ -4,8 +4,9 @@ whether the rater is learning than a log file does."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from .checkpoint import atomic_write
 
 
 def _running_mean(xs: list[float], k: int) -> list[float]:
@@ -81,7 +82,4 @@ def plot_training(
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,14 @@ from ..data.tokens import Sequences
 from ..meta import InnerState, meta_step, weighted_steps
 from ..models import CausalLM, Rater, TransformerConfig
 from ..optim import Adam
-from .checkpoint import atomic_write_text, flatten, load_checkpoint, save_checkpoint, unflatten
+from .checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    flatten,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten,
+)
 from .curves import plot_training
 
 
@@ -458,17 +464,15 @@ def save_rater(
         "step": step,
         "tokenizer": tokenizer,
     }
-    # a unique temporary name (concurrent writers cannot collide), then an atomic rename
-    tmp = folder / f".rater.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in rater.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in rater.state_dict().items()}
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={"datarater": json.dumps(meta)})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; make it an ordinary file
-        os.replace(tmp, folder / "rater.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(folder / "rater.safetensors", write)
     atomic_write_text(folder / "config.json", json.dumps(meta, indent=1))
 
 
