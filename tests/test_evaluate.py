@@ -150,7 +150,9 @@ def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, 
     assert main([*args, "--eval-every", "0"]) == 2  # refused, not replaced by the default
     capsys.readouterr()
     assert main([*args, "--steps", "200"]) == 2  # into a folder holding another evaluation
-    assert "other settings or data (they differ in: config)" in capsys.readouterr().err
+    assert "other settings or data (config.eval_every: 25 -> 20; config.steps: 300 -> 200)" in (
+        capsys.readouterr().err
+    )
     assert main(args) == 0  # the same command again: every run read back, the same report
     assert json.loads((tmp_path / "eval" / "evaluation.json").read_text()) == report
 
@@ -339,7 +341,20 @@ def test_an_evaluation_stopped_by_a_crash_resumes_and_loses_nothing(tmp_path, mo
     ).read_text()
     calls[:] = []
     assert evaluate("crashed") == whole and calls == []  # a finished evaluation, read back
-    with pytest.raises(ValueError, match=r"other settings or data \(they differ in: config\)"):
+    with pytest.raises(ValueError, match=r"other settings or data \(config.steps: 4 -> 6\)"):
         evaluate("crashed", cfg=replace(cfg, steps=6))
-    with pytest.raises(ValueError, match="differ in: data_sha256"):
+    with pytest.raises(ValueError, match=r"\(data.pool and scores: \w{12}\.\.\. -> \w{12}\.\.\.\)"):
         evaluate("crashed", scores=scores.flip(0))
+    # rhos equal to six digits are distinct runs (their files were one before)
+    calls[:] = []
+    close = replace(cfg, rhos=(0.25, 0.2500001), baselines=False)
+    rep = evaluate("close", cfg=close)
+    assert len(calls) == 3  # (each trained: equal here, as both draw 6 candidates per 4)
+    assert [r["rho"] for r in rep["runs"] if r["arm"] == "datarater"] == [0.25, 0.2500001]
+    # runs without their settings cannot be matched to anything
+    (tmp_path / "close" / "runs" / "settings.json").unlink()
+    with pytest.raises(ValueError, match="finished runs but no settings.json"):
+        evaluate("close", cfg=close)
+    (tmp_path / "whole" / "runs" / "settings.json").write_text("{not json")
+    with pytest.raises(ValueError, match="settings.json is unreadable"):
+        evaluate("whole")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import __version__
 from ..data.tokens import Sequences, overlap, per_document, split_heldout
 from ..models import TransformerConfig, preset
 from ..models.transformer import PRESETS
@@ -174,25 +175,36 @@ def _check_setup(texts, val_texts, rater_cfg, cfg: EvalConfig, vocab: int) -> li
 
 class _Finished:
     """The finished runs of one evaluation under ``folder``: a JSON file per run, written
-    atomically when the run ends, and ``settings.json``, what every run depends on (the
-    configuration, the rater's shape, the tokenizer, a digest of the data). A rerun with the
-    same settings loads them; a folder holding another evaluation's runs is refused, named."""
+    atomically when the run ends, and ``settings.json``, what every run depends on. A rerun
+    with the same settings loads them; a folder holding another evaluation's runs is refused,
+    with what differs."""
 
     def __init__(self, folder: Path, settings: dict) -> None:
         self.folder = folder
         path = folder / "settings.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old != settings:
-                what = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and any(folder.glob("*-rho*.json")):
+            raise ValueError(
+                f"{folder} holds finished runs but no settings.json: they cannot be matched to "
+                f"this evaluation; delete {folder} to start over"
+            )
+        try:  # created only if absent, whole: of two evaluations started at once, one wins
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)),
+                         exclusive=True)  # fmt: skip
+        except FileExistsError:
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"{path} is unreadable ({e}); delete {folder} to start over"
+                ) from e
+            what = _differences(old, settings)
+            if what:
                 raise ValueError(
                     f"{folder} holds the runs of an evaluation with other settings or data "
-                    f"(they differ in: {', '.join(what)}); use another --out, or delete "
-                    f"{folder} to start over"
-                )
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(settings, indent=1))
+                    f"({'; '.join(what[:6])}); use another --out, or delete {folder} to start "
+                    "over"
+                ) from None
 
     def _path(self, key: str, suffix: str = ".json") -> Path:
         return self.folder / f"{key}{suffix}"
@@ -212,7 +224,7 @@ class _Finished:
 
     @staticmethod
     def key(run: Run) -> str:
-        return f"{run.size}-{run.arm}-rho{run.rho:.6g}"
+        return f"{run.size}-{run.arm}-rho{run.rho!r}"  # repr: distinct rhos, distinct files
 
     def tensor(self, name: str, make) -> Tensor:
         """``make()``'s tensor, kept in safetensors after the first call."""
@@ -226,22 +238,56 @@ class _Finished:
         return value
 
 
-def _settings(cfg, rater_cfg, tokenizer, texts, scores, val_texts, given) -> dict:
-    """What every run of an evaluation depends on, with a digest of the data."""
-    digest = hashlib.sha256()
-    for part in (texts, val_texts, given[0] if given else ()):
-        digest.update(str(len(part)).encode())
-        for text in part:
-            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    digest.update(scores.numpy().tobytes())
+def _digest(*parts) -> str:
+    """SHA-256 of tensors (their dtype, shape and bytes) and floats."""
+    h = hashlib.sha256()
+    for x in parts:
+        if isinstance(x, Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        else:
+            h.update(repr(x).encode())
+    return h.hexdigest()
+
+
+def _settings(cfg, rater_cfg, pool, scores, ref, val, given_pool, given_rho) -> dict:
+    """What every run of an evaluation depends on: the configuration, the rater's shape (its
+    FLOPs), the versions that compute the curves, and digests of the token sequences each run
+    reads (so the tokenizer, the windows and the split are covered, not a file name)."""
+
+    def seqs(x: Sequences | None):
+        return () if x is None else (x.input_ids, x.loss_mask, x.doc_index)
+
     settings = {
         "config": asdict(cfg),
         "rater": asdict(rater_cfg),
-        "tokenizer": [getattr(tokenizer, "name", type(tokenizer).__name__), tokenizer.vocab_size],
-        "given_rho": None if given is None else given[1],
-        "data_sha256": digest.hexdigest(),
+        "versions": {"datarater": __version__, "torch": torch.__version__},
+        "data": {
+            "pool and scores": _digest(*seqs(pool), scores),
+            "reference half of the target": _digest(*seqs(ref)),
+            "validation half of the target": _digest(*seqs(val)),
+            "filtered rows": None if given_pool is None else _digest(*seqs(given_pool), given_rho),
+        },
     }
     return json.loads(json.dumps(settings))  # as read back from settings.json
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two settings trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for k in sorted({*old, *new}, key=str)
+            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
+    if old == new:
+        return []
+
+    def short(v):
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else v  # a digest
+
+    return [f"{prefix[:-1]}: {short(old)} -> {short(new)}"]
 
 
 def run_evaluation(
@@ -297,9 +343,9 @@ def run_evaluation(
         raise ValueError(f"the filtered rows give {len(given_pool)} sequences, < batch {cfg.batch}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    finished = _Finished(
-        out / "runs", _settings(cfg, rater_cfg, tokenizer, texts, scores, val_texts, given)
-    )
+    given_rho = None if given is None else given[1]
+    settings = _settings(cfg, rater_cfg, pool, seq_scores, ref, val, given_pool, given_rho)
+    finished = _Finished(out / "runs", settings)
     # the rater scores candidates of at most its own context
     scored_cfg = replace(rater_cfg, max_seq_len=min(rater_cfg.max_seq_len, cfg.seq_len))
     rater_flops = rater_flops_per_token(scored_cfg)

@@ -20,17 +20,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], object]) -> None:
+def atomic_write(
+    path: Path | str, write: Callable[[Path], object], exclusive: bool = False
+) -> None:
     """Let ``write(tmp)`` write a file, then put it at ``path`` so that readers see the old or
     the new file, never a part, even after a power loss (synced before the rename). The
-    temporary name is unique, so concurrent writers (torchrun ranks) cannot collide."""
+    temporary name is unique, so concurrent writers (torchrun ranks) cannot collide.
+    ``exclusive``: only if ``path`` does not exist yet (else FileExistsError), also atomically:
+    of two processes creating it at once, one wins."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # fails if path exists
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
