@@ -25,6 +25,10 @@ def test_gpu_bench_script_smoke(tmp_path, capsys):
     assert all("error" not in r for r in rows)
     # every derivative mode of every loss function of ours matches float64 plain torch
     ours = [r for r in rows if r["group"] == "derivatives" and "datarater" in r["case"]]
-    assert {r["case"] for r in ours} >= {"weighted CE: datarater cpu", "linear+CE: datarater cpu"}
+    assert {r["case"] for r in ours} >= {
+        f"{kind}, {dtype}: datarater cpu"
+        for kind in ("weighted CE", "linear+CE")
+        for dtype in ("float32", "bfloat16")
+    }
     assert all(r[m] == "yes" for r in ours for m in mod.MODES)
     assert "| group | case |" in capsys.readouterr().out

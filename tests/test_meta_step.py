@@ -173,8 +173,9 @@ def test_mixed_equals_reverse_from_a_trained_state(opt_name):
 @pytest.mark.parametrize("opt_name", ["momentum_clip", "adamw_clip"])
 def test_both_modes_equal_pytorchs_own_reverse_over_reverse(model_name, opt_name):
     """The benchmarks' baseline (one tensor per parameter, autograd's own cross-entropy, every
-    step in one graph) is an oracle that shares none of meta_step's machinery; from a state
-    with moments and a step count, with micro-batches in meta_step."""
+    step in one graph) is an oracle that shares only the batch format and the optimizer's
+    update formulas with meta_step; from a state with moments and a step count, with
+    micro-batches in meta_step."""
     from datarater.meta.baseline import torch_reverse_over_reverse
 
     opt = OPTIMIZERS[opt_name][0]

@@ -1,11 +1,12 @@
 """PyTorch's own reverse-over-reverse: the meta-gradient as a user writes it without datarater.
 
 The benchmarks compare ``meta_step`` with this loop, and the tests use it as an oracle that
-shares none of ``meta_step``'s machinery: one tensor per parameter (no flat vector), the model
-through ``functional_call``, autograd's own cross-entropy (no datarater kernels), every
-optimizer step kept in the graph (``create_graph=True``), one backward of the outer loss
-through all T steps. Its memory grows with T: every step's activations and the graph of its
-backward stay alive until that last backward.
+shares only the batch format (``SeqBatch``) and the optimizer's update formulas with
+``meta_step``: one tensor per parameter (no flat vector), the model through
+``functional_call``, autograd's own cross-entropy (no datarater kernels), every optimizer step
+kept in the graph (``create_graph=True``), one backward of the outer loss through all T
+steps. Its memory grows with T: every step's activations and the graph of its backward stay
+alive until that last backward.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def torch_reverse_over_reverse(
     rater's ``.grad`` is left alone.
     """
     phi = [p for p in rater.parameters() if p.requires_grad]
+    if not phi or not inner_batches:
+        raise ValueError("the baseline needs a rater with trainable parameters and >= 1 batch")
     params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
     dtype = next(iter(params.values())).dtype
     buffers = {k: v.clone() for k, v in state.buffers.items()}
