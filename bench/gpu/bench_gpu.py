@@ -552,7 +552,9 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
         # (the torch.func pass was timed in 2026-11-28's runs: 1.79x mixed). The TF32 rows ask
         # whether mixed mode's fewer ops and bytes (0.79x, bench/meta_step_work.py) win once
         # matmuls stop dominating: float32 matmuls run on CUDA cores, TF32 on tensor cores.
-        # "double": the per-step pass users' own models get (one step's reverse-over-reverse)
+        # "double": the per-step pass users' own models get (one step's reverse-over-reverse).
+        # Every row carries its meta-gradient's error against strict float32 reverse mode, so
+        # a kernel that no GPU has run yet (the Triton tangent ops) cannot time a wrong answer.
         variants = (
             ("reverse", "reverse", "auto", "1", False),
             ("mixed", "mixed", "auto", "1", False),
@@ -571,7 +573,7 @@ def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]
                 return {"rel_err_vs_fp32_reverse": f"{rel_err_all(meta_grad(mode), exact):.1e}"}
 
             with env_var("DATARATER_TANGENT_TRITON", triton_tangent), matmul_tf32(tf32):
-                case("meta_step", name, run, device, check=check if tf32 else None,
+                case("meta_step", name, run, device, check=check,
                      T=t_steps, **tag)  # fmt: skip
 
         def baseline(inner=inner):  # what the library must beat, in the same run
