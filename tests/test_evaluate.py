@@ -163,13 +163,18 @@ def test_score_filter_evaluate_analyze_on_the_demo_corpus(quick_demo, tmp_path, 
     assert analysis["mean_score_by_source"][CLEAN] > min(analysis["mean_score_by_source"].values())
 
 
-def test_repeats_average_the_curves_of_several_seeds(tmp_path):
+def _small_pool():
+    """40 short documents with scores, a validation third of them, the byte tokenizer and a
+    rater config: an evaluation small enough to train in seconds."""
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     texts = [" ".join(words[(i * k) % 10] for k in range(12)) for i in range(40)]
-    val = texts[::3]
     scores = torch.linspace(-1, 1, len(texts))
-    tok = ByteTokenizer()
     rater_cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=8, n_layers=1, n_heads=2)
+    return texts, texts[::3], scores, ByteTokenizer(), rater_cfg
+
+
+def test_repeats_average_the_curves_of_several_seeds(tmp_path):
+    texts, val, scores, tok, rater_cfg = _small_pool()
     cfg = EvalConfig(sizes=("toy",), rhos=(0.5,), steps=6, batch=4, seq_len=32, eval_every=3,
                      repeats=2, baselines=False)  # fmt: skip
     with pytest.warns(UserWarning, match="14 of 14 validation documents also occur in the"):
@@ -300,12 +305,7 @@ def test_an_evaluation_stopped_by_a_crash_resumes_and_loses_nothing(tmp_path, mo
     the one an uninterrupted evaluation writes. Other settings or data are refused, named."""
     import datarater.evaluation.evaluate as ev
 
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    texts = [" ".join(words[(i * k) % 10] for k in range(12)) for i in range(40)]
-    val = texts[::3]
-    scores = torch.linspace(-1, 1, len(texts))
-    tok = ByteTokenizer()
-    rater_cfg = TransformerConfig(vocab_size=258, max_seq_len=32, d_model=8, n_layers=1, n_heads=2)
+    texts, val, scores, tok, rater_cfg = _small_pool()
     cfg = EvalConfig(sizes=("toy",), rhos=(0.25, 0.5), steps=4, batch=4, seq_len=32,
                      eval_every=2)  # fmt: skip
     calls = []
