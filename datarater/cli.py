@@ -29,7 +29,9 @@ class _Help(argparse.HelpFormatter):
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet)
+    report = run_demo(
+        args.out, quick=args.quick, seed=args.seed, progress=not args.quiet, fresh=args.fresh
+    )
     print(json.dumps(report, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -341,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="a < 1 minute variant")
     demo.add_argument("--seed", type=int, default=0, help="seed of the corpus and of training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over; by default an interrupted demo with the same settings resumes",
+    )
     demo.set_defaults(func=_demo)
 
     train = command("train", help="meta-train a rater on your corpus")

@@ -210,7 +210,16 @@ def score_sequences(rater, seqs: Sequences, batch: int = 64) -> torch.Tensor:
 # the whole demo
 
 
-def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(
+    out: Path | str,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    fresh: bool = False,
+) -> dict:
+    """Meta-train a rater on the built-in corpus and report what it learned, in ``out``.
+    An interrupted demo run again with the same settings resumes from its last checkpoint
+    (``fresh``: start over); a demo with other settings in ``out`` is replaced."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,12 +251,20 @@ def run_demo(out: Path | str, quick: bool = False, seed: int = 0, progress: bool
         meta_warmup=10 if quick else 40,
         meta_decay="constant" if quick else "cosine",
         meta_clip=1.0,
-        checkpoint_every=100,
+        checkpoint_every=20 if quick else 100,
         seed=seed,
         lm=small,
         rater=small,
     )
     trainer = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id)
+    try:
+        resumed = not fresh and trainer.resume()
+    except ValueError:  # a demo with other settings (--quick, --seed) ran here: replace it
+        trainer, resumed = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id), False
+    if resumed and progress:
+        print(f"resuming the demo in {out} at meta-step {trainer.step} (--fresh starts over)")
+    elif not resumed:
+        trainer.start_over()
     rater = trainer.run(progress=progress)
 
     # Scores of held-out documents, by corruption kind. A document's score is the

@@ -44,3 +44,42 @@ def test_metrics():
     assert auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
     assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) > 0.999
     assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) < -0.999
+
+
+def test_an_interrupted_demo_resumes_and_reports_what_an_uninterrupted_one_does(
+    quick_demo, tmp_path, monkeypatch
+):
+    """Killed after 30 of its 60 meta-steps (checkpoints every 20), the quick demo run again
+    continues from step 20 and ends with the uninterrupted demo's report; a demo with other
+    settings in the folder is replaced, not resumed."""
+    import pytest
+
+    from datarater.demo import run_demo
+    from datarater.training import Trainer
+
+    real, started = Trainer.run, []
+
+    def killed(self, progress=True, stop_after=None):
+        real(self, progress, stop_after=30)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Trainer, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, quick=True, progress=False)
+
+    def counted(self, progress=True, stop_after=None):
+        started.append(self.step)
+        return real(self, progress, stop_after)
+
+    monkeypatch.setattr(Trainer, "run", counted)
+    got = run_demo(tmp_path, quick=True, progress=False)
+    assert started == [20]
+    want = json.loads((quick_demo.out / "report.json").read_text())
+    for report in (got, want):
+        report.pop("seconds")
+    assert got == want
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 61))  # no step logged twice
+    started.clear()
+    run_demo(tmp_path, quick=True, seed=1, progress=False)  # other settings: from scratch
+    assert started == [0]

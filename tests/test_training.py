@@ -288,3 +288,16 @@ def test_training_curves_are_drawn_at_checkpoints(tmp_path):
     backend = matplotlib.rcParams._get_backend_or_none()
     plot_training(history, tmp_path / "again.png")
     assert matplotlib.rcParams._get_backend_or_none() == backend  # a notebook's stays
+
+
+def test_a_checkpoint_written_below_older_step_numbers_is_kept(tmp_path):
+    """Old checkpoints of later steps (a longer run, in the same folder) must not make the one
+    just written the first to be pruned: LATEST would name a folder that is gone."""
+    from datarater.training.checkpoint import load_checkpoint, save_checkpoint
+
+    for step in (500, 600):
+        save_checkpoint(tmp_path, step, {"x": torch.full((2,), float(step))}, {"step": step})
+    save_checkpoint(tmp_path, 60, {"x": torch.zeros(2)}, {"step": 60}, keep=2)
+    tensors, meta = load_checkpoint(tmp_path)
+    assert meta["step"] == 60 and tensors["x"].tolist() == [0.0, 0.0]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000060", "step-000600"]

@@ -63,7 +63,8 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_text(root / "LATEST", final.name)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    others = [p for p in sorted(root.glob("step-*")) if p != final]
+    for old in others[: max(0, len(others) - (keep - 1))]:  # never the one just written
         shutil.rmtree(old, ignore_errors=True)
     return final
 

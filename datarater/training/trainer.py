@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -367,6 +368,12 @@ class Trainer:
         root = self.out / "checkpoints"
         return root if self.world == 1 else root / f"rank-{self.rank}"
 
+    def start_over(self) -> None:
+        """Forget an earlier run in ``out``: its checkpoints and log (of this rank)."""
+        if self.out is not None:
+            shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
+            self._log_path().unlink(missing_ok=True)
+
     def resume(self) -> bool:
         """Load the newest checkpoint under ``out`` if there is one; True if it did."""
         found = None if self.out is None else load_checkpoint(self._ckpt_dir())
@@ -446,7 +453,6 @@ def save_rater(
     The config also travels inside the safetensors metadata, so weights and config can never
     be paired wrongly: each file is replaced atomically, and a reader checks that they agree.
     """
-    import shutil
 
     from safetensors.torch import save_file
 
