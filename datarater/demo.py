@@ -29,7 +29,7 @@ from .models import TransformerConfig
 from .scoring.metrics import auc, spearman
 from .scoring.score import score_texts
 from .training import TrainConfig, Trainer
-from .training.checkpoint import atomic_write_text
+from .training.checkpoint import atomic_save_png, atomic_write_text
 
 CLEAN = "clean"
 KINDS = (
@@ -256,15 +256,31 @@ def run_demo(
         lm=small,
         rater=small,
     )
-    trainer = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id)
-    try:
-        resumed = not fresh and trainer.resume()
-    except ValueError:  # a demo with other settings (--quick, --seed) ran here: replace it
-        trainer, resumed = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id), False
+    # a folder holding another kind of run (`datarater train`) is not the demo's to replace;
+    # a demo's has demo.json (or, written before it existed, report.json)
+    marker = out / "demo.json"
+    if not (fresh or marker.exists() or (out / "report.json").exists()) and any(
+        (out / name).exists() for name in ("checkpoints", "log.jsonl", "rater")
+    ):
+        raise ValueError(
+            f"{out} holds a training run that is not a demo's: use another --out, or --fresh "
+            "to replace it"
+        )
+    atomic_write_text(marker, json.dumps({"quick": quick, "seed": seed}))
+    trainer, resumed = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id), False
+    if not fresh:
+        try:
+            resumed = trainer.resume()
+        except Exception as e:  # noqa: BLE001 - other settings, or an unreadable checkpoint
+            if progress:
+                print(f"not resuming the demo in {out} ({type(e).__name__}: {e}); starting over")
+            trainer = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id)
     if resumed and progress:
         print(f"resuming the demo in {out} at meta-step {trainer.step} (--fresh starts over)")
-    elif not resumed:
+    if not resumed:
         trainer.start_over()
+        for name in ("report.json", "report.md", "scores_by_corruption.png", "training_curves.png"):
+            (out / name).unlink(missing_ok=True)
     rater = trainer.run(progress=progress)
 
     # Scores of held-out documents, by corruption kind. A document's score is the
@@ -339,7 +355,7 @@ def _plots(out: Path, scores, kind, history, raw, filtered) -> None:
     fig.supxlabel("rater score")
     fig.suptitle("Held-out document scores: clean (blue) vs each corruption (red)")
     fig.tight_layout()
-    fig.savefig(out / "scores_by_corruption.png", dpi=100)
+    atomic_save_png(fig, out / "scores_by_corruption.png")
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -354,7 +370,7 @@ def _plots(out: Path, scores, kind, history, raw, filtered) -> None:
     a2.set_title("Fresh LMs, same steps")
     a2.legend()
     fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=110)
+    atomic_save_png(fig, out / "training_curves.png", dpi=110)
     plt.close(fig)
 
 

@@ -83,3 +83,14 @@ def test_an_interrupted_demo_resumes_and_reports_what_an_uninterrupted_one_does(
     started.clear()
     run_demo(tmp_path, quick=True, seed=1, progress=False)  # other settings: from scratch
     assert started == [0]
+    (tmp_path / "checkpoints" / "LATEST").write_text("step-000999")  # names nothing
+    started.clear()
+    run_demo(tmp_path, quick=True, seed=1, progress=False)  # unreadable: from scratch too
+    assert started == [0]
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step-000060"
+    # a folder holding a run that is not a demo's is refused, not wiped
+    train_run = tmp_path / "train_run"
+    (train_run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a demo's: use another --out, or --fresh"):
+        run_demo(train_run, quick=True, progress=False)
+    assert (train_run / "checkpoints").is_dir()

@@ -290,14 +290,69 @@ def test_training_curves_are_drawn_at_checkpoints(tmp_path):
     assert matplotlib.rcParams._get_backend_or_none() == backend  # a notebook's stays
 
 
-def test_a_checkpoint_written_below_older_step_numbers_is_kept(tmp_path):
+def test_checkpoints_are_pruned_by_step_and_never_the_one_just_written(tmp_path):
     """Old checkpoints of later steps (a longer run, in the same folder) must not make the one
-    just written the first to be pruned: LATEST would name a folder that is gone."""
+    just written the first to be pruned (LATEST would name a folder that is gone): they are
+    removed; of the steps below, keep - 1 stay, ordered by number (a million sorts last)."""
     from datarater.training.checkpoint import load_checkpoint, save_checkpoint
 
+    def save(step, keep=2):
+        save_checkpoint(tmp_path, step, {"x": torch.full((2,), float(step))}, {"step": step},
+                        keep=keep)  # fmt: skip
+
+    def steps():
+        return sorted(int(p.name[5:]) for p in tmp_path.glob("step-*"))
+
     for step in (500, 600):
-        save_checkpoint(tmp_path, step, {"x": torch.full((2,), float(step))}, {"step": step})
-    save_checkpoint(tmp_path, 60, {"x": torch.zeros(2)}, {"step": 60}, keep=2)
+        save(step)
+    save(60)
     tensors, meta = load_checkpoint(tmp_path)
-    assert meta["step"] == 60 and tensors["x"].tolist() == [0.0, 0.0]
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000060", "step-000600"]
+    assert meta["step"] == 60 and tensors["x"].tolist() == [60.0, 60.0]
+    assert steps() == [60]
+    for step in (999_900, 1_000_000):
+        save(step)
+    assert steps() == [999_900, 1_000_000]
+    save(1_000_100, keep=1)
+    assert steps() == [1_000_100] and load_checkpoint(tmp_path)[1]["step"] == 1_000_100
+
+
+def test_atomic_writes_survive_a_read_only_umask_and_killed_writers_leave_no_litter(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from datarater.training.checkpoint import (
+        atomic_write,
+        atomic_write_text,
+        remove_stale_temporaries,
+    )
+
+    # files created without the owner's write bit: fsync must not need to open them for
+    # writing (as root, permissions are not enforced and this passes either way)
+    keep = os.umask(0o277)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(keep)
+    assert (tmp_path / "a.json").read_text() == "{}"
+    # a writer killed between writing and renaming leaves its temporary file behind
+    code = (
+        "import os, sys\n"
+        "from datarater.training.checkpoint import atomic_write\n"
+        "def die(tmp):\n"
+        "    tmp.write_bytes(b'x' * 1000)\n"
+        "    os._exit(9)\n"
+        f"atomic_write({str(tmp_path / 'part.parquet')!r}, die)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    litter = list(tmp_path.glob(".part.parquet.*.tmp"))
+    assert len(litter) == 1
+    parts = litter[0].name.split(".")  # "", part, parquet, host, pid, random, tmp
+    parts[-3] = str(os.getpid())  # this process: alive, so its file is kept
+    live = tmp_path / ".".join(parts)
+    live.write_bytes(b"a live writer's")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [live.name]
+    with pytest.raises(FileExistsError):
+        atomic_write(tmp_path / "a.json", lambda t: t.write_text("[]"), exclusive=True)
+    assert not list(tmp_path.glob(".a.json.*"))  # the refused writer cleaned up

@@ -33,7 +33,7 @@ from .. import __version__
 from ..data.tokens import Sequences, overlap, per_document, split_heldout
 from ..models import TransformerConfig, preset
 from ..models.transformer import PRESETS
-from ..training.checkpoint import atomic_write, atomic_write_text
+from ..training.checkpoint import atomic_save_png, atomic_write, atomic_write_text
 from .lm import (
     candidates_per_batch,
     forward_flops_per_token,
@@ -224,7 +224,7 @@ class _Finished:
 
     @staticmethod
     def key(run: Run) -> str:
-        return f"{run.size}-{run.arm}-rho{run.rho!r}"  # repr: distinct rhos, distinct files
+        return f"{run.size}-{run.arm}-rho{float(run.rho)!r}"  # distinct rhos, distinct files
 
     def tensor(self, name: str, make) -> Tensor:
         """``make()``'s tensor, kept in safetensors after the first call."""
@@ -262,7 +262,7 @@ def _settings(cfg, rater_cfg, pool, scores, ref, val, given_pool, given_rho) -> 
     settings = {
         "config": asdict(cfg),
         "rater": asdict(rater_cfg),
-        "versions": {"datarater": __version__, "torch": torch.__version__},
+        "versions": {"datarater": _source_digest(), "torch": torch.__version__},
         "data": {
             "pool and scores": _digest(*seqs(pool), scores),
             "reference half of the target": _digest(*seqs(ref)),
@@ -271,6 +271,16 @@ def _settings(cfg, rater_cfg, pool, scores, ref, val, given_pool, given_rho) -> 
         },
     }
     return json.loads(json.dumps(settings))  # as read back from settings.json
+
+
+def _source_digest() -> str:
+    """The version and a digest of datarater's own source: curves from other code (an upgrade,
+    an edit between a crash and the rerun) are not mixed into one report."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -558,7 +568,7 @@ def _plots(out: Path, runs: list[Run], cfg: EvalConfig) -> None:
         ax.set_ylabel("validation NLL")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "evaluation_curves.png", dpi=100)
+    atomic_save_png(fig, out / "evaluation_curves.png")
     plt.close(fig)
 
     small = sizes[0]
@@ -588,5 +598,5 @@ def _plots(out: Path, runs: list[Run], cfg: EvalConfig) -> None:
     a2.set_ylabel("net compute gain (%)")
     fig.suptitle(f"rho sweep, size {small}")
     fig.tight_layout()
-    fig.savefig(out / "rho_sweep.png", dpi=100)
+    atomic_save_png(fig, out / "rho_sweep.png")
     plt.close(fig)

@@ -507,6 +507,7 @@ def meta_step(
         raise TypeError("inner_batches must be a list of batches (one per inner step)")
     if len(inner_batches) == 0:
         raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
+    inner_batches = list(inner_batches)  # taken once: the batches checked are those used
     _check_state(state, model, optimizer)
     if mode == "mixed":
         _refuse_dropout(model=model, rater=rater)

@@ -151,7 +151,7 @@ def write_report(
     says how ``other_scores`` were obtained (which rater, which options)."""
     import matplotlib
 
-    from ..training.checkpoint import atomic_write_text
+    from ..training.checkpoint import atomic_save_png, atomic_write_text
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -178,7 +178,7 @@ def write_report(
     ax.set_xlabel("rater score")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "score_histograms.png", dpi=100)
+    atomic_save_png(fig, out / "score_histograms.png")
     plt.close(fig)
     atomic_write_text(out / "analysis.json", json.dumps(report, indent=1))
     atomic_write_text(out / "analysis.md", markdown(report))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.checkpoint import atomic_write, atomic_write_text
+from ..training.checkpoint import atomic_write, atomic_write_text, remove_stale_temporaries
 from .analyze import MISSING
 from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
 from .score import SCORE_COLUMN
@@ -65,6 +65,7 @@ def filter_files(
     if len(everything) == 0:
         raise ValueError(f"{scored}: the scored parts hold no rows")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # parts a killed run was writing
     # stats.json marks a finished filter: gone while parts are replaced, so that a run stopped
     # half-way (old and new parts side by side) is not read as either run's rows
     (out / "stats.json").unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from ..data.corpus import (
 )
 from ..data.tokens import encode_all, get_tokenizer
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
-from ..training.checkpoint import atomic_write, atomic_write_text
+from ..training.checkpoint import atomic_write, atomic_write_text, remove_stale_temporaries
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
@@ -580,6 +580,7 @@ def score_files(
     settings["skip_bad_rows"] = skip_bad_rows
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # parts a killed run was writing
     files = _check_run(out, files, settings)  # in part order
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
     if world > 1:  # each rank prints its own report: say whose (its shards: i % world == rank)

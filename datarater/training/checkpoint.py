@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,25 +20,51 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+_HOST = socket.gethostname().replace(".", "-")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or (POSIX) a folder's entries to disk; a read-only descriptor suffices on
+    POSIX, so a umask without the owner's write bit is no obstacle."""
+    if os.name == "nt":
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def atomic_write(
     path: Path | str, write: Callable[[Path], object], exclusive: bool = False
 ) -> None:
     """Let ``write(tmp)`` write a file, then put it at ``path`` so that readers see the old or
-    the new file, never a part, even after a power loss (synced before the rename). The
-    temporary name is unique, so concurrent writers (torchrun ranks) cannot collide.
-    ``exclusive``: only if ``path`` does not exist yet (else FileExistsError), also atomically:
-    of two processes creating it at once, one wins."""
+    the new file, never a part, even after a power loss (the file and then its folder synced).
+    The temporary name is unique (host, process, random), so concurrent writers cannot
+    collide, and :func:`remove_stale_temporaries` can find those a killed process left.
+    ``exclusive``: only if ``path`` does not exist yet (else FileExistsError), also atomically
+    where the filesystem has hard links: of two processes creating it at once, one wins."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)  # fails if path exists
-        else:
+        _fsync(tmp)
+        if not exclusive:
             os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (vfat, SMB, object stores): create, fill
+                with open(path, "xb") as f:
+                    f.write(tmp.read_bytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -47,24 +74,62 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_save_png(fig, path: Path | str, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at ``path``, written atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
+def remove_stale_temporaries(folder: Path | str) -> int:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` when a process of
+    this host was killed (SIGKILL, out of memory) before it could; those of live processes
+    and of other hosts (a shared filesystem) are left alone. Returns how many it removed."""
+    removed = 0
+    for tmp in Path(folder).glob(f".*.{_HOST}.*.tmp"):
+        pid = tmp.name[: -len(".tmp")].split(".")[-2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours to signal
+        return True
+    return True
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-", 1)[1])
+
+
 def save_checkpoint(
     root: Path, step: int, tensors: dict[str, Tensor], meta: dict, keep: int = 2
 ) -> Path:
+    """Write the checkpoint of ``step``, point LATEST at it, and keep the ``keep - 1``
+    checkpoints of the steps below it; those above it (an older run in the same folder, past
+    the point this one restarted from) are removed."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        str(tmp / "tensors.safetensors"),
-    )
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(tmp / "tensors.safetensors", lambda t: save_file(cpu, str(t)))
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(root)
     atomic_write_text(root / "LATEST", final.name)
-    others = [p for p in sorted(root.glob("step-*")) if p != final]
-    for old in others[: max(0, len(others) - (keep - 1))]:  # never the one just written
+    below = sorted((p for p in root.glob("step-*") if p != final), key=_step_of)
+    doomed = [p for p in below if _step_of(p) > step]
+    below = [p for p in below if _step_of(p) < step]
+    doomed += below[: max(0, len(below) - max(0, keep - 1))]
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

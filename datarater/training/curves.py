@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_save_png
 
 
 def _running_mean(xs: list[float], k: int) -> list[float]:
@@ -82,4 +82,4 @@ def plot_training(
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_save_png(fig, path)

@@ -355,7 +355,7 @@ class Trainer:
         no reason to fail a run: a plotting error is a warning)."""
         if not self.history:
             return
-        name = "meta_training.png" if self.world == 1 else f"meta_training.rank{self.rank}.png"
+        name = self._plot_name()
         title = "Meta-training" + (
             f" (rank {self.rank}: inner models {self.mine})" if self.world > 1 else ""
         )
@@ -364,15 +364,23 @@ class Trainer:
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"could not draw {name}: {e!r}", stacklevel=2)
 
+    def _plot_name(self) -> str:
+        return "meta_training.png" if self.world == 1 else f"meta_training.rank{self.rank}.png"
+
     def _ckpt_dir(self) -> Path:
         root = self.out / "checkpoints"
         return root if self.world == 1 else root / f"rank-{self.rank}"
 
     def start_over(self) -> None:
-        """Forget an earlier run in ``out``: its checkpoints and log (of this rank)."""
-        if self.out is not None:
-            shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
-            self._log_path().unlink(missing_ok=True)
+        """Forget an earlier run in ``out``: this rank's checkpoints, log and plot, and (rank
+        0) the exported rater, so that nothing of it passes for this run's."""
+        if self.out is None:
+            return
+        shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
+        self._log_path().unlink(missing_ok=True)
+        (self.out / self._plot_name()).unlink(missing_ok=True)
+        if self.rank == 0:
+            shutil.rmtree(self.out / "rater", ignore_errors=True)
 
     def resume(self) -> bool:
         """Load the newest checkpoint under ``out`` if there is one; True if it did."""
