@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -213,17 +214,18 @@ def _analyze(args: argparse.Namespace) -> int:
     import torch
 
     from .scoring.analyze import write_report
-    from .scoring.score import SCORE_COLUMN, read_scored, score_texts
+    from .scoring.score import SCORE_COLUMN, count_scored, read_scored, score_texts
     from .training import load_rater
 
     cols = [args.text_column, SCORE_COLUMN] + ([args.source_column] if args.source_column else [])
-    data = read_scored(args.scored, cols, [args.text_column])
-    total = len(data[SCORE_COLUMN])
-    rows = list(range(total))
-    if total > args.max_rows:  # a uniform sample (seeded), not the first parts
-        gen = torch.Generator().manual_seed(0)
-        rows = sorted(torch.randperm(total, generator=gen)[: args.max_rows].tolist())
-        data = {k: [v[i] for i in rows] for k, v in data.items()}
+    if args.max_rows < 1:
+        raise ValueError(f"--max-rows must be >= 1, got {args.max_rows}")
+    total = count_scored(args.scored)
+    sample = None
+    if total > args.max_rows:  # a uniform sample (seeded), not the first parts; only it is read
+        sample = sorted(random.Random(0).sample(range(total), args.max_rows))
+    data = read_scored(args.scored, cols, [args.text_column], rows=sample)
+    rows = list(range(total)) if sample is None else sample
     texts = data[args.text_column]
     other = None
     if args.compare_rater:

@@ -339,6 +339,34 @@ def test_analyze_cli_on_scored_shards(tmp_path, capsys):
     assert "(a uniform sample of 40)" in (tmp_path / "a2" / "analysis.md").read_text()
 
 
+def test_read_scored_reads_a_sample_part_by_part(tmp_path):
+    """``rows`` gives exactly those rows of the full read, reading only the parts that hold
+    them (analyze samples a large folder without reading every text); errors name the row in
+    its part."""
+    from datarater.scoring.score import count_scored, read_scored
+
+    sizes = [7, 0, 12, 5]
+    schema = pa.schema([("text", pa.string()), (SCORE_COLUMN, pa.float32()), ("n", pa.int64())])
+    for i, n in enumerate(sizes):
+        rows = {"text": [f"p{i}r{j}" for j in range(n)], SCORE_COLUMN: [j / 2 for j in range(n)]}
+        table = pa.table({**rows, "n": list(range(n))}, schema=schema)
+        pq.write_table(table, tmp_path / f"part-{i:05d}.parquet")
+    assert count_scored(tmp_path) == sum(sizes)
+    cols = ["text", SCORE_COLUMN]
+    whole = read_scored(tmp_path, cols, ["text"])
+    pick = [0, 6, 7, 18, 23]
+    part = read_scored(tmp_path, cols, ["text"], rows=pick)
+    assert part == {c: [whole[c][i] for i in pick] for c in cols}
+    assert read_scored(tmp_path, cols, rows=[]) == {c: [] for c in cols}
+    bad = pa.table({"text": ["ok", None, "fine"], SCORE_COLUMN: [1.0, 2.0, 3.0]})
+    pq.write_table(bad, tmp_path / "part-00009.parquet")
+    with pytest.raises(ValueError, match=r"part-00009.parquet: row 1 of 'text' is not text"):
+        read_scored(tmp_path, cols, ["text"], rows=[24, 25])
+    assert read_scored(tmp_path, cols, ["text"], rows=[24, 26])["text"] == ["ok", "fine"]
+    with pytest.raises(ValueError, match="no column 'language'"):
+        read_scored(tmp_path, ["language"])
+
+
 def test_score_dataset_adds_a_column(tmp_path):
     datasets = pytest.importorskip("datasets")
     from datarater.scoring.score import score_dataset

@@ -666,36 +666,67 @@ def score_files(
     return report
 
 
+def _scored_parts(folder: Path | str) -> list[Path]:
+    parts = sorted(Path(folder).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{folder}: no part-*.parquet files (run `datarater score`)")
+    return parts
+
+
+def count_scored(folder: Path | str) -> int:
+    """Rows in the ``part-*.parquet`` files of ``folder``, from their footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in _scored_parts(folder))
+
+
 def read_scored(
-    folder: Path | str, columns: Sequence[str], text_columns: Sequence[str] = ()
+    folder: Path | str,
+    columns: Sequence[str],
+    text_columns: Sequence[str] = (),
+    rows: Sequence[int] | None = None,
 ) -> dict[str, list]:
     """The named columns of every ``part-*.parquet`` under ``folder`` (written by ``score`` or
-    ``filter``), in shard order. A missing column, a non-string value in ``text_columns`` or
-    a missing or non-finite score is an error naming the shard and the row."""
+    ``filter``), in shard order; ``rows``: only those positions (sorted, in that order), read
+    part by part, so that a sample of a large folder costs the sample. A missing column, a
+    non-string value in ``text_columns`` or a missing or non-finite score is an error naming
+    the shard and the row."""
+    import bisect
     import math
 
     import pyarrow.parquet as pq
 
-    parts = sorted(Path(folder).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{folder}: no part-*.parquet files (run `datarater score`)")
     out: dict[str, list] = {c: [] for c in columns}
-    for p in parts:
-        t = pq.read_table(p)
+    start = 0
+    for p in _scored_parts(folder):
+        f = pq.ParquetFile(p)
+        missing = [c for c in columns if c not in f.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{p}: no column {missing[0]!r} (columns: {f.schema_arrow.names})")
+        n, local = f.metadata.num_rows, None
+        if rows is not None:
+            lo, hi = bisect.bisect_left(rows, start), bisect.bisect_left(rows, start + n)
+            local = [r - start for r in rows[lo:hi]]
+        start += n
+        if local == []:
+            continue
+        t = f.read(columns=list(dict.fromkeys(columns)))
+        if local is not None:
+            t = t.take(local)
         for c in columns:
-            if c not in t.column_names:
-                raise ValueError(f"{p}: no column {c!r} (columns: {t.column_names})")
             values = t.column(c).to_pylist()
             if c in text_columns:
                 bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
                 if bad is not None:
-                    raise ValueError(f"{p}: row {bad} of {c!r} is not text: {values[bad]!r}")
+                    row = bad if local is None else local[bad]
+                    raise ValueError(f"{p}: row {row} of {c!r} is not text: {values[bad]!r}")
             if c == SCORE_COLUMN:
                 bad = next(
                     (i for i, v in enumerate(values) if v is None or not math.isfinite(v)), None
                 )
                 if bad is not None:
-                    raise ValueError(f"{p}: row {bad} has no finite score ({values[bad]!r})")
+                    row = bad if local is None else local[bad]
+                    raise ValueError(f"{p}: row {row} has no finite score ({values[bad]!r})")
             out[c] += values
     return out
 
