@@ -84,11 +84,11 @@ def meta_step_workload(
     """
     from . import InnerState, meta_step
     from .meta.baseline import torch_reverse_over_reverse
+    from .models import CausalLM, Rater, TransformerConfig
+    from .optim import Adam
 
     if mode == "pytorch" and (micro_batch_size or hvp != "auto" or loss_backend):
         raise ValueError("the PyTorch baseline takes no micro-batches, hvp or loss backend")
-    from .models import CausalLM, Rater, TransformerConfig
-    from .optim import Adam
 
     if threads:
         torch.set_num_threads(threads)
@@ -117,9 +117,9 @@ def meta_step_workload(
     def run() -> dict:
         rater.zero_grad(set_to_none=True)
         if mode == "pytorch":
-            outer_loss = torch_reverse_over_reverse(rater, lm, state, inner, outer, optimizer=opt)[
-                1
-            ]
+            _, outer_loss = torch_reverse_over_reverse(
+                rater, lm, state, inner, outer, optimizer=opt
+            )
         else:
             outer_loss = meta_step(
                 rater,

@@ -189,8 +189,7 @@ class _Finished:
                 f"this evaluation; delete {folder} to start over"
             )
         try:  # created only if absent, whole: of two evaluations started at once, one wins
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)),
-                         exclusive=True)  # fmt: skip
+            atomic_write_text(path, json.dumps(settings, indent=1), exclusive=True)
         except FileExistsError:
             try:
                 old = json.loads(path.read_text())
@@ -413,9 +412,8 @@ def run_evaluation(
 
         def reference_nll() -> Tensor:
             bar.set_postfix(run="reference LM")
-            seed = cfg.seed + 1
-            trained = train_lm(ref_cfg, ref, val, cfg.steps, cfg.batch, seed, lr=cfg.lr,
-                               on_step=bar.update)  # fmt: skip
+            args = (ref_cfg, ref, val, cfg.steps, cfg.batch, cfg.seed + 1)
+            trained = train_lm(*args, lr=cfg.lr, on_step=bar.update)
             return sequence_nll(trained.model, pool)
 
         n_done = bar.n

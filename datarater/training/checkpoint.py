@@ -69,9 +69,9 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
+def atomic_write_text(path: Path | str, text: str, exclusive: bool = False) -> None:
     """``text`` at ``path``, written atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text), exclusive)
 
 
 def atomic_save_png(fig, path: Path | str, dpi: int = 100) -> None:
