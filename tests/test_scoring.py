@@ -231,7 +231,7 @@ def test_filter_cli_keeps_the_best_share_and_reports_per_source(tmp_path, capsys
     assert main(["filter", "--scored", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_a_filter_stopped_half_way_is_taken_for_neither_run(tmp_path, monkeypatch, capsys):
+def test_a_filter_stopped_half_way_is_taken_for_neither_run(tmp_path, monkeypatch):
     """Rerun into its old --out with another rho and stopped after one part, a filter leaves
     new and old parts side by side: without stats.json (written last, removed first) nothing
     reads them as kept rows; the rerun to the end equals a run into a fresh folder."""
