@@ -81,3 +81,71 @@ def test_the_rival_rows_run_with_stand_ins_of_the_rival_libraries(tmp_path, monk
                  and "torch eager" not in c]  # fmt: skip
     assert len(stand_ins) == 6  # Liger twice and CCE once, in float32 and bf16
     assert all(r[m] == "yes" for r in stand_ins for m in mod.MODES)
+
+
+def _summary_module():
+    spec = importlib.util.spec_from_file_location("summary", ROOT / "bench/gpu/summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_summary_table_judges_each_goal_from_the_saved_rows(tmp_path):
+    """check.sh's last table: the best row per goal, memory net of the gradients, ratios taken
+    in one run, error rows listed, a group cut off mid-write skipped, test tallies read."""
+    ce = dict(group="weighted CE bf16 fwd+bwd", N=16384, V=131072)
+    lin = dict(group="linear+CE bf16 fwd+bwd", N=8192, D=4096, V=131072)
+    grads_mb = (8192 + 131072) * 4096 * 2 / 1e6
+    meta = dict(group="meta_step", T=8)
+    rows = [
+        {**ce, "case": "torch.compile", "ms": 5.0},
+        {**ce, "case": "datarater cuda", "ms": 3.0},
+        {**ce, "case": "datarater cuda fused sum, in place", "ms": 2.4},
+        {**ce, "case": "Liger, per-token loss x w", "ms": 4.8},
+        {**ce, "N": 16384, "V": 32768, "case": "datarater cuda", "ms": 0.5},  # another shape
+        {**ce, "case": "datarater triton", "error": "RuntimeError: boom"},
+        {**lin, "case": "datarater cuda, 32 MB chunks", "ms": 90.0, "peak_mb": grads_mb + 40},
+        {**lin, "case": "datarater cuda, 1024 MB chunks", "ms": 36.0, "peak_mb": grads_mb + 900},
+        dict(group="scoring", case="rater forward (inference)", tokens_per_s=3_000_000),
+        dict(group="scoring", case="score pipeline (jsonl -> parquet)", tokens_per_s=2_600_000),
+        {**meta, "case": "mixed", "ms": 50.0, "peak_mb": 100.0},
+        {**meta, "case": "reverse", "ms": 90.0, "peak_mb": 500.0},
+        {**meta, "case": "PyTorch reverse-over-reverse (baseline)", "ms": 100.0, "peak_mb": 400.0},
+    ]
+    (tmp_path / "gpu_ce.json").write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
+    (tmp_path / "gpu_linear.json").write_text('{"device": "NVIDIA H200", "rows": [')  # cut off
+    (tmp_path / "tests.log").write_text("....\n=== 3 failed, 87 passed in 21.00s ===\n")
+    (tmp_path / "tests_registers.log").write_text("collecting ...\n")  # killed by its limit
+    text = _summary_module().summary(tmp_path)
+    table = {
+        line.split(" | ")[0].strip("| ").strip(): line.split(" | ")[1:]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
+    weighted = table["weighted CE, 16384 x 131072 bf16, fwd+bwd"]
+    assert weighted == ["<= 2.5 ms", "2.4 ms", "datarater cuda fused sum, in place", "yes |"]
+    liger = table["ours against Liger"]
+    assert liger[1:] == ["0.50x its time", "Liger, per-token loss x w", "yes |"]
+    lean = table["linear+CE, 8192 x 4096 x 131072 bf16"]
+    assert lean == ["<= 37 ms in <= 64 MB", "90.0 ms, 40.0 MB", "datarater cuda, 32 MB chunks",
+                    "no |"]  # fmt: skip
+    assert table["fastest of ours, any memory"][1] == "36.0 ms, 900.0 MB"
+    assert table["Cut Cross-Entropy"][-1] == "not measured |"
+    assert table["rater forward, 70M, context 2048, bf16"][1:] == [
+        "3.00M tokens/s", "rater forward (inference)", "no |"]  # fmt: skip
+    assert table["score pipeline (read, tokenise, score, write)"][-1] == "yes |"
+    mixed = table["meta_step T=8, mixed against PyTorch's reverse-over-reverse"]
+    assert mixed[1:] == ["0.50x time, 0.25x memory", "mixed", "yes |"]
+    assert table["meta_step T=8, reverse against PyTorch's reverse-over-reverse"][-1] == "no |"
+    assert "NVIDIA H200, 13 rows" in text
+    assert "rows with errors: 1" in text and "datarater triton: RuntimeError: boom" in text
+    assert "tests: 3 failed, 87 passed" in text
+    assert "tests_registers: no summary (cut short?)" in text
+
+
+def test_the_summary_of_a_recorded_h200_run_matches_bench_results():
+    """The third session's run 3 (bench/results), summarised: the figures RESULTS.md cites."""
+    text = _summary_module().summary(ROOT / "bench/results/gpu-h200-2026-11-28-run3")
+    assert "| rater forward, 70M, context 2048, bf16 | >= 4.0M tokens/s | 3.21M tokens/s |" in text
+    assert "| 98.88 ms, 38.1 MB | datarater cuda, 32 MB chunks | no |" in text
+    assert "tests: 90 passed" in text

@@ -1,0 +1,140 @@
+"""The short table `check.sh` prints last: each open GPU goal of the issues against the best row
+that bears on it, the rivals beside ours, failed rows and the GPU tests' tallies.
+
+    python3 bench/gpu/summary.py OUT_DIR     (the folder of gpu_<group>.json and *.log files)
+
+It only reads what the benchmark groups saved, so it also summarises a slot cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+CE = "weighted CE bf16 fwd+bwd"
+LINEAR = "linear+CE bf16 fwd+bwd"
+
+
+def load_rows(folder: Path) -> tuple[str, list[dict]]:
+    """Every row saved in the folder's JSON files, and the device's name."""
+    device, rows = "", []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a group killed mid-write: its rows are in its log only
+        if isinstance(record, dict) and isinstance(record.get("rows"), list):
+            device = device or record.get("device", "")
+            rows += record["rows"]
+    return device, rows
+
+
+def _ok(rows: list[dict], group: str, **tags) -> list[dict]:
+    return [
+        r
+        for r in rows
+        if r.get("group") == group
+        and "error" not in r
+        and all(r.get(k) == v for k, v in tags.items())
+    ]
+
+
+def _best(rows: list[dict], key: str, largest: bool = False) -> dict | None:
+    rows = [r for r in rows if isinstance(r.get(key), (int, float))]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: r[key]) if largest else min(rows, key=lambda r: r[key])
+
+
+def goal_lines(rows: list[dict]) -> list[list[str]]:
+    """One line per goal: [goal, target, measured, best row, met]; met is "-" where a line
+    only shows a rival's figure, "not measured" where no row bears on it."""
+    out = []
+
+    def line(goal: str, target: str, row: dict | None, shown: str, met: bool | None = None):
+        verdict = "-" if met is None else "yes" if met else "no"
+        if row is None:
+            shown, verdict = "-", "not measured"
+        out.append([goal, target, shown, row["case"] if row else "-", verdict])
+
+    ce = _ok(rows, CE, N=16384, V=131072)
+    ours = _best([r for r in ce if r["case"].startswith("datarater")], "ms")
+    ms = ours["ms"] if ours else float("inf")
+    line("weighted CE, 16384 x 131072 bf16, fwd+bwd", "<= 2.5 ms", ours, f"{ms} ms", ms <= 2.5)
+    for rival in ("torch.compile", "Liger"):
+        theirs = _best([r for r in ce if r["case"].startswith(rival)], "ms")
+        shown = f"{ms / theirs['ms']:.2f}x its time" if theirs else ""
+        line(f"  ours against {rival}", "< 1x", theirs if ours else None, shown,
+             bool(theirs and ms < theirs["ms"]))  # fmt: skip
+
+    lin = _ok(rows, LINEAR, N=8192, D=4096, V=131072)
+    for r in lin:  # memory beyond the bf16 gradients of h and W, which any method writes
+        r["extra_mb"] = round(r["peak_mb"] - (r["N"] + r["V"]) * r["D"] * 2 / 1e6, 1)
+
+    def shown_lin(r: dict | None) -> str:
+        return f"{r['ms']} ms, {r['extra_mb']} MB" if r else ""
+
+    ours_lin = [r for r in lin if r["case"].startswith("datarater")]
+    lean = _best([r for r in ours_lin if r["extra_mb"] <= 64], "ms")
+    line("linear+CE, 8192 x 4096 x 131072 bf16", "<= 37 ms in <= 64 MB", lean, shown_lin(lean),
+         bool(lean and lean["ms"] <= 37))  # fmt: skip
+    fast = _best(ours_lin, "ms")
+    line("  fastest of ours, any memory", "-", fast, shown_lin(fast))
+    for rival in ("torch.compile", "Liger", "Cut Cross-Entropy"):
+        theirs = _best([r for r in lin if r["case"].startswith(rival)], "ms")
+        line(f"  {rival}", "-", theirs, shown_lin(theirs))
+
+    score = _ok(rows, "scoring")
+    for goal, prefix, floor in (
+        ("rater forward, 70M, context 2048, bf16", "rater forward", 4e6),
+        ("score pipeline (read, tokenise, score, write)", "score pipeline", 2.5e6),
+    ):
+        row = _best([r for r in score if r["case"].startswith(prefix)], "tokens_per_s", True)
+        tps = row["tokens_per_s"] if row else 0
+        line(goal, f">= {floor / 1e6:.1f}M tokens/s", row, f"{tps / 1e6:.2f}M tokens/s",
+             tps >= floor)  # fmt: skip
+
+    meta = _ok(rows, "meta_step", T=8)
+    base = next((r for r in meta if r["case"].startswith("PyTorch reverse-over-reverse")), None)
+    for mode in ("mixed", "reverse"):
+        row = next((r for r in meta if r["case"] == mode), None) if base else None
+        time, memory = (row["ms"] / base["ms"], row["peak_mb"] / base["peak_mb"]) if row else (1, 1)
+        line(f"meta_step T=8, {mode} against PyTorch's reverse-over-reverse",
+             "< 1x time and memory", row, f"{time:.2f}x time, {memory:.2f}x memory",
+             time < 1 and memory < 1)  # fmt: skip
+    return out
+
+
+def test_tallies(folder: Path) -> list[str]:
+    """The last pytest summary line of each test log, e.g. 'tests: 90 passed'."""
+    out = []
+    for path in sorted(folder.glob("tests*.log")):
+        text = path.read_text(errors="replace")
+        found = re.findall(
+            r"^=*\s*(\d+ (?:passed|failed|error|skipped|deselected).*?) in [\d.]+s",
+            text,
+            re.MULTILINE,
+        )
+        out.append(f"{path.stem}: {found[-1] if found else 'no summary (cut short?)'}")
+    return out
+
+
+def summary(folder: Path) -> str:
+    device, rows = load_rows(folder)
+    lines = [f"## Summary: {device or 'unknown device'}, {len(rows)} rows", ""]
+    lines += ["| goal | target | measured | best row | met |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in goal_lines(rows)]
+    failed = [r for r in rows if "error" in r]
+    lines.append("")
+    lines.append(f"rows with errors: {len(failed)}")
+    lines += [f"  {r.get('group')}: {r.get('case')}: {r['error'][:100]}" for r in failed]
+    lines += test_tallies(folder)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: summary.py OUT_DIR (the folder check.sh wrote)")
+    print(summary(Path(sys.argv[1])))
