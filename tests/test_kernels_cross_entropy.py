@@ -180,6 +180,50 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(backend):
         assert ours <= regular - 0.9 * n * v * 4  # one N x V buffer fewer
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inplace_backward_never_hands_a_stale_logit_to_another_reader(backend):
+    """The per-token in-place backward overwrites the logits; a second backward through the
+    same graph, or another term that saved them, must fail rather than read the gradient."""
+    z, t, w, *_ = make_inputs(6, 11, seed=12)
+    x = z.clone().requires_grad_(True)
+    logits = x * 1.0
+    loss = weighted_cross_entropy(logits, t, w, ignore_index=IGNORE, backend=backend,
+                                  inplace_backward=True).sum()  # fmt: skip
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    logits = x * 1.0
+    square = (logits * logits).sum()  # saves the logits before the loss is taken
+    loss = weighted_cross_entropy(logits, t, w, ignore_index=IGNORE, backend=backend,
+                                  inplace_backward=True).sum()  # fmt: skip
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + square).backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_inplace_backward_keeps_forward_mode_tangents(backend, reduction):
+    """Forward-over-reverse with forward-mode AD (a dual level around a plain backward): the
+    in-place option must step aside, and leave the caller's tangent alone."""
+    import torch.autograd.forward_ad as fwad
+
+    z, t, w, *_ = make_inputs(7, 13, seed=13)
+    dz = torch.randn_like(z)
+    p, d = z.double().softmax(-1), dz.double()
+    valid = (t != IGNORE).double()[:, None]
+    want = valid * w.double()[:, None] * (p * d - p * (p * d).sum(-1, keepdim=True))
+    for inplace in (False, True):
+        tangent = dz.clone()
+        with fwad.dual_level():
+            x = fwad.make_dual(z.clone().requires_grad_(True) * 1.0, tangent)
+            opts = dict(reduction=reduction, backend=backend, inplace_backward=inplace)
+            loss = weighted_cross_entropy(x, t, w, ignore_index=IGNORE, **opts).sum()
+            (g,) = torch.autograd.grad(loss, x)
+            got = fwad.unpack_dual(g).tangent
+        assert rel(got, want) <= 1e-5, inplace
+        assert torch.equal(tangent, dz)
+
+
 FUSED_CASES = [  # every backend here, triton too (interpreter); the C++ one takes float32
     (b, d)
     for b in available_backends("cpu")

@@ -157,6 +157,28 @@ def test_eager_gradients_equal_recomputed_ones(backend, upstream):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("eager", [None, True, False])
+def test_eager_gradients_step_aside_under_forward_mode_ad(eager):
+    """Under a dual level the gradients computed in the forward carry no tangent: a plain
+    backward must recompute them, whatever ``eager_grad`` says."""
+    import torch.autograd.forward_ad as fwad
+
+    h, w, b, t, sw, tangents, _ = inputs(9, 5, 31, dtype=torch.float64)
+    dh = tangents[0]
+
+    def tangent_of_grad(create_graph: bool, eager_grad):
+        with fwad.dual_level():
+            x = fwad.make_dual(h.clone().requires_grad_(True) * 1.0, dh)
+            loss = linear_weighted_cross_entropy(x, w, t, sw, bias=b, reduction="sum",
+                                                 eager_grad=eager_grad)  # fmt: skip
+            (g,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+            return fwad.unpack_dual(g).tangent
+
+    want = tangent_of_grad(True, False)
+    got = tangent_of_grad(False, eager)
+    assert got is not None and rel(got, want) <= 1e-12
+
+
 # the C++ backend takes float32 logits; the torch one covers bfloat16 here
 FIRST_ORDER = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.bfloat16)]
 FIRST_ORDER = [(b, d) for b, d in FIRST_ORDER if not (b == "cpu" and d == torch.bfloat16)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd import Function
+from torch.autograd import Function, forward_ad
 
 from .primitives import Primitives, _wrapped, directional
 
@@ -28,6 +28,12 @@ def _scaled(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
     return a if b is None else a * b
+
+
+def _plain_backward(*tensors: Tensor | None) -> bool:
+    """Whether a backward now is first order only: no graph of it is built (reverse mode), no
+    tangent rides on it (forward mode), no torch.func transform wraps it."""
+    return not torch.is_grad_enabled() and forward_ad._current_level < 0 and not _wrapped(*tensors)
 
 
 class _CrossEntropy(Function):
@@ -51,11 +57,13 @@ class _CrossEntropy(Function):
         g_logits = g_weights = None
         if ctx.needs_input_grad[0]:
             coef = _scaled(g_loss, weights.to(g_loss.dtype) if ctx.has_weights else None)
-            if ctx.inplace and not torch.is_grad_enabled() and not _wrapped(logits, coef):
-                # First-order training only: the gradient overwrites the logits' memory.
+            if ctx.inplace and _plain_backward(logits, coef):
+                # First-order training only: the gradient overwrites the logits' memory, and
+                # their version moves on, so that any later reader of them fails loudly.
                 g_logits = ctx.prim.directional(
                     logits, targets, lse, None, None, coef, ctx.ignore_index, True, out=logits
                 )[1]
+                torch.autograd.graph.increment_version(logits)
             else:
                 g_logits = _Grad.apply(logits, lse, coef, targets, ctx.prim, ctx.ignore_index)
         if ctx.has_weights and ctx.needs_input_grad[1]:

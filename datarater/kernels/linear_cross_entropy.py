@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd import Function
+from torch.autograd import Function, forward_ad
 
+from .cross_entropy import _plain_backward
 from .primitives import Primitives, directional
 
 # 256 MiB: on an H200 at N 8192, D 4096, V 131072 bf16 this keeps the row-chunk path (three
@@ -232,7 +233,7 @@ class _LinearCE(Function):
         if any(ctx.needs_input_grad[:3]):
             if (
                 eager is not None
-                and not torch.is_grad_enabled()
+                and _plain_backward(g_loss)
                 and g_loss.numel()
                 and bool((g_loss == g_loss[0]).all())
             ):
@@ -433,6 +434,7 @@ def linear_weighted_cross_entropy(
             and needs
             and hidden.dtype != torch.float16
             and not _wrapped(hidden, weight, bias, weights)
+            and forward_ad._current_level < 0
         )
     cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad, chunk_bytes)
     loss = _LinearCE.apply(hidden, weight, bias, weights, cfg)[0]
