@@ -68,3 +68,28 @@ def ours_all(fn, z, t, w, dz, dw, c):
     _, dl = jvp(lambda a, b: fn(a, t, b), (z, w), (dz, dw.to(w.dtype)))
     _, (dgz, dgw) = jvp(grad(objective, argnums=(0, 1)), (z, w), (dz, dw.to(w.dtype)))
     return dict(loss=l, gz=gz, gw=gw, dl=dl, dgz=dgz, dgw=dgw)
+
+
+def nan_rows(v: int, dtype=torch.float32, device="cpu"):
+    """Three rows: a NaN among ordinary logits (at column 3: the first a thread of a scalar
+    loop sees), a vector of NaNs in a row otherwise masked with -inf (where a running max stays
+    -inf), and a clean row. Torch's loss is NaN for the first two."""
+    gen = torch.Generator().manual_seed(v)
+    z = torch.randn(3, v, generator=gen)
+    z[0, 3] = float("nan")
+    z[1] = float("-inf")
+    z[1, : min(v, 8)] = float("nan")
+    t = torch.tensor([5 % v, 9 % v, 7 % v])
+    return z.to(device=device, dtype=dtype), t.to(device), torch.rand(3, generator=gen).to(device)
+
+
+def assert_nan_kept(loss, grad, clean_loss) -> None:
+    """A NaN logit is never hidden: its row's loss is NaN and so is some of its gradient; the
+    clean row is untouched."""
+    loss, grad = loss.detach().float().cpu(), grad.detach().float().cpu()
+    if loss.dim():
+        assert loss[:2].isnan().all() and torch.isfinite(loss[2])
+        assert abs(loss[2].item() - clean_loss) <= 2e-2 * abs(clean_loss) + 1e-6
+    else:
+        assert loss.isnan()
+    assert all(grad[i].isnan().any() for i in (0, 1)) and torch.isfinite(grad[2]).all()

@@ -16,7 +16,15 @@ from datarater.kernels import (
 )
 
 from .conftest import gpu_meta_grads
-from .kernel_cases import IGNORE, make_inputs, ours_all, reference_all, rel
+from .kernel_cases import (
+    IGNORE,
+    assert_nan_kept,
+    make_inputs,
+    nan_rows,
+    ours_all,
+    reference_all,
+    rel,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
@@ -151,6 +159,29 @@ def test_gpu_masked_vocabulary_stays_finite(backend, dtype):
     )
     (fused,) = torch.autograd.grad(total, h)
     assert rel(total, ref.sum()) <= TOL[dtype] and rel(fused, ref_g) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [50257, 50264, 131072])
+@pytest.mark.parametrize("path", ["per-token", "fused sum", "registers 16", "registers 32"])
+def test_gpu_a_nan_logit_makes_its_row_nan_as_in_torch(monkeypatch, backend, dtype, v, path):
+    """fmaxf passes over NaN: the CUDA reductions carry it in the sum (scalar loops at
+    V = 50257, vectors otherwise, the register kernel at 16 and 32 slots)."""
+    if path.startswith("registers"):
+        if backend != "cuda":
+            pytest.skip("the register kernel is the CUDA backend's")
+        monkeypatch.setenv("DATARATER_CE_FUSED_SLOTS", path.split()[1])
+    z, t, w = nan_rows(v, dtype, "cuda")
+    clean = float(F.cross_entropy(z[2:].double(), t[2:]) * w[2])
+    h = z.clone().requires_grad_(True)
+    if path == "per-token":
+        loss = weighted_cross_entropy(h, t, w, backend=backend)
+    else:
+        loss = weighted_cross_entropy(h * 1, t, w, backend=backend, reduction="sum",
+                                      inplace_backward=True)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss.sum(), h)
+    assert_nan_kept(loss, grad, clean)
 
 
 def test_gpu_fused_kernel_falls_back_when_a_block_would_need_too_much_shared_memory(monkeypatch):

@@ -9,7 +9,15 @@ from torch.func import vjp
 from datarater.kernels import available_backends, weighted_cross_entropy
 from datarater.profiling import peak_tensor_bytes
 
-from .kernel_cases import IGNORE, make_inputs, ours_all, reference_all, rel
+from .kernel_cases import (
+    IGNORE,
+    assert_nan_kept,
+    make_inputs,
+    nan_rows,
+    ours_all,
+    reference_all,
+    rel,
+)
 
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 SHAPES = [(37, 50257), (129, 300), (5, 1), (1, 7), (0, 13)]
@@ -222,6 +230,22 @@ def test_inplace_backward_keeps_forward_mode_tangents(backend, reduction):
             got = fwad.unpack_dual(g).tangent
         assert rel(got, want) <= 1e-5, inplace
         assert torch.equal(tangent, dz)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("v", [50257, 64])
+@pytest.mark.parametrize("fused", [False, True], ids=["per-token", "fused sum"])
+def test_a_nan_logit_makes_its_row_nan_as_in_torch(backend, v, fused):
+    z, t, w = nan_rows(v)
+    clean = float(torch.nn.functional.cross_entropy(z[2:].double(), t[2:]) * w[2])
+    h = z.clone().requires_grad_(True)
+    if fused:
+        loss = weighted_cross_entropy(h * 1, t, w, backend=backend, reduction="sum",
+                                      inplace_backward=True)  # fmt: skip
+    else:
+        loss = weighted_cross_entropy(h, t, w, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), h)
+    assert_nan_kept(loss, grad, clean)
 
 
 FUSED_CASES = [  # every backend here, triton too (interpreter); the C++ one takes float32

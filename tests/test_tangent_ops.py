@@ -66,6 +66,33 @@ def test_layer_norm_blocks():
     )
 
 
+def test_layer_norm_of_rows_in_any_leading_shape():
+    """[B, L, D] rows: the parameters' gradients sum over every row, as for [N, D]."""
+    x, dx, gy, dgy = (_rand(3, 5, 7, seed=s) for s in range(4))
+    g, dg, b, db = (_rand(7, seed=s) for s in range(4, 8))
+    ref = T.layer_norm_fwd_tangent_reference(*(t.double() for t in (x, dx, g, dg, b, db)), 1e-5)
+    saved32 = tuple(t.float() for t in ref[2])
+    want = T.layer_norm_bwd_tangent_reference(
+        gy.double(), dgy.double(), ref[2], g.double(), dg.double()
+    )
+    assert want[2].shape == want[3].shape == (7,)
+    flat = T.layer_norm_bwd_tangent_reference(
+        *(t.double().reshape(15, -1) for t in (gy, dgy)),
+        tuple(t.reshape(15, -1) for t in ref[2]),
+        g.double(),
+        dg.double(),
+    )
+    for a, b_ in zip(want[2:], flat[2:]):
+        torch.testing.assert_close(a, b_)
+    _check(T.layer_norm_bwd_tangent(gy, dgy, saved32, g, dg), want)
+
+
+def test_softmax_of_non_square_scores_without_a_causal_mask():
+    s, ds = _rand(2, 3, 5) * 2, _rand(2, 3, 5, seed=1)
+    ref = T.softmax_fwd_tangent_reference(s.double(), ds.double(), 0.5, False)
+    _check(T.softmax_fwd_tangent(s, ds, 0.5, False), ref)
+
+
 def test_fallback_is_the_reference_for_other_dtypes():
     u, du = _rand(5, 7).double(), _rand(5, 7, seed=1).double()
     for a, b in zip(T.gelu_fwd_tangent(u, du), T.gelu_fwd_tangent_reference(u, du)):

@@ -86,14 +86,15 @@ std::vector<at::Tensor> gelu_bwd_tangent(const at::Tensor& ga, const at::Tensor&
   return {gu, dgu};
 }
 
-// Rows of length L of [..., L, L] score matrices; row r of a matrix is query position r % L.
+// Rows of length L of [..., Lq, L] score matrices (square when causal: row r of a matrix is then
+// query position r % L).
 // a = softmax(scale * s) over keys j <= r (causal) or all j; da = a (scale ds - a . scale ds).
 std::vector<at::Tensor> softmax_fwd_tangent(const at::Tensor& s, const at::Tensor& ds,
                                             double scale, bool causal) {
   check_f32(s, "softmax_fwd_tangent", "s");
   check_f32(ds, "softmax_fwd_tangent", "ds");
-  TORCH_CHECK(s.sizes() == ds.sizes() && s.dim() >= 2 && s.size(-1) == s.size(-2),
-              "softmax_fwd_tangent: s and ds must be [..., L, L] of one shape");
+  TORCH_CHECK(s.sizes() == ds.sizes() && s.dim() >= 2 && (!causal || s.size(-1) == s.size(-2)),
+              "softmax_fwd_tangent: s and ds must be [..., Lq, Lk] of one shape, square if causal");
   const int64_t l = s.size(-1), rows = s.numel() / std::max<int64_t>(l, 1);
   auto a = at::empty_like(s), da = at::empty_like(s);
   const float *ps = s.data_ptr<float>(), *pds = ds.data_ptr<float>();

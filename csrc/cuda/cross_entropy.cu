@@ -65,8 +65,13 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[Vec<T>::n]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
-// Merge two (max, sum-of-exp) pairs.
+// Merge two (max, sum-of-exp) pairs. fmaxf passes over NaN, so a NaN is carried in the sum
+// explicitly: once there, it stays (NaN times anything), and the row's lse is NaN as in torch.
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+  if (isnan(m2) || isnan(s2)) {
+    s = NAN;
+    return;
+  }
   const float mm = fmaxf(m, m2);
   if (mm == -INFINITY) return;  // both empty
   s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
@@ -84,7 +89,11 @@ __device__ __forceinline__ void accumulate(float& m, float& s, const float (&x)[
     s *= __expf(m - mx);  // 0 while m is -inf (s is 0 then too)
     m = mx;
   }
-  if (m == -INFINITY) return;  // nothing but masked logits so far: no inf - inf
+  if (m == -INFINITY) {  // nothing but masked logits so far: no inf - inf (and no exp to
+#pragma unroll          // carry a NaN into the sum: fmaxf passed over it)
+    for (int k = 0; k < n; ++k) s = isnan(x[k]) ? NAN : s;
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < n; ++k) s += __expf(x[k] - m);
 }
@@ -239,6 +248,7 @@ cudaError_t launch_forward(const void* logits, const int64_t* targets, const flo
                            int64_t n, int64_t v, int64_t ignore_index, float* loss, float* lse,
                            float* nll, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  if (n > INT32_MAX) return cudaErrorInvalidValue;  // a block per row: gridDim.x < 2^31
   ce_forward_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
       static_cast<const T*>(logits), targets, weights, v, ignore_index, loss, lse, nll);
   return cudaGetLastError();
@@ -250,6 +260,7 @@ cudaError_t launch_directional(const void* logits, const int64_t* targets, const
                                int64_t n, int64_t v, int64_t ignore_index, float* dot,
                                void* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  if (n > INT32_MAX) return cudaErrorInvalidValue;  // a block per row: gridDim.x < 2^31
   ce_directional_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
       static_cast<const T*>(logits), targets, lse, static_cast<const T*>(direction), coef_h,
       coef_g, v, ignore_index, dot, static_cast<T*>(out));
@@ -443,9 +454,12 @@ __global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 3 : 1)
   for (int k = 0; k < kSlots; ++k) m = fmaxf(m, x[k]);
   const float m_own = m;
   float s = 0.0f;
-  if (m_own == -INFINITY) {  // nothing but masked or absent slots: no inf - inf
+  if (m_own == -INFINITY) {  // nothing but masked, absent or NaN slots: no inf - inf
 #pragma unroll
-    for (int k = 0; k < kSlots; ++k) x[k] = 0.0f;
+    for (int k = 0; k < kSlots; ++k) {
+      x[k] = isnan(x[k]) ? NAN : 0.0f;  // a NaN reaches the sum (fmaxf passed over it)
+      s += x[k];
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {

@@ -158,7 +158,8 @@ def layer_norm_bwd_tangent_reference(gy, dgy, saved, gamma, dgamma):
     )
     gx = r * inner
     dgx = r * (d_inner - r * m_xdx * inner)  # dr = -r^2 mean(xh dx)
-    return gx, dgx, (dgy * xh + gy * dxh).sum(0), dgy.sum(0)
+    rows = tuple(range(gy.dim() - 1))  # the parameters' gradients sum over every row
+    return gx, dgx, (dgy * xh + gy * dxh).sum(rows), dgy.sum(rows)
 
 
 def layer_norm_bwd_tangent(gy, dgy, saved, gamma, dgamma):

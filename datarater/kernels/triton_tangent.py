@@ -320,8 +320,10 @@ def layer_norm_bwd_tangent(gy, dgy, saved, gamma, dgamma):
     """(gx, its tangent, tangent of the gamma gradient, tangent of the beta gradient) for rows
     gy [N, D]; the last two are sums over rows, finished by torch from per-program partials."""
     xh, dxh, r, m = saved
-    if gy.dim() != 2:  # the reference sums over dim 0 only; keep exactly its meaning
-        return _fallback(_ops.layer_norm_bwd_tangent_reference, gy, dgy, saved, gamma, dgamma)
+    if gy.dim() != 2 and gy.dim() > 0:  # rows of any leading shape: as one [rows, D] batch
+        flat = [t.reshape(-1, t.shape[-1]) for t in (gy, dgy, *saved)]
+        gx, dgx, dgw, dgb = layer_norm_bwd_tangent(*flat[:2], tuple(flat[2:]), gamma, dgamma)
+        return gx.reshape(gy.shape), dgx.reshape(gy.shape), dgw, dgb
     rows, d = gy.shape
     if not (
         _ok(gy, dgy, xh, dxh, r, m, gamma, dgamma, row=d)
