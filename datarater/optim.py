@@ -276,18 +276,19 @@ class SGD(InnerOptimizer):
         a_s = {"momentum_buffer": out["buf"]} if mu else {}
         return out["params"], a_s, self._clip_vjp_(grads, out["grads"], f, norm)
 
+    # What follows holds for SGD's own update only: a subclass that changes it keeps g_t.
     @property
     def linear_in_grads(self) -> bool:
-        return self.clip_norm is None
+        return self.clip_norm is None and self._written_vjp_applies(SGD)
 
     @property
     def recovers_grads(self) -> bool:
-        return self.momentum > 0.0 and not self.weight_decay
+        return self.momentum > 0.0 and not self.weight_decay and self._written_vjp_applies(SGD)
 
     def grads_for_vjp(self, state, new_state, grads_like, clip):
         if self.linear_in_grads:
             return grads_like
-        if self.momentum == 0.0 or self.weight_decay:
+        if not self.recovers_grads:
             return None
         old, new = state["momentum_buffer"], new_state["momentum_buffer"]
         g = {k: new[k] - self.momentum * old[k] for k in new}
@@ -364,10 +365,14 @@ class Adam(InnerOptimizer):
         return out["params"], a_s, self._clip_vjp_(grads, out["grads"], f, norm)
 
     @property
-    def recovers_grads(self) -> bool:
-        return True
+    def recovers_grads(
+        self,
+    ) -> bool:  # Adam's own update only: a subclass that changes it keeps g_t
+        return self._written_vjp_applies(Adam)
 
     def grads_for_vjp(self, state, new_state, grads_like, clip):
+        if not self.recovers_grads:
+            return None
         b1 = self.betas[0]
         old, new = state["exp_avg"], new_state["exp_avg"]
         g = {k: (new[k] - b1 * old[k]) / (1.0 - b1) for k in new}

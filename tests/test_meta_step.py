@@ -4,6 +4,7 @@ differences of the whole unrolled computation, done independently with torch.opt
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -796,3 +797,130 @@ def test_the_callers_state_is_not_changed_by_buffer_updates():
         assert float(state.buffers["calls"]) == 0 and float(res.state.buffers["calls"]) > 0
     after = dr.weighted_steps(rater, model, state, inner, optimizer=opt)
     assert float(state.buffers["calls"]) == 0 and float(after.buffers["calls"]) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# optimizers and models that change what the library would otherwise assume
+
+
+@dataclasses.dataclass(frozen=True)
+class _CubicSGD(optim.SGD):
+    """A subclass with its own step: not the update SGD's shortcuts assume."""
+
+    def step(self, params, grads, state, step):
+        return {k: p - self.lr * (grads[k] + 3 * grads[k] ** 3) for k, p in params.items()}, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _L2Adam(optim.Adam):
+    """A subclass that changes the update itself (L2 added to the gradient before clipping)."""
+
+    def update(self, params, grads, state, step):
+        grads = {k: g + 0.5 * params[k] for k, g in grads.items()}
+        return super().update(params, grads, state, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecayMatrices(optim.InnerOptimizer):
+    """A per-tensor rule: weight decay on matrices only, read from each parameter's shape."""
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state, step):
+        return {
+            k: p - self.lr * (grads[k] + (0.5 * p if p.dim() >= 2 else 0.0))
+            for k, p in params.items()
+        }, {}
+
+
+def _against_the_oracle(model, rater, opt, **kw):
+    from datarater.meta.baseline import torch_reverse_over_reverse
+
+    inner, outer = make_batches(3, masked=True, seed=21)
+    state = dr.InnerState.init(model, opt)
+    meta, _ = torch_reverse_over_reverse(rater, model, state, inner, outer, optimizer=opt, tau=TAU)
+    want = torch.cat([m.flatten() for m in meta])
+    for mode in ("mixed", "reverse"):
+        _, got = run(mode, rater, model, state, inner, outer, opt, **kw)
+        assert rel(got, want) < 1e-9, mode
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [_CubicSGD(0.5), _L2Adam(0.01, eps=1e-3), _DecayMatrices(0.5)],
+    ids=["SGD subclass with its own step", "Adam subclass with its own update", "per-tensor"],
+)
+def test_users_optimizers_get_per_parameter_tensors_and_their_own_update(opt):
+    """Subclasses that change the update keep g_t (no rebuild from the moments), mixed mode
+    runs their update (not clip + step), and every user optimizer sees the parameters by name
+    and shape, as PyTorch's own reverse-over-reverse hands them."""
+    _against_the_oracle(tiny_lm(), tiny_rater(), opt)
+
+
+def _tied(lm):
+    lm.lm_head.weight = lm.tok.weight
+    return lm
+
+
+def _hooked(lm):
+    lm.register_forward_hook(lambda m, i, o: 0.5 * o)
+    return lm
+
+
+def _eps(lm):
+    for b in lm.blocks:
+        b.ln1.eps = 1e-2
+    return lm
+
+
+def _bidirectional(lm):
+    for b in lm.blocks:
+        b.attn.causal = False
+    return lm
+
+
+@pytest.mark.parametrize("change", [_tied, _hooked, _eps, _bidirectional], ids=lambda f: f.__name__)
+def test_a_changed_library_model_gets_a_pass_that_matches_it(change):
+    """The hand-written pass runs only for the model it writes out (and a manual tie of the
+    output projection to the embedding); a hook, a setting or a layer changed falls back."""
+    from datarater.models.forward_over_reverse import computes_as_written
+
+    lm = change(tiny_lm())
+    assert computes_as_written(lm) == (change is _tied)
+    _against_the_oracle(lm, tiny_rater(), optim.SGD(0.5))
+    assert computes_as_written(tiny_lm())
+
+
+def test_weighted_steps_under_no_grad_and_with_bad_arguments():
+    model, rater, opt, state = _setup()
+    inner, _ = make_batches(2)
+    with torch.no_grad():
+        after = dr.weighted_steps(rater, model, state, inner, optimizer=opt)
+    want = dr.weighted_steps(rater, model, state, inner, optimizer=opt)
+    for k in want.params:
+        torch.testing.assert_close(after.params[k], want.params[k], rtol=0, atol=0)
+    with torch.no_grad():  # mixed mode too
+        dr.meta_step(rater, model, state, inner, inner[0], optimizer=opt)
+    for kw, match in [
+        (dict(tau=0.0), "tau"),
+        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(optimizer=optim.Adam(0.1)), "another optimizer"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            dr.weighted_steps(rater, model, state, inner, **{"optimizer": opt, **kw})
+    too_big = [{"input_ids": torch.full((2, 5), VOCAB)}]
+    with pytest.raises(ValueError, match="out of range"):
+        dr.weighted_steps(rater, model, state, too_big, optimizer=opt)
+
+
+def test_a_rater_with_batch_statistics_is_refused_where_batches_are_split_or_repeated():
+    model, _, opt, state = _setup()
+    rater = _Around(tiny_rater(), lambda m, ids: m.bn(m.inner(ids)[:, None])[:, 0])
+    rater.bn = torch.nn.BatchNorm1d(1).double()
+    inner, outer = make_batches(2)
+    for kw in (dict(mode="mixed"), dict(mode="reverse", micro_batch_size=2)):
+        with pytest.raises(ValueError, match="BatchNorm in training mode"):
+            dr.meta_step(rater, model, state, inner, outer, optimizer=opt, **kw)
+    dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")  # exact
+    dr.meta_step(rater.eval(), model, state, inner, outer, optimizer=opt)  # fixed statistics

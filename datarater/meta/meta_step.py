@@ -26,7 +26,7 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..optim import InnerOptimizer, Params, State
+from ..optim import SGD, Adam, InnerOptimizer, Params, State, global_norm
 from .batch import SeqBatch, logits_of, sequence_losses
 from .state import InnerState
 
@@ -58,7 +58,7 @@ class _Run:
 
     rater: nn.Module
     model: nn.Module
-    opt: InnerOptimizer
+    opt: InnerOptimizer | _OnViews
     tau: float
     micro: int | None
     hvp: str
@@ -119,8 +119,9 @@ class _Prepared:
 class _Flat:
     """One flat vector for all inner parameters.
 
-    The optimizer runs once on the whole vector instead of once per tensor (its maths is
-    elementwise plus one global norm, so this is exact), and the model sees views of it.
+    The library's optimizers run once on the whole vector instead of once per tensor (their
+    maths is elementwise plus one global norm, so this is exact); other optimizers see
+    per-parameter views of it (``_OnViews``); the model sees views of it.
     """
 
     KEY = "flat"
@@ -152,6 +153,39 @@ class _Flat:
 
     def wrap(self, vec: Tensor) -> Params:
         return {self.KEY: vec}
+
+
+class _OnViews:
+    """A user's optimizer (or a subclass that changed a library optimizer's update) on the flat
+    vector: it gets and returns dicts of per-parameter views, named as the model names them,
+    so per-tensor rules (a norm per tensor, decay for matrices only) hold. Its update is
+    differentiated by autograd, and each step's gradient is kept on the tape."""
+
+    linear_in_grads = False
+    recovers_grads = False
+
+    def __init__(self, opt: InnerOptimizer, fl: _Flat) -> None:
+        self.opt, self.fl = opt, fl
+
+    def update(self, params: Params, grads: Params, state: State, step: int):
+        fl = self.fl
+        new, new_state = self.opt.update(
+            fl.views(params[fl.KEY]), fl.views(grads[fl.KEY]), fl.state_views(state), step
+        )
+        return fl.wrap(fl.flat(new)), fl.flat_state(new_state)
+
+    def update_vjp(self, params, grads, state, step, a_params, a_state):
+        return InnerOptimizer.update_vjp(self, params, grads, state, step, a_params, a_state)
+
+    def grads_for_vjp(self, state, new_state, grads_like, clip) -> None:
+        return None
+
+
+def _on_flat(opt: InnerOptimizer, fl: _Flat) -> InnerOptimizer | _OnViews:
+    """The optimizer as the sweeps call it: the library's own on the flat vector, any other
+    on per-parameter views."""
+    exact = any(isinstance(opt, kind) and opt._written_vjp_applies(kind) for kind in (SGD, Adam))
+    return opt if exact else _OnViews(opt, fl)
 
 
 def _check_scores(scores, size: int) -> Tensor:
@@ -186,6 +220,51 @@ def _check_state(state: InnerState, model: nn.Module, optimizer: InnerOptimizer)
             f"state holds optimizer state {sorted(state.opt_state)}, but "
             f"{type(optimizer).__name__} keeps {sorted(wanted)}: the state was built for "
             f"another optimizer (or momentum setting); {fix}"
+        )
+
+
+def _check_common(rater, model, state, batches, optimizer, tau, micro_batch_size, what: str):
+    """The checks meta_step and weighted_steps share; returns the batches as a list."""
+    if isinstance(tau, bool) or not (
+        isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)
+    ):
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    if micro_batch_size is not None and (
+        isinstance(micro_batch_size, bool)
+        or not isinstance(micro_batch_size, int)
+        or micro_batch_size < 1
+    ):
+        raise ValueError(
+            f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}"
+        )
+    if not isinstance(state, InnerState):
+        raise TypeError(
+            f"state must be an InnerState (InnerState.init(model, optimizer)), got {type(state)}"
+        )
+    if not isinstance(optimizer, InnerOptimizer):
+        raise TypeError(f"optimizer must be a datarater.optim optimizer, got {type(optimizer)}")
+    if isinstance(batches, Mapping) or not isinstance(batches, Sequence):
+        raise TypeError(f"{what} must be a list of batches (one per inner step)")
+    _check_state(state, model, optimizer)
+    _refuse_checkpointing(model)
+    return list(batches)
+
+
+def _refuse_batch_statistics(rater: nn.Module) -> None:
+    """Mixed mode and micro-batches score a batch in pieces and more than once; a rater whose
+    scores depend on which rows share its batch (BatchNorm in training mode, which also
+    updates its running statistics at each pass) would give a wrong meta-gradient silently."""
+    found = [
+        name or type(rater).__name__
+        for name, m in rater.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if found:
+        raise ValueError(
+            "the rater has BatchNorm in training mode "
+            f"({', '.join(found[:6])}): its scores would depend on how meta_step splits and "
+            "repeats its batches (mode='mixed', micro_batch_size); call .eval() on the rater "
+            "or use mode='reverse' without micro_batch_size"
         )
 
 
@@ -473,11 +552,13 @@ def meta_step(
     over the batch, inner gradient of sum_i w_i * loss_i, one ``optimizer`` update of ``state``.
     The outer loss is the mean per-sequence loss on ``outer_batch`` at the final parameters.
     ``micro_batch_size`` splits every batch into chunks of at most that many rows; the
-    batch-wide softmax weights stay exact, and so does the result. ``hvp`` (mixed mode):
-    ``"auto"`` uses the model's hand-written forward-over-reverse pass when it has one (the
-    library's ``CausalLM`` does), else ``"double"`` (one step's reverse-over-reverse);
-    ``"func"`` uses ``torch.func.jvp`` of ``torch.func.grad``. ``loss_backend``
-    picks the cross-entropy kernel backend of the loss layer (default: the best available).
+    batch-wide softmax weights stay exact, and so does the result (for raters whose scores do
+    not depend on the rows beside them: BatchNorm in training mode is refused). ``hvp``
+    (mixed mode): ``"auto"`` uses the model's hand-written forward-over-reverse pass when it
+    has one (the library's ``CausalLM`` does), else ``"double"`` (one step's
+    reverse-over-reverse); ``"func"`` uses ``torch.func.jvp`` of ``torch.func.grad``.
+    ``loss_backend`` picks the cross-entropy kernel backend of the loss layer (default: the
+    best available).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -485,33 +566,16 @@ def meta_step(
         raise ValueError(f"hvp must be one of {HVP_PASSES}, got {hvp!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if isinstance(tau, bool) or not (
-        isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)
-    ):
-        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
-    if micro_batch_size is not None and (
-        isinstance(micro_batch_size, bool)
-        or not isinstance(micro_batch_size, int)
-        or micro_batch_size < 1
-    ):
-        raise ValueError(
-            f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}"
-        )
-    if not isinstance(state, InnerState):
-        raise TypeError(
-            f"state must be an InnerState (InnerState.init(model, optimizer)), got {type(state)}"
-        )
-    if not isinstance(optimizer, InnerOptimizer):
-        raise TypeError(f"optimizer must be a datarater.optim optimizer, got {type(optimizer)}")
-    if isinstance(inner_batches, Mapping) or not isinstance(inner_batches, Sequence):
-        raise TypeError("inner_batches must be a list of batches (one per inner step)")
-    if len(inner_batches) == 0:
+    # taken once: the batches checked are those used
+    inner_batches = _check_common(
+        rater, model, state, inner_batches, optimizer, tau, micro_batch_size, "inner_batches"
+    )
+    if not inner_batches:
         raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
-    inner_batches = list(inner_batches)  # taken once: the batches checked are those used
-    _check_state(state, model, optimizer)
     if mode == "mixed":
         _refuse_dropout(model=model, rater=rater)
-    _refuse_checkpointing(model)
+    if mode == "mixed" or micro_batch_size is not None:
+        _refuse_batch_statistics(rater)
     dtype = next(iter(state.params.values())).dtype
     if dtype in (torch.float16, torch.bfloat16):
         raise ValueError(
@@ -541,17 +605,18 @@ def meta_step(
             "the rater reads the same ids as the model, so it needs the same tokenizer"
         )
 
+    fl = _Flat(state.params)
     run = _Run(
         rater,
         model,
-        optimizer,
+        _on_flat(optimizer, fl),
         float(tau),
         micro_batch_size,
         hvp,
         loss_backend,
         phi,
         _own_buffers(state),
-        _Flat(state.params),
+        fl,
     )
     sweep = _mixed if mode == "mixed" else _reverse
     try:
@@ -620,12 +685,13 @@ def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, watch: boo
     total, loss = None, 0.0
     for mb, wm in run.micro_batches(batch, w):
         leaves = {k: v.detach().requires_grad_(True) for k, v in run.fl.views(theta).items()}
-        with _refuse_randomness("model", watch):
-            obj = (wm * run.losses(leaves, mb)).sum()
+        with torch.enable_grad():  # also when the caller runs under torch.no_grad()
+            with _refuse_randomness("model", watch):
+                obj = (wm * run.losses(leaves, mb)).sum()
+            g = torch.autograd.grad(
+                obj, list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
         watch = False
-        g = torch.autograd.grad(
-            obj, list(leaves.values()), allow_unused=True, materialize_grads=True
-        )
         g = run.fl.flat(g)
         total = g if total is None else total + g
         loss = obj.detach().double() + loss
@@ -644,8 +710,12 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
             w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
         g, loss = _inner_grad(run, theta, batch, w, watch=t == 0)
         with torch.no_grad():
-            clipped, f, gnorm = opt.clip(fl.wrap(g))
-            new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
+            if keep_grads:  # the update as the optimizer defines it; g_t goes on the tape
+                f, gnorm = None, global_norm(fl.wrap(g))
+                new_theta, new_s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
+            else:  # the library's own: clip, then step; the factor helps rebuild g_t later
+                clipped, f, gnorm = opt.clip(fl.wrap(g))
+                new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
         tape.append(_Tape(theta, s, g if keep_grads else None, f, w, step + 1))
         theta, s, step = new_theta[fl.KEY], new_s, step + 1
         losses.append(loss)
@@ -783,7 +853,7 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
                 gm = _grad_with_graph(obj, [theta], run)[0]
                 g = gm if g is None else g + gm
                 loss = obj.detach().double() + loss
-            gnorms.append(opt.clip(fl.wrap(g))[2].detach())
+            gnorms.append(global_norm(fl.wrap(g)).detach())
             new_theta, s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
             theta, step = new_theta[fl.KEY], step + 1
             losses.append(loss)
@@ -815,17 +885,28 @@ def weighted_steps(
     micro_batch_size: int | None = None,
 ) -> InnerState:
     """Plain inner training on rater-weighted batches, no meta-gradient: what inner models do
-    between meta-updates. Same weighting and update as ``meta_step``'s forward sweep."""
-    _refuse_checkpointing(model)
+    between meta-updates. Same weighting and update as ``meta_step``'s forward sweep, and the
+    same checks of its arguments."""
+    batches = _check_common(rater, model, state, batches, optimizer, tau, micro_batch_size,
+                            "batches")  # fmt: skip
+    if micro_batch_size is not None:
+        _refuse_batch_statistics(rater)
     fl, buffers = _Flat(state.params), _own_buffers(state)
     theta, s, step = fl.flat(state.params), fl.flat_state(state.opt_state), state.step
-    run = _Run(rater, model, optimizer, float(tau), micro_batch_size, "auto", None, [], buffers, fl)
+    opt = _on_flat(optimizer, fl)
+    run = _Run(rater, model, opt, float(tau), micro_batch_size, "auto", None, [], buffers, fl)
+    vocab = _declared_vocab(model)
     for t, raw in enumerate(batches):
         batch = SeqBatch.from_dict(raw, f"batches[{t}]").to(theta.dtype)
+        if vocab is not None and batch.max_id >= vocab:
+            raise ValueError(
+                f"batches[{t}]: token id {batch.max_id} is out of range for the model's "
+                f"vocabulary of {vocab}"
+            )
         with torch.no_grad():
             w = torch.softmax(run.scores(batch).to(theta.dtype) / run.tau, 0)
         g, _ = _inner_grad(run, theta, batch, w)
         with torch.no_grad():
-            new, s = optimizer.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
+            new, s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
         theta, step = new[fl.KEY], step + 1
     return InnerState(fl.views(theta), buffers, fl.state_views(s), step)

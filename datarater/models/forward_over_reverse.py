@@ -134,6 +134,67 @@ class _Weights:
         return gx, dgx
 
 
+def computes_as_written(model) -> bool:
+    """Whether ``model`` (a CausalLM) computes exactly what ``causal_lm_hvp`` writes out: the
+    library's modules of the exact types it builds, with their settings (LayerNorm's eps and
+    affine terms, causal attention, plain embeddings and biased linears), and no hooks. A
+    changed model takes the generic pass instead: a wrong pass would give a wrong
+    meta-gradient without an error."""
+    from torch import nn
+    from torch.nn.modules import module as nn_module
+
+    from .transformer import Attention, Block
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        return False
+    if any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in model.modules()
+    ):
+        return False
+
+    def exact(m, kind) -> bool:
+        return type(m) is kind
+
+    def linear(m, bias: bool = True) -> bool:
+        return exact(m, nn.Linear) and (m.bias is not None) == bias
+
+    def norm(m) -> bool:
+        return (
+            exact(m, nn.LayerNorm)
+            and m.eps == 1e-5
+            and m.weight is not None
+            and (m.bias is not None)
+        )
+
+    def embedding(m) -> bool:
+        return (
+            exact(m, nn.Embedding)
+            and m.padding_idx is None
+            and m.max_norm is None
+            and not (m.scale_grad_by_freq or m.sparse)
+        )
+
+    cfg = model.cfg
+    blocks_ok = exact(model.blocks, nn.ModuleList) and len(model.blocks) == cfg.n_layers
+    blocks_ok = blocks_ok and all(
+        exact(blk, Block)
+        and exact(blk.attn, Attention)
+        and blk.attn.causal
+        and blk.attn.n_heads == cfg.n_heads
+        and all(linear(m) for m in (blk.attn.qkv, blk.attn.proj, blk.fc, blk.out))
+        and norm(blk.ln1)
+        and norm(blk.ln2)
+        for blk in model.blocks
+    )
+    head_ok = model.lm_head is None or linear(model.lm_head, bias=False)
+    return (
+        blocks_ok and head_ok and embedding(model.tok) and embedding(model.pos) and norm(model.ln_f)
+    )
+
+
 @torch.no_grad()
 def causal_lm_hvp(
     model,
@@ -157,7 +218,8 @@ def causal_lm_hvp(
     d, h = cfg.d_model, cfg.n_heads
     scale = 1.0 / math.sqrt(d // h)
     ids = input_ids.reshape(-1)
-    out_name = "tok.weight" if model.lm_head is None else "lm_head.weight"
+    tied = model.lm_head is None or model.lm_head.weight is model.tok.weight
+    out_name = "tok.weight" if tied else "lm_head.weight"
 
     def heads(y: Tensor) -> list[Tensor]:  # [N, 3d] -> q, k, v as [B, H, L, d/h], contiguous
         return [t.contiguous() for t in y.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)]

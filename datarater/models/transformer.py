@@ -234,12 +234,16 @@ class CausalLM(_Trunk):
     ):
         """The forward-over-reverse pass of ``meta_step``, written out by hand for this model.
 
-        Returns None when a subclass changed the computation, so that the caller falls back to
-        ``torch.func``. See :mod:`datarater.models.forward_over_reverse`.
+        Returns None when the computation was changed (a subclass's forward, a hook, a
+        replaced layer or setting: ``computes_as_written``), so that the caller falls back to
+        the generic pass. See :mod:`datarater.models.forward_over_reverse`.
         """
         if type(self).forward is not CausalLM.forward or type(self).hidden is not _Trunk.hidden:
             return None
-        from .forward_over_reverse import causal_lm_hvp
+        from .forward_over_reverse import causal_lm_hvp, computes_as_written
+
+        if not computes_as_written(self):
+            return None
 
         return causal_lm_hvp(
             self, params, tangents, input_ids, targets, token_weights, seq_weights, loss_backend
