@@ -924,3 +924,16 @@ def test_a_rater_with_batch_statistics_is_refused_where_batches_are_split_or_rep
             dr.meta_step(rater, model, state, inner, outer, optimizer=opt, **kw)
     dr.meta_step(rater, model, state, inner, outer, optimizer=opt, mode="reverse")  # exact
     dr.meta_step(rater.eval(), model, state, inner, outer, optimizer=opt)  # fixed statistics
+
+
+def test_a_compiled_library_model_is_meta_differentiated():
+    """torch.compile's wrapper names the parameters ``_orig_mod.*`` and hands attribute
+    lookups to the model: the hand-written pass must not take names it does not know."""
+    model, rater, opt, state = _setup()
+    inner, outer = make_batches(2)
+    _, want = run("reverse", rater, model, state, inner, outer, opt)
+    compiled = torch.compile(model)
+    state = dr.InnerState.init(compiled, opt)
+    for mode in ("mixed", "reverse"):
+        _, got = run(mode, rater, compiled, state, inner, outer, opt)
+        assert rel(got, want) < 1e-9, mode

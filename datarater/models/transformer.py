@@ -242,8 +242,9 @@ class CausalLM(_Trunk):
             return None
         from .forward_over_reverse import causal_lm_hvp, computes_as_written
 
-        if not computes_as_written(self):
-            return None
+        names = {name for name, _ in self.named_parameters()}
+        if not computes_as_written(self) or not set(params) <= names:
+            return None  # (other names: called through a wrapper, such as torch.compile's)
 
         return causal_lm_hvp(
             self, params, tangents, input_ids, targets, token_weights, seq_weights, loss_backend
