@@ -250,3 +250,22 @@ def test_bfloat16_weight_gradient_is_rounded_a_bounded_number_of_times():
                                              chunk_bytes=chunk_bytes)  # fmt: skip
         errors.append(rel(torch.autograd.grad(loss.sum(), (hb, wb))[1], ref_w))
     assert errors[1] <= 2 * errors[0] and errors[1] < 1e-2, errors
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 3000], ids=["rows", "vocab"])
+def test_a_frozen_weight_gets_no_eager_gradient(chunk_bytes):
+    """With the output projection frozen (a LoRA-style fine-tune), the forward computes the
+    hidden states' gradient only: the same values, without a V x D buffer or its GEMM."""
+    h, w, b, t, sw, *_ = inputs(33, 16, 2000, seed=5)
+
+    def grad_h(eager: bool, w_trains: bool):
+        hh = h.detach().requires_grad_(True)
+        ww = w.detach().requires_grad_(w_trains)
+        loss = linear_weighted_cross_entropy(hh, ww, t, sw, bias=b, reduction="sum",
+                                             chunk_bytes=chunk_bytes, eager_grad=eager)  # fmt: skip
+        return torch.autograd.grad(loss, hh)[0]
+
+    torch.testing.assert_close(grad_h(True, False), grad_h(False, False), rtol=1e-5, atol=1e-6)
+    frozen, _ = peak_tensor_bytes(lambda: grad_h(True, False))
+    training, _ = peak_tensor_bytes(lambda: grad_h(True, True))
+    assert frozen <= training - 0.9 * w.numel() * 4

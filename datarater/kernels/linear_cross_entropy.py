@@ -96,12 +96,13 @@ def _tile_grad(z: Tensor, lse: Tensor, coef: Tensor, targets: Tensor, col0: int,
     return g.to(z.dtype)
 
 
-def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
-    """Gradients of sum_n coef_n nll_n in (h, W, b) given lse. Temporaries: a float32
-    accumulator for a block of rows of gh and one tile of logits (in the inputs' dtype, and in
-    float32 where the backend cannot write the tile's gradient in place), within ``budget``
-    bytes unless N is so large that a block of N/8 rows (the rounding bound) or a 128-column
-    tile exceeds it: at most about N * D * 4 / 8 bytes more."""
+def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int, need=(True,) * 3):
+    """Gradients of sum_n coef_n nll_n in (h, W, b) given lse (None for those ``need`` says
+    nobody wants: a frozen weight costs neither its V x D buffer nor its GEMM). Temporaries:
+    a float32 accumulator for a block of rows of gh and one tile of logits (in the inputs'
+    dtype, and in float32 where the backend cannot write the tile's gradient in place), within
+    ``budget`` bytes unless N is so large that a block of N/8 rows (the rounding bound) or a
+    128-column tile exceeds it: at most about N * D * 4 / 8 bytes more."""
     n, d = h.shape
     v = w.shape[0]
     elem = h.element_size()
@@ -118,20 +119,23 @@ def _grads_by_vocab_chunks(h, w, b, coef, lse, cfg: _Ctx, budget: int):
     cv = max(cv, min(v, 128))  # never one-column products, whatever the budget
     valid = cfg.targets != cfg.ignore_index
     coef = torch.where(valid, coef, torch.zeros_like(coef))
-    gh = torch.empty_like(h)
-    gw = torch.zeros_like(w)  # one rounding per row block (the GEMM adds in float32)
-    gb = None if b is None else torch.zeros(v, dtype=acc, device=w.device)
+    gh = torch.empty_like(h) if need[0] else None
+    gw = torch.zeros_like(w) if need[1] else None  # one rounding per row block
+    gb = None if b is None or not need[2] else torch.zeros(v, dtype=acc, device=w.device)
     for r in _chunks(n, nb):
         hb, lb, cb, tb = h[r], lse[r], coef[r], cfg.targets[r]
-        ghb = torch.zeros(hb.shape, dtype=acc, device=h.device)
+        ghb = torch.zeros(hb.shape, dtype=acc, device=h.device) if gh is not None else None
         for c in _chunks(v, cv):
             wc = w[c]
             gz = _tile_grad(_project(hb, wc, None if b is None else b[c]), lb, cb, tb, c.start, cfg)
-            ghb += gz @ wc
-            gw[c].addmm_(gz.T, hb)
+            if ghb is not None:
+                ghb += gz @ wc
+            if gw is not None:
+                gw[c].addmm_(gz.T, hb)
             if gb is not None:
                 gb[c] += gz.sum(0).to(acc)
-        gh[r] = ghb.to(h.dtype)
+        if gh is not None:
+            gh[r] = ghb.to(h.dtype)
     return gh, gw, None if gb is None else gb.to(b.dtype)
 
 
@@ -164,9 +168,11 @@ class _Ctx:
         rows: int,
         eager_grad: bool = False,
         budget: int = 0,
+        need: tuple[bool, bool, bool] = (True, True, True),
     ):
         self.targets, self.prim, self.ignore_index, self.rows = targets, prim, ignore_index, rows
         self.eager_grad, self.budget = eager_grad, budget
+        self.need = need  # which of (h, W, b) the eager gradients are computed for
 
 
 class _LinearCE(Function):
@@ -183,9 +189,11 @@ class _LinearCE(Function):
         eager = cfg.eager_grad
         fused = eager and _few_chunks(n, cfg.rows)  # the gradient from the same logits
         if fused:
-            gh = torch.empty_like(h)
-            gw = torch.zeros_like(w)  # few chunks: few roundings of the accumulation
-            gb = None if b is None else torch.zeros(b.shape, dtype=_acc(b), device=b.device)
+            gh = torch.empty_like(h) if cfg.need[0] else None
+            gw = torch.zeros_like(w) if cfg.need[1] else None  # few chunks: few roundings
+            gb = None
+            if b is not None and cfg.need[2]:
+                gb = torch.zeros(b.shape, dtype=_acc(b), device=b.device)
         z = None
         for sl in _chunks(n, cfg.rows):
             hc, t = h[sl], cfg.targets[sl]
@@ -197,8 +205,10 @@ class _LinearCE(Function):
                 gz = cfg.prim.directional(
                     z, t, lse[sl], None, None, coef, cfg.ignore_index, True, out=z
                 )[1]
-                gh[sl] = gz @ w
-                gw.addmm_(gz.T, hc)
+                if gh is not None:
+                    gh[sl] = gz @ w
+                if gw is not None:
+                    gw.addmm_(gz.T, hc)
                 if gb is not None:
                     gb += gz.sum(0).to(gb.dtype)
         del z  # the last chunk's logits: not held through the gradient pass
@@ -206,7 +216,7 @@ class _LinearCE(Function):
             return loss, lse, nll, None, None, None
         if not fused:
             coef = torch.ones_like(lse) if weights is None else weights.to(lse.dtype)
-            gh, gw, gb = _grads_by_vocab_chunks(h, w, b, coef, lse, cfg, cfg.budget)
+            gh, gw, gb = _grads_by_vocab_chunks(h, w, b, coef, lse, cfg, cfg.budget, cfg.need)
             return loss, lse, nll, gh, gw, gb
         return loss, lse, nll, gh, gw, None if gb is None else gb.to(b.dtype)
 
@@ -218,7 +228,7 @@ class _LinearCE(Function):
         # no zero gradients for the side outputs: for gw that would be a weight-sized buffer
         ctx.set_materialize_grads(False)
         ctx.cfg, ctx.has_b, ctx.has_weights = cfg, b is not None, weights is not None
-        ctx.eager = (gh, gw, gb) if gh is not None else None
+        ctx.eager = (gh, gw, gb) if cfg.eager_grad else None
         ctx.save_for_backward(h, w, b, weights, lse, nll)
         ctx.save_for_forward(h, w, b, weights, lse, nll)
 
@@ -233,6 +243,7 @@ class _LinearCE(Function):
         if any(ctx.needs_input_grad[:3]):
             if (
                 eager is not None
+                and all(x is not None for x, want in zip(eager, ctx.needs_input_grad) if want)
                 and _plain_backward(g_loss)
                 and g_loss.numel()
                 and bool((g_loss == g_loss[0]).all())
@@ -436,6 +447,7 @@ def linear_weighted_cross_entropy(
             and not _wrapped(hidden, weight, bias, weights)
             and forward_ad._current_level < 0
         )
-    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad, chunk_bytes)
+    need = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    cfg = _Ctx(targets.contiguous(), prim, ignore_index, rows, eager_grad, chunk_bytes, need)
     loss = _LinearCE.apply(hidden, weight, bias, weights, cfg)[0]
     return _reduce(loss, targets, weights, ignore_index, reduction)
