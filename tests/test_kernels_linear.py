@@ -87,13 +87,17 @@ def test_linear_matches_float64(backend, bias, chunk_bytes):
         assert rel(got[key], want[key]) < 1e-5, (key, rel(got[key], want[key]))
 
 
-def test_linear_gradcheck_and_gradgradcheck_float64():
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20], ids=["vocab", "rows"])
+def test_linear_gradcheck_and_gradgradcheck_float64(reduction, chunk_bytes):
+    """With the defaults (eager gradients on): a second backward, as gradcheck's reentrancy
+    check runs, must give the first one's values to the bit."""
     h, w, b, t, sw, *_ = inputs(5, 4, 7, dtype=torch.float64)
     args = tuple(x.detach().requires_grad_(True) for x in (h, w, b, sw.double()))
 
     def f(h_, w_, b_, sw_):
         return linear_weighted_cross_entropy(
-            h_, w_, t, sw_, bias=b_, backend="torch", chunk_bytes=64
+            h_, w_, t, sw_, bias=b_, backend="torch", chunk_bytes=chunk_bytes, reduction=reduction
         )
 
     assert torch.autograd.gradcheck(f, args)

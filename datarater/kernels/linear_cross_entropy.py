@@ -157,6 +157,13 @@ def _grads_by_row_chunks(h, w, b, coef, lse, cfg: _Ctx):
     return gh, gw, None if gb is None else gb.to(b.dtype)
 
 
+def _first_order_grads(h, w, b, coef, lse, cfg, need=(True,) * 3):
+    """The gradients by the path the forward's eager computation takes for these shapes."""
+    if _few_chunks(h.shape[0], cfg.rows):
+        return _grads_by_row_chunks(h, w, b, coef, lse, cfg)
+    return _grads_by_vocab_chunks(h, w, b, coef, lse, cfg, cfg.budget, need)
+
+
 class _Ctx:
     """Non-tensor settings shared by the three Functions."""
 
@@ -242,12 +249,13 @@ class _LinearCE(Function):
             return None, None, None, None, None
         if any(ctx.needs_input_grad[:3]):
             if (
-                eager is not None
-                and all(x is not None for x, want in zip(eager, ctx.needs_input_grad) if want)
-                and _plain_backward(g_loss)
-                and g_loss.numel()
-                and bool((g_loss == g_loss[0]).all())
-            ):
+                _plain_backward(g_loss) and g_loss.numel() and bool((g_loss == g_loss[0]).all())
+            ):  # as after .sum() or a mean: the gradients for ones, rescaled
+                if eager is None or any(
+                    x is None for x, want in zip(eager, ctx.needs_input_grad) if want
+                ):  # computed now as the forward would have (a second backward is the same)
+                    ones = torch.ones_like(lse) if weights is None else weights.to(lse.dtype)
+                    eager = _first_order_grads(h, w, b, ones, lse, cfg)
                 scale = float(g_loss[0])  # a Python float: the product is rounded once
                 gh, gw, gb = (x if x is None or scale == 1.0 else x.mul_(scale) for x in eager)
             else:
@@ -316,9 +324,7 @@ class _LinearGrad(Function):
 
     @staticmethod
     def forward(h, w, b, coef, lse, cfg: _Ctx):
-        if _few_chunks(h.shape[0], cfg.rows):
-            return _grads_by_row_chunks(h, w, b, coef, lse, cfg)
-        return _grads_by_vocab_chunks(h, w, b, coef, lse, cfg, cfg.budget)
+        return _first_order_grads(h, w, b, coef, lse, cfg)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
