@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 SIZES = {  # inner LM and rater sizes; "cpu" finishes in minutes on 2 cores
@@ -162,13 +163,41 @@ def _score(args: argparse.Namespace) -> int:
     import os
 
     from .data import get_tokenizer
-    from .scoring.score import score_files
     from .training import load_rater
 
     rater = load_rater(args.rater)
     tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else None
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = _device(args.device)
+    with _ranks_wait_for_each_other(world):
+        return _score_run(args, rater, tokenizer, device, rank, world)
+
+
+@contextmanager
+def _ranks_wait_for_each_other(world: int):
+    """Under torchrun, a process that ends with an error makes torchrun stop all the others: a
+    rank whose shard is bad would stop the rest mid-shard, at every rerun. So the ranks join a
+    (CPU) process group and meet at a barrier before any of them returns, however long the
+    slowest one scores."""
+    import datetime
+
+    import torch.distributed as dist
+
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    try:
+        yield
+        if joined:
+            dist.barrier()
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _score_run(args, rater, tokenizer, device, rank: int, world: int) -> int:
+    from .scoring.score import score_files
+
     report = score_files(
         rater,
         args.data,

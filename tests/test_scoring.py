@@ -440,6 +440,35 @@ def test_two_rank_scoring_killed_midway_then_rerun(tmp_path):
     assert 2 <= done_before < 8, f"the kill landed after {done_before} of 8 shards"
 
 
+def test_a_bad_shard_under_torchrun_does_not_stop_the_other_ranks(tmp_path):
+    """torchrun stops every process once one exits with an error: the rank that meets the bad
+    shard must wait for the others, so that they finish theirs (and reruns are not stopped at
+    the same place each time)."""
+    import os
+    import pydoc_data.topics as topics
+    import subprocess
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=258, max_seq_len=128, d_model=64, n_layers=2, n_heads=2)
+    folder = tmp_path / "rater"
+    save_rater(Rater(cfg, pad_id=257), folder)
+    text = " ".join(topics.topics.values())
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a_bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')  # rank 0's: not JSON
+    rows = [{"text": text[j * 53 : j * 53 + 400], "id": j} for j in range(2000)]
+    (data / "b_big.jsonl").write_text("\n".join(json.dumps(r) for r in rows))  # rank 1's
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "scored"
+    cmd = torchrun("-m", "datarater.cli", "score", "--rater", str(folder), "--data", str(data),
+                   "--quiet", "--device", "cpu", "--out", str(out))  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "a_bad.jsonl" in done.stderr
+    parts = [pq.read_table(p) for p in out.glob("part-*.parquet")]
+    assert sum(t.num_rows for t in parts) == 2000  # rank 1 finished its shard
+    assert sorted(i for t in parts for i in t.column("id").to_pylist()) == list(range(2000))
+
+
 def test_incompatible_or_broken_rater_checkpoints_are_named(tmp_path, capsys):
     from datarater.training import load_rater
 
