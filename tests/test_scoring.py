@@ -806,9 +806,12 @@ def test_skip_bad_rows_leaves_out_rows_without_text_and_counts_them(tmp_path, ca
         torch.tensor(first.column(SCORE_COLUMN).to_pylist()), score_texts(rater, texts)
     )
     assert json.loads((out / "part-00001.done").read_text())["bad_rows"] == 1
-    # the flag is part of the run's settings: a strict rerun into the same folder is refused
-    assert main([*args, "--out", str(out)]) == 2
-    assert "skip_bad_rows: True then, False now" in capsys.readouterr().err
+    # the flag changes no score (each marker counts the rows its shard left out): a rerun
+    # without it finds every shard finished, and the folder records no such setting
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 2
+    assert "skip_bad_rows" not in json.loads((out / "inputs.json").read_text())["settings"]
     # the strict run above finished no shard: it is finished in place with the flag on
     assert main([*args, "--out", str(tmp_path / "strict"), "--skip-bad-rows"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 299
@@ -855,3 +858,85 @@ def test_run_settings_take_scalar_tensors_and_resolve_auto_precision():
         run_settings(rater, ByteTokenizer(), "text", "truncate", "auto")["rater_weights"]
         != (got["rater_weights"])
     )
+
+
+def _jsonl_shards(folder: Path, shards: int, rows: int = 20) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        lines = (json.dumps({"text": f"shard {s} row {j} " * (j % 5 + 1), "id": s * rows + j})
+                 for j in range(rows))  # fmt: skip
+        (folder / f"s{s}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_shard_that_never_finished_may_be_dropped_from_a_folder(tmp_path, capsys):
+    """A corrupt shard fails; removing it from the inputs lets the folder finish (its part
+    number stays reserved), while a finished input may still not go missing."""
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 3)
+    (data / "s1.jsonl").write_text('{"text": \n')  # corrupt: fails, no part
+    args = ["score", "--rater", str(folder), "--data", str(data), "--quiet", "--out", str(out)]
+    assert main(args) == 1
+    (data / "s1.jsonl").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 2
+    assert sorted(p.name for p in out.glob("*.done")) == ["part-00000.done", "part-00002.done"]
+    (data / "s2.jsonl").unlink()  # finished: its part would be orphaned
+    assert main(args) == 2
+    assert "finished already, are not among the inputs now" in capsys.readouterr().err
+
+
+def test_scoring_a_scored_folder_again_replaces_the_score_column(tmp_path):
+    rater, folder = _rater(tmp_path)
+    data, first, again = tmp_path / "data", tmp_path / "first", tmp_path / "again"
+    _jsonl_shards(data, 1)
+    common = ["score", "--rater", str(folder), "--quiet"]
+    assert main([*common, "--data", str(data), "--out", str(first)]) == 0
+    with torch.no_grad():
+        rater.head.weight.mul_(-1.0)  # another rater: other scores
+    save_rater(rater, folder)
+    assert main([*common, "--data", str(first), "--out", str(again)]) == 0
+    old = pq.read_table(first / "part-00000.parquet")
+    new = pq.read_table(again / "part-00000.parquet")  # one score column, readable
+    assert new.column_names == old.column_names
+    torch.testing.assert_close(
+        torch.tensor(new.column(SCORE_COLUMN).to_pylist()),
+        score_texts(rater, new.column("text").to_pylist()),
+    )
+
+
+def test_on_the_cpu_each_shard_is_written_as_soon_as_it_is_scored(tmp_path, monkeypatch):
+    """No device queue to overlap with: a shard's part and marker exist before the next shard
+    is scored, so a crash loses no finished shard."""
+    from datarater.scoring import score as score_module
+
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 3)
+    seen, launch = [], score_module._launch
+
+    def spy(*a, **kw):
+        seen.append(len(list(out.glob("*.done"))))
+        return launch(*a, **kw)
+
+    monkeypatch.setattr(score_module, "_launch", spy)
+    args = ["score", "--rater", str(folder), "--data", str(data), "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    assert seen == [0, 1, 2]
+
+
+def test_a_shard_whose_rows_are_all_bad_gives_a_part_with_a_text_column(tmp_path):
+    """--skip-bad-rows on a shard without one text value: an empty part whose text column is
+    a string column, so that readers of the folder can read it with the others."""
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 1)
+    pq.write_table(pa.table({"text": [1, 2, 3], "id": [7, 8, 9]}), data / "z.parquet")
+    args = ["score", "--rater", str(folder), "--data", str(data), "--quiet", "--out", str(out)]
+    assert main([*args, "--skip-bad-rows"]) == 0
+    empty = pq.read_table(out / "part-00001.parquet")
+    assert empty.num_rows == 0 and empty.schema.field("text").type == pa.string()
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(sorted(map(str, out.glob("part-*.parquet")))).to_table().num_rows == 20

@@ -356,3 +356,17 @@ def test_atomic_writes_survive_a_read_only_umask_and_killed_writers_leave_no_lit
     with pytest.raises(FileExistsError):
         atomic_write(tmp_path / "a.json", lambda t: t.write_text("[]"), exclusive=True)
     assert not list(tmp_path.glob(".a.json.*"))  # the refused writer cleaned up
+
+
+def test_checkpoints_are_ordinary_files_a_team_can_read(tmp_path):
+    """safetensors creates its files readable by the owner only; every file written
+    atomically takes the mode an ordinary file would (0644 under a umask of 022)."""
+    from datarater.training.checkpoint import save_checkpoint
+
+    keep = os.umask(0o022)
+    try:
+        final = save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"step": 3})
+    finally:
+        os.umask(keep)
+    for name in ("tensors.safetensors", "meta.json"):
+        assert (final / name).stat().st_mode & 0o777 == 0o644, name

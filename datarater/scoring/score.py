@@ -428,30 +428,34 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
     on. A rerun must list every recorded input (in any order) so that no part is orphaned;
     inputs it adds get the next part numbers, wherever they sort (shards of a growing crawl).
     Settings may change while no shard is finished (a first run that failed on a wrong
-    column can be fixed in place), and ``skip_bad_rows`` may be switched on (a shard
-    finished without it had no bad rows); settings a folder's first version did not record
-    are not compared. Every rank of a torchrun job derives the same numbering."""
+    column can be fixed in place); ``skip_bad_rows`` is not one of them (it changes no score;
+    each shard's marker counts the rows it left out), and settings a folder's first version
+    did not record are not compared. A recorded input that never finished may be dropped (a
+    corrupt shard removed): its part number stays reserved, and its slot in the returned list
+    is None. Every rank of a torchrun job derives the same numbering."""
     manifest = out / "inputs.json"
     by_name = {str(f.resolve()): f for f in files}
     before = json.loads(manifest.read_text()) if manifest.exists() else {"inputs": []}
     if isinstance(before, list):  # written before settings were recorded
         before = {"inputs": before}
     old = before["inputs"]
-    gone = [name for name in old if name not in by_name]
+    gone = [
+        name
+        for i, name in enumerate(old)
+        if name not in by_name and (out / f"part-{i:05d}.done").exists()
+    ]
     if gone:
         raise ValueError(
             f"{out}: {len(gone)} of the {len(old)} input files of the run that started this "
-            f"folder are not among the inputs now (first: {gone[0]}); finish with all of them "
-            "(new ones may be added), or use a new --out"
+            f"folder, finished already, are not among the inputs now (first: {gone[0]}); "
+            "finish with all of them (new ones may be added), or use a new --out"
         )
     recorded = set(old)
     numbered = old + [name for name in by_name if name not in recorded]
     then = before.get("settings", {})
 
     def conflicts(key: str, now) -> bool:
-        if key not in then or then[key] == now:
-            return False
-        return not (key == "skip_bad_rows" and now is True)
+        return key in then and then[key] != now
 
     diff = [f"{k}: {then[k]!r} then, {v!r} now" for k, v in settings.items() if conflicts(k, v)]
     if diff and any(out.glob("part-*.done")):
@@ -462,7 +466,7 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
     if then != settings or numbered != old:
         record = {"inputs": numbered, "settings": settings}
         atomic_write_text(manifest, json.dumps(record, indent=1))
-    return [by_name[name] for name in numbered]
+    return [by_name.get(name) for name in numbered]
 
 
 def _read_table(path: Path):
@@ -541,6 +545,11 @@ def _load_shard(path: Path, text_column: str, skip_bad_rows: bool = False):
     if bad:
         table = table.take(pa.array(good, pa.int64()))
         texts = [texts[i] for i in good]
+        column = table.schema.get_field_index(text_column)
+        if not pa.types.is_string(table.schema.field(column).type):  # every row was bad: a
+            table = table.set_column(  # text column of another type would break the readers
+                column, text_column, table.column(column).cast(pa.string())
+            )
     return table, texts, bad
 
 
@@ -577,7 +586,6 @@ def score_files(
     tokenizer = check_tokenizer(rater, tokenizer)
     pad = padding_id(rater, tokenizer)
     settings = run_settings(rater, tokenizer, text_column, aggregate, precision, device)
-    settings["skip_bad_rows"] = skip_bad_rows
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # parts a killed run was writing
@@ -590,7 +598,7 @@ def score_files(
     t0, tokens = time.perf_counter(), 0
     todo = []
     for i, path in enumerate(files):
-        if i % world != rank:
+        if path is None or i % world != rank:  # a dropped input, or another rank's
             continue
         marker = out / f"part-{i:05d}.done"
         if marker.exists():
@@ -604,8 +612,9 @@ def score_files(
     )
     # A pipeline: a reader thread loads and tokenises the next shard while this one is
     # scored; a shard's scores are collected and written only after the next shard's batches
-    # are queued, so the GPU is not idle while the CPU writes. On an error the pending read is
-    # cancelled rather than awaited, and the bar closed.
+    # are queued, so the GPU is not idle while the CPU writes (on the CPU, where a shard is
+    # scored when _launch returns, it is written at once: a crash then loses no finished
+    # shard). On an error the pending read is cancelled rather than awaited, and the bar closed.
     seq_len = rater.cfg.max_seq_len
 
     def prepare(path: Path):
@@ -617,7 +626,11 @@ def score_files(
         i, path, table, n_texts, bad, windows, pending = job
         scores = _aggregate(windows, _collect(pending), n_texts, aggregate)
         tokens += sum(len(w[1]) for w in windows)
-        table = table.append_column(SCORE_COLUMN, pa.array(scores.numpy(), pa.float32()))
+        column = pa.array(scores.numpy(), pa.float32())
+        if SCORE_COLUMN in table.column_names:  # scored before (another rater): replaced
+            table = table.set_column(table.column_names.index(SCORE_COLUMN), SCORE_COLUMN, column)
+        else:
+            table = table.append_column(SCORE_COLUMN, column)
         part = out / f"part-{i:05d}.parquet"
         atomic_write(part, lambda tmp: pq.write_table(table, tmp))
         marker = out / f"part-{i:05d}.done"
@@ -657,6 +670,9 @@ def score_files(
             if queued is not None:
                 finish(queued)
             queued = (i, path, table, n_texts, bad, windows, pending)
+            if pending[2] is None:  # scored already (no device queue): written at once
+                finish(queued)
+                queued = None
         if queued is not None:
             finish(queued)
     finally:

@@ -51,6 +51,11 @@ def atomic_write(
     tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        # an ordinary file's mode: some writers (safetensors) create theirs readable by the
+        # owner only, and a team sharing a run folder could not read its checkpoints
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         _fsync(tmp)
         if not exclusive:
             os.replace(tmp, path)

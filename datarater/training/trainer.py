@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -482,9 +481,6 @@ def save_rater(
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={"datarater": json.dumps(meta)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; make it an ordinary file
 
     atomic_write(folder / "rater.safetensors", write)
     atomic_write_text(folder / "config.json", json.dumps(meta, indent=1))
