@@ -152,8 +152,11 @@ def _train_run(args: argparse.Namespace) -> int:
     trainer = Trainer(
         cfg, train, held, tok.vocab_size, out, tok.pad_id, tokenizer=tok.name, device=device
     )
-    if args.resume and trainer.resume():
-        print(f"resumed at step {trainer.step}")
+    if args.resume:
+        if trainer.resume():
+            print(f"resumed at step {trainer.step}")
+        else:
+            print(f"nothing to resume in {out}: starting a new run")
     trainer.run(progress=not args.quiet)
     print(f"rater written to {out / 'rater'}")
     return 0
@@ -398,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         "--size",
         choices=sorted(SIZES),
         default="cpu",
-        help="inner LM and rater size (d_model "
-        "48/256/512); not evaluate's --sizes, which name LM presets",
+        help="inner LM and rater size: "
+        + ", ".join(
+            f"{k} d_model {v['d_model']} x {v['n_layers']} layers" for k, v in SIZES.items()
+        )
+        + "; not evaluate's --sizes, which name LM presets",
     )
     train.add_argument(
         "--steps", type=int, help="meta-steps; default 300 at --size cpu, else TrainConfig's"
@@ -520,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument(
         "--sizes",
         default="tiny,small",
-        help="model presets, smallest first (larger than the rater, or scoring eats the gain)",
+        help="model presets, smallest first (larger than the rater, or scoring eats the gain): "
+        "toy, tiny, small, 17m, 50m, rater-70m, 125m, 435m",
     )
     ev.add_argument("--rhos", default="0.1,0.25,0.5,0.75,0.9", help="discard fractions to sweep")
     ev.add_argument("--steps", type=int, default=300, help="training steps per run")

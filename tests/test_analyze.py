@@ -32,3 +32,14 @@ def test_sparse_fit_names_the_feature_that_drives_the_score(tmp_path):
     assert rep["lowest"][0]["score"] <= rep["highest"][0]["score"]
     assert json.loads((tmp_path / "analysis.json").read_text())["n"] == 200
     assert (tmp_path / "score_histograms.png").stat().st_size > 0
+
+
+def test_rank_correlation_stays_within_its_bounds():
+    """Spearman of a vector with itself rounds to just above 1 for some lengths: clamped."""
+    from datarater.scoring.analyze import rank_correlation
+    from datarater.scoring.metrics import spearman
+
+    g = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(n, generator=g) for n in range(5, 200)]
+    assert any(spearman(x, x) > 1.0 for x in vectors)  # the rounding this guards against
+    assert all(rank_correlation(x, x) <= 1.0 and rank_correlation(x, -x) >= -1.0 for x in vectors)

@@ -255,6 +255,11 @@ def test_every_command_has_help_with_the_defaults_worth_knowing(command, capsys)
     expected = {"train": "(default: 128)", "score": "(default: 64)", "filter": "(default: 0.5)"}
     assert expected.get(command, "") in out
     assert "(default: None)" not in out and "(default: False)" not in out
+    if command == "evaluate":  # the presets it lists (written out: no torch import for --help)
+        from datarater.models.transformer import PRESETS
+
+        listed = " ".join(out.split()).split("scoring eats the gain): ")[1].split(" (default")[0]
+        assert listed.split(", ") == list(PRESETS)
 
 
 def test_training_curves_are_drawn_at_checkpoints(tmp_path):

@@ -368,9 +368,17 @@ def run_evaluation(
     n_runs = len(runs) + (len(sizes) - 1) + (4 if cfg.baselines else 0) + (given is not None)
     bar = tqdm(total=n_runs * cfg.steps * cfg.repeats, desc="evaluate", disable=not progress)
 
+    def skip(steps: int) -> None:  # work done before a crash: counted, not in the rate
+        if bar.disable:
+            return
+        bar.n += steps
+        bar.initial += steps
+        bar.last_print_n = bar.n
+        bar.refresh()
+
     def train(run: Run, pool_: Sequences, sc: Tensor | None, keep: str = "top") -> None:
         if finished.load(run):  # trained before a crash, by a run with these settings
-            bar.update(cfg.steps * cfg.repeats)
+            skip(cfg.steps * cfg.repeats)
             return
         bar.set_postfix(run=f"{run.size} {run.label}")
         trained = [

@@ -102,8 +102,9 @@ def explain(texts: Sequence[str], scores: Tensor, alpha: float | None = None) ->
 
 
 def rank_correlation(a: Tensor, b: Tensor) -> float:
-    """Spearman correlation of two score vectors (stability across checkpoints)."""
-    return spearman(a, b)
+    """Spearman correlation of two score vectors (stability across checkpoints), clamped to
+    [-1, 1] against rounding."""
+    return min(1.0, max(-1.0, spearman(a, b)))
 
 
 def extremes(
