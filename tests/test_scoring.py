@@ -940,3 +940,51 @@ def test_a_shard_whose_rows_are_all_bad_gives_a_part_with_a_text_column(tmp_path
     import pyarrow.dataset as ds
 
     assert ds.dataset(sorted(map(str, out.glob("part-*.parquet")))).to_table().num_rows == 20
+
+
+def test_an_input_rewritten_in_place_is_not_taken_as_scored(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 2)
+    args = ["score", "--rater", str(folder), "--data", str(data), "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    with open(data / "s1.jsonl", "a") as f:
+        f.write(json.dumps({"text": "a row added later", "id": 99}) + "\n")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "s1.jsonl changed since it was scored into part 1" in err
+    (out / "part-00001.done").unlink()  # as the message says: then it is scored again
+    assert main(args) == 0
+    assert pq.read_table(out / "part-00001.parquet").num_rows == 21
+
+
+def test_a_bad_batch_size_writes_nothing(tmp_path, capsys):
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 1)
+    args = ["score", "--rater", str(folder), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--batch-size", "0"]) == 2
+    assert "batch_size must be >= 1" in capsys.readouterr().err and not out.exists()
+
+
+def test_filter_says_which_recorded_inputs_have_no_part(tmp_path):
+    from datarater.scoring.filter_files import filter_files
+
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 2)
+    (data / "s0.jsonl").write_text("{broken\n")
+    assert main(["score", "--rater", str(folder), "--data", str(data), "--quiet",
+                 "--out", str(out)]) == 1  # fmt: skip
+    with pytest.warns(UserWarning, match="1 recorded input"):
+        stats = filter_files(out, tmp_path / "kept", "quantile", 0.5)
+    assert stats["unscored_inputs"] == [str((data / "s0.jsonl").resolve())]
+
+
+def test_a_checkpoints_folder_given_as_a_rater_is_named(tmp_path):
+    from datarater.training.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoints", 7, {"w": torch.ones(1)}, {"step": 7})
+    with pytest.raises(FileNotFoundError, match=r"checkpoints folder: .*step-000007"):
+        load_rater(tmp_path / "checkpoints")

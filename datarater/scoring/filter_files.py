@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from ..training.checkpoint import atomic_write, atomic_write_text, remove_stale_temporaries
 from .analyze import MISSING
 from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
-from .score import SCORE_COLUMN
+from .score import SCORE_COLUMN, unfinished_inputs
 
 RULES = ("topk", "paccept", "quantile")
 
@@ -37,6 +38,13 @@ def filter_files(
     parts = sorted(Path(scored).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"{scored}: no part-*.parquet files (run `datarater score`)")
+    missing = unfinished_inputs(scored)
+    if missing:  # filtered all the same (what is kept is kept), but said, and recorded
+        warnings.warn(
+            f"{scored}: {len(missing)} recorded input(s) have no finished part (failed or not "
+            f"yet scored; first: {missing[0]}): their rows are not in this filter",
+            stacklevel=2,
+        )
     out = Path(out)
     if out.resolve() == Path(scored).resolve():
         raise ValueError(f"--out {out} is the scored folder itself: its shards would be replaced")
@@ -93,6 +101,8 @@ def filter_files(
         atomic_write(out / p.name, lambda tmp, kept=kept: pq.write_table(kept, tmp))
     n, k = len(everything), int(sum(int(x.sum()) for x in keeps))
     stats = {"rule": rule, "rho": rho, "rows": n, "kept": k, "kept_fraction": k / n}
+    if missing:
+        stats["unscored_inputs"] = missing
     if source_column:
         stats["kept_fraction_by_source"] = {s: kept_by[s] / total_by[s] for s in sorted(total_by)}
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))

@@ -581,6 +581,8 @@ def score_files(
 
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    if batch_size < 1:  # before anything is written
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
     files = _expand(inputs, exclude=out)
     tokenizer = check_tokenizer(rater, tokenizer)
@@ -602,8 +604,14 @@ def score_files(
             continue
         marker = out / f"part-{i:05d}.done"
         if marker.exists():
-            if Path(json.loads(marker.read_text()).get("input", "")).resolve() != path.resolve():
+            record = json.loads(marker.read_text())
+            if Path(record.get("input", "")).resolve() != path.resolve():
                 raise ValueError(f"{marker} was written for another input than {path}")
+            if record.get("input_stat", _stat(path)) != _stat(path):
+                raise ValueError(
+                    f"{path} changed since it was scored into part {i} (size or modification "
+                    f"time): remove {marker.name} to score it again, or use a new --out"
+                )
             report["skipped"] += 1
         else:
             todo.append((i, path))
@@ -618,12 +626,13 @@ def score_files(
     seq_len = rater.cfg.max_seq_len
 
     def prepare(path: Path):
+        stat = _stat(path)  # the file as read (a change during the read shows at a rerun)
         table, texts, bad = _load_shard(path, text_column, skip_bad_rows)
-        return table, len(texts), bad, _windows(texts, tokenizer, seq_len, aggregate)
+        return table, len(texts), bad, _windows(texts, tokenizer, seq_len, aggregate), stat
 
     def finish(job) -> None:
         nonlocal tokens
-        i, path, table, n_texts, bad, windows, pending = job
+        i, path, table, n_texts, bad, windows, stat, pending = job
         scores = _aggregate(windows, _collect(pending), n_texts, aggregate)
         tokens += sum(len(w[1]) for w in windows)
         column = pa.array(scores.numpy(), pa.float32())
@@ -634,7 +643,7 @@ def score_files(
         part = out / f"part-{i:05d}.parquet"
         atomic_write(part, lambda tmp: pq.write_table(table, tmp))
         marker = out / f"part-{i:05d}.done"
-        record = {"input": str(path.resolve()), "rows": table.num_rows}
+        record = {"input": str(path.resolve()), "input_stat": stat, "rows": table.num_rows}
         if bad:
             record["bad_rows"] = report["bad_rows"][str(path)] = bad
         atomic_write_text(marker, json.dumps(record))
@@ -653,7 +662,7 @@ def score_files(
             if k + 1 < len(todo):
                 ahead = reader.submit(prepare, todo[k + 1][1])
             try:
-                table, n_texts, bad, windows = loading.result()
+                table, n_texts, bad, windows, stat = loading.result()
             except Exception as e:  # noqa: BLE001 - a bad shard is reported, the others go on
                 report["failed"][str(path)] = f"{type(e).__name__}: {e}"
                 bar.update(1)
@@ -669,7 +678,7 @@ def score_files(
                 raise
             if queued is not None:
                 finish(queued)
-            queued = (i, path, table, n_texts, bad, windows, pending)
+            queued = (i, path, table, n_texts, bad, windows, stat, pending)
             if pending[2] is None:  # scored already (no device queue): written at once
                 finish(queued)
                 queued = None
@@ -680,6 +689,23 @@ def score_files(
         bar.close()
     report["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - t0)
     return report
+
+
+def _stat(path: Path) -> list[int]:
+    """What a rerun compares to tell an input rewritten in place: size and mtime."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def unfinished_inputs(folder: Path | str) -> list[str]:
+    """The inputs a ``score_files`` folder records that have no finished part (failed or not
+    yet scored shards): what a reader of the folder lacks."""
+    manifest = Path(folder) / "inputs.json"
+    if not manifest.exists():
+        return []
+    record = json.loads(manifest.read_text())
+    names = record["inputs"] if isinstance(record, dict) else record
+    return [n for i, n in enumerate(names) if not (Path(folder) / f"part-{i:05d}.done").exists()]
 
 
 def _scored_parts(folder: Path | str) -> list[Path]:

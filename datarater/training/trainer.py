@@ -501,6 +501,12 @@ def load_rater(folder: Path | str) -> Rater:
             f"{folder} is a training run folder: its rater is {folder / 'rater'} (once the run "
             f"has finished), its checkpoints are {folder / 'checkpoints'}/step-*"
         )
+    if not cfg_path.exists() and (folder / "LATEST").is_file():
+        latest = (folder / "LATEST").read_text().strip()
+        raise FileNotFoundError(
+            f"{folder} is a checkpoints folder: name one of its checkpoints, such as the "
+            f"newest, {folder / latest}"
+        )
     for path in (cfg_path, weights):
         if not path.exists():
             raise FileNotFoundError(
