@@ -234,7 +234,7 @@ def test_gpu_fused_kernel_in_registers_matches_float64(monkeypatch, slots, dtype
     assert grad.data_ptr() == z.data_ptr() and torch.isfinite(grad).all()
     assert rel(loss, ref) <= tol and rel(nll, nll_ref) <= tol and rel(grad, ref_grad) <= tol
     if plan[0] != want and want == "registers" and slots == "32" and -(-v // 16384) > 8:
-        # 16 blocks of one SM each (78 registers a thread) must share a GPC: a card, or a MIG or
-        # MPS slice, may not have one free
+        # a cluster's 16 blocks of 512 threads must be co-scheduled in one GPC: a card, or a
+        # MIG or MPS slice, may not have room
         pytest.xfail(f"this GPU cannot co-schedule 16 one-SM blocks; ran {plan}")
     assert plan[0] == want, plan
