@@ -988,3 +988,35 @@ def test_a_checkpoints_folder_given_as_a_rater_is_named(tmp_path):
     save_checkpoint(tmp_path / "checkpoints", 7, {"w": torch.ones(1)}, {"step": 7})
     with pytest.raises(FileNotFoundError, match=r"checkpoints folder: .*step-000007"):
         load_rater(tmp_path / "checkpoints")
+
+
+def test_the_progress_bar_moves_batch_by_batch_in_tokens(tmp_path, capsys, monkeypatch):
+    """One large shard still moves the bar: it counts the tokens of each batch as it is
+    scored, with documents per second and the shards done beside it."""
+    import tqdm
+
+    from datarater.scoring.score import score_files
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.steps = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    rater, _ = _rater(tmp_path)
+    data = tmp_path / "data"
+    _jsonl_shards(data, 1, rows=200)
+    report = score_files(rater, [str(data)], "text", tmp_path / "out", batch_size=16)
+    (bar,) = bars
+    assert len(bar.steps) == -(-200 // 16)  # one update per batch of the one shard
+    assert sum(bar.steps) == bar.total == bar.n > 0  # in tokens, all of them
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "tok/s" in last and "shards=1/1" in last and "100%" in last
+    assert report["rows"] == 200

@@ -260,7 +260,9 @@ def _aggregate(windows, win_scores: Tensor, n_texts: int, aggregate: str) -> Ten
     return (total / count.clamp_min(1e-30)).float()
 
 
-def _launch(rater, windows, batch_size: int, pad: int, fixed_shapes: bool = False) -> tuple:
+def _launch(
+    rater, windows, batch_size: int, pad: int, fixed_shapes: bool = False, on_batch=None
+) -> tuple:
     """Queue the scoring of token windows, batched by length, without waiting for it: on a
     GPU the scores come back through pinned memory behind an event, so the caller can prepare
     (or write) other work meanwhile. ``_collect`` waits for them.
@@ -269,7 +271,7 @@ def _launch(rater, windows, batch_size: int, pad: int, fixed_shapes: bool = Fals
     than one per batch) pads every batch to ``batch_size`` rows and its width to
     :func:`bucket_width`. The extra columns are padding, which the rater masks; the extra
     rows copy the batch's last row, so they add no padding of their own, and their scores
-    are dropped."""
+    are dropped. ``on_batch(tokens)`` is told of each batch as it is queued (a progress bar)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(rater.parameters()).device
@@ -293,6 +295,8 @@ def _launch(rater, windows, batch_size: int, pad: int, fixed_shapes: bool = Fals
             padded = min(lengths) < width
             out = rater(ids.to(device, non_blocking=True), padded=padded)
             pieces.append(out[: len(idx)].float())
+            if on_batch is not None:
+                on_batch(sum(lengths))
         scores = torch.cat(pieces) if pieces else torch.empty(0)
         host = torch.empty(len(order), dtype=torch.float32, pin_memory=on_gpu)
         host.copy_(scores, non_blocking=on_gpu)
@@ -615,8 +619,14 @@ def score_files(
             report["skipped"] += 1
         else:
             todo.append((i, path))
+    # the bar counts tokens, batch by batch (its total grows as shards are read), with the
+    # documents per second and the shards done beside it: a few large shards still move it
     bar = tqdm(
-        total=len(todo), desc=f"scoring shards (rank {rank})", disable=not progress or not todo
+        total=0,
+        unit="tok",
+        unit_scale=True,
+        desc=f"scoring (rank {rank})",
+        disable=not progress or not todo,
     )
     # A pipeline: a reader thread loads and tokenises the next shard while this one is
     # scored; a shard's scores are collected and written only after the next shard's batches
@@ -649,9 +659,8 @@ def score_files(
         atomic_write_text(marker, json.dumps(record))
         report["done"] += 1
         report["rows"] += table.num_rows
-        bar.update(1)
         dt = time.perf_counter() - t0
-        bar.set_postfix(docs_s=f"{report['rows'] / dt:.0f}", tok_s=f"{tokens / dt:.0f}")
+        bar.set_postfix(docs_s=f"{report['rows'] / dt:.0f}", shards=f"{report['done']}/{len(todo)}")
 
     reader = ThreadPoolExecutor(max_workers=1)
     queued = None  # the shard whose scores are on their way
@@ -665,10 +674,11 @@ def score_files(
                 table, n_texts, bad, windows, stat = loading.result()
             except Exception as e:  # noqa: BLE001 - a bad shard is reported, the others go on
                 report["failed"][str(path)] = f"{type(e).__name__}: {e}"
-                bar.update(1)
                 continue
+            bar.total += sum(len(w[1]) for w in windows)
+            bar.refresh()
             try:
-                pending = _launch(rater, windows, batch_size, pad, fixed_shapes=compile)
+                pending = _launch(rater, windows, batch_size, pad, compile, bar.update)
             except Exception as e:
                 if queued is not None:  # the shard already scored is kept before failing
                     try:
