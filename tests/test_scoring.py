@@ -1020,3 +1020,14 @@ def test_the_progress_bar_moves_batch_by_batch_in_tokens(tmp_path, capsys, monke
     last = capsys.readouterr().err.split("\r")[-1]
     assert "tok/s" in last and "shards=1/1" in last and "100%" in last
     assert report["rows"] == 200
+
+
+def test_a_jsonl_row_of_another_type_names_the_way_out(tmp_path):
+    from datarater.scoring.score import _load_shard
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "x" if i != 5 else 3}) for i in range(9)))
+    with pytest.raises(pa.ArrowInvalid, match=r"row 5 .*--skip-bad-rows leaves such rows out"):
+        _load_shard(path, "text")
+    table, texts, bad = _load_shard(path, "text", skip_bad_rows=True)
+    assert bad == 1 and len(texts) == table.num_rows == 8

@@ -536,9 +536,11 @@ def _load_shard(path: Path, text_column: str, skip_bad_rows: bool = False):
 
     try:
         table = _read_table(path)
-    except pa.ArrowInvalid:
-        if not (skip_bad_rows and file_format(path) == "jsonl"):
+    except pa.ArrowInvalid as e:
+        if file_format(path) != "jsonl":
             raise
+        if not skip_bad_rows:  # a row pyarrow cannot parse, or of another type than the rest
+            raise pa.ArrowInvalid(f"{e} (--skip-bad-rows leaves such rows out)") from e
         table, bad = _jsonl_table(path, text_column)
         return table, table.column(text_column).to_pylist(), bad
     if text_column not in table.column_names:
