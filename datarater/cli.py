@@ -183,19 +183,23 @@ def _ranks_wait_for_each_other(world: int):
     (CPU) process group and meet at a barrier before any of them returns, however long the
     slowest one scores."""
     import datetime
+    import os
 
     import torch.distributed as dist
 
-    joined = world > 1 and not dist.is_initialized()
+    # (processes started by hand with RANK and WORLD_SIZE but no rendezvous address just
+    # split the shards, as before)
+    joined = world > 1 and "MASTER_ADDR" in os.environ and not dist.is_initialized()
     if joined:
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     try:
         yield
-        if joined:
-            dist.barrier()
     finally:
-        if joined:
-            dist.destroy_process_group()
+        if joined:  # also when this rank failed: the others finish their shards first
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def _score_run(args, rater, tokenizer, device, rank: int, world: int) -> int:

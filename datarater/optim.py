@@ -364,10 +364,9 @@ class Adam(InnerOptimizer):
         a_s = {"exp_avg": out["m"], "exp_avg_sq": out["v"]}
         return out["params"], a_s, self._clip_vjp_(grads, out["grads"], f, norm)
 
+    # Adam's own update only: a subclass that changes it keeps g_t
     @property
-    def recovers_grads(
-        self,
-    ) -> bool:  # Adam's own update only: a subclass that changes it keeps g_t
+    def recovers_grads(self) -> bool:
         return self._written_vjp_applies(Adam)
 
     def grads_for_vjp(self, state, new_state, grads_like, clip):

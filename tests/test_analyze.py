@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -43,3 +44,9 @@ def test_rank_correlation_stays_within_its_bounds():
     vectors = [torch.randn(n, generator=g) for n in range(5, 200)]
     assert any(spearman(x, x) > 1.0 for x in vectors)  # the rounding this guards against
     assert all(rank_correlation(x, x) <= 1.0 and rank_correlation(x, -x) >= -1.0 for x in vectors)
+
+
+def test_rank_correlation_of_a_constant_vector_is_undefined():
+    from datarater.scoring.analyze import rank_correlation
+
+    assert math.isnan(rank_correlation(torch.ones(10), torch.randn(10)))

@@ -98,6 +98,7 @@ def test_the_summary_table_judges_each_goal_from_the_saved_rows(tmp_path):
     grads_mb = (8192 + 131072) * 4096 * 2 / 1e6
     meta = dict(group="meta_step", T=8)
     rows = [
+        {**lin, "case": "a row without a peak", "ms": 1.0},
         {**ce, "case": "torch.compile", "ms": 5.0},
         {**ce, "case": "datarater cuda", "ms": 3.0},
         {**ce, "case": "datarater cuda fused sum, in place", "ms": 2.4},
@@ -116,6 +117,7 @@ def test_the_summary_table_judges_each_goal_from_the_saved_rows(tmp_path):
     (tmp_path / "gpu_linear.json").write_text('{"device": "NVIDIA H200", "rows": [')  # cut off
     (tmp_path / "tests.log").write_text("....\n=== 3 failed, 87 passed in 21.00s ===\n")
     (tmp_path / "tests_registers.log").write_text("collecting ...\n")  # killed by its limit
+    (tmp_path / "tests_none.log").write_text("=== no tests ran in 0.50s ===\n")
     text = _summary_module().summary(tmp_path)
     table = {
         line.split(" | ")[0].strip("| ").strip(): line.split(" | ")[1:]
@@ -123,13 +125,13 @@ def test_the_summary_table_judges_each_goal_from_the_saved_rows(tmp_path):
         if line.startswith("| ")
     }
     weighted = table["weighted CE, 16384 x 131072 bf16, fwd+bwd"]
-    assert weighted == ["<= 2.5 ms", "2.4 ms", "datarater cuda fused sum, in place", "yes |"]
+    assert weighted == ["<= 2.5 ms", "2.40 ms", "datarater cuda fused sum, in place", "yes |"]
     liger = table["ours against Liger"]
     assert liger[1:] == ["0.50x its time", "Liger, per-token loss x w", "yes |"]
     lean = table["linear+CE, 8192 x 4096 x 131072 bf16"]
-    assert lean == ["<= 37 ms in <= 64 MB", "90.0 ms, 40.0 MB", "datarater cuda, 32 MB chunks",
+    assert lean == ["<= 37 ms in <= 64 MB", "90.0 ms, 40 MB", "datarater cuda, 32 MB chunks",
                     "no |"]  # fmt: skip
-    assert table["fastest of ours, any memory"][1] == "36.0 ms, 900.0 MB"
+    assert table["fastest of ours, any memory"][1] == "36.0 ms, 900 MB"
     assert table["Cut Cross-Entropy"][-1] == "not measured |"
     assert table["rater forward, 70M, context 2048, bf16"][1:] == [
         "3.00M tokens/s", "rater forward (inference)", "no |"]  # fmt: skip
@@ -137,15 +139,16 @@ def test_the_summary_table_judges_each_goal_from_the_saved_rows(tmp_path):
     mixed = table["meta_step T=8, mixed against PyTorch's reverse-over-reverse"]
     assert mixed[1:] == ["0.50x time, 0.25x memory", "mixed", "yes |"]
     assert table["meta_step T=8, reverse against PyTorch's reverse-over-reverse"][-1] == "no |"
-    assert "NVIDIA H200, 13 rows" in text
+    assert "NVIDIA H200, 14 rows" in text
     assert "rows with errors: 1" in text and "datarater triton: RuntimeError: boom" in text
     assert "tests: 3 failed, 87 passed" in text
     assert "tests_registers: no summary (cut short?)" in text
+    assert "tests_none: no tests ran" in text
 
 
 def test_the_summary_of_a_recorded_h200_run_matches_bench_results():
     """The third session's run 3 (bench/results), summarised: the figures RESULTS.md cites."""
     text = _summary_module().summary(ROOT / "bench/results/gpu-h200-2026-11-28-run3")
     assert "| rater forward, 70M, context 2048, bf16 | >= 4.0M tokens/s | 3.21M tokens/s |" in text
-    assert "| 98.88 ms, 38.1 MB | datarater cuda, 32 MB chunks | no |" in text
+    assert "| 98.9 ms, 38 MB | datarater cuda, 32 MB chunks | no |" in text
     assert "tests: 90 passed" in text

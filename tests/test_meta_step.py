@@ -9,6 +9,7 @@ import importlib
 from contextlib import nullcontext
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -846,11 +847,29 @@ def _against_the_oracle(model, rater, opt, **kw):
         assert rel(got, want) < 1e-9, mode
 
 
+@dataclasses.dataclass(frozen=True)
+class _PerTensorNormalized(optim.InnerOptimizer):
+    """State that is not shaped like the parameters: a step count per tensor (a scalar) and a
+    running gradient norm kept for matrices only."""
+
+    def init(self, params):
+        return {
+            "count": {k: torch.zeros((), dtype=p.dtype) for k, p in params.items()},
+            "norm": {k: torch.zeros((), dtype=p.dtype) for k, p in params.items() if p.dim() > 1},
+        }
+
+    def step(self, params, grads, state, step):
+        norm = {k: 0.5 * v + 0.5 * grads[k].norm() for k, v in state["norm"].items()}
+        new = {k: p - self.lr * grads[k] / (1.0 + norm.get(k, 0.0)) for k, p in params.items()}
+        return new, {"count": {k: c + 1 for k, c in state["count"].items()}, "norm": norm}
+
+
 @pytest.mark.parametrize(
     "opt",
-    [_CubicSGD(0.5), _L2Adam(0.01, eps=1e-3), _DecayMatrices(0.5)],
-    ids=["SGD subclass with its own step", "Adam subclass with its own update", "per-tensor"],
-)
+    [_CubicSGD(0.5), _L2Adam(0.01, eps=1e-3), _DecayMatrices(0.5), _PerTensorNormalized(0.5)],
+    ids=["SGD subclass with its own step", "Adam subclass with its own update", "per-tensor",
+         "per-tensor state of other shapes"],
+)  # fmt: skip
 def test_users_optimizers_get_per_parameter_tensors_and_their_own_update(opt):
     """Subclasses that change the update keep g_t (no rebuild from the moments), mixed mode
     runs their update (not clip + step), and every user optimizer sees the parameters by name
@@ -880,7 +899,16 @@ def _bidirectional(lm):
     return lm
 
 
-@pytest.mark.parametrize("change", [_tied, _hooked, _eps, _bidirectional], ids=lambda f: f.__name__)
+def _instance_forward(lm):
+    block = lm.blocks[0]
+    own = block.forward
+    block.forward = lambda x, key_padding=None: 0.5 * own(x, key_padding)
+    return lm
+
+
+@pytest.mark.parametrize(
+    "change", [_tied, _hooked, _eps, _bidirectional, _instance_forward], ids=lambda f: f.__name__
+)
 def test_a_changed_library_model_gets_a_pass_that_matches_it(change):
     """The hand-written pass runs only for the model it writes out (and a manual tie of the
     output projection to the embedding); a hook, a setting or a layer changed falls back."""
@@ -902,6 +930,13 @@ def test_weighted_steps_under_no_grad_and_with_bad_arguments():
         torch.testing.assert_close(after.params[k], want.params[k], rtol=0, atol=0)
     with torch.no_grad():  # mixed mode too
         dr.meta_step(rater, model, state, inner, inner[0], optimizer=opt)
+    # any iterable of batches (a loader), and a numpy number for tau
+    lazily = dr.weighted_steps(rater, model, state, iter(inner), optimizer=opt,
+                               tau=np.float32(1.0))  # fmt: skip
+    for k in want.params:
+        torch.testing.assert_close(lazily.params[k], want.params[k], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="not one batch"):
+        dr.weighted_steps(rater, model, state, inner[0], optimizer=opt)
     for kw, match in [
         (dict(tau=0.0), "tau"),
         (dict(micro_batch_size=0), "micro_batch_size"),

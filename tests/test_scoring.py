@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -880,8 +881,12 @@ def test_a_shard_that_never_finished_may_be_dropped_from_a_folder(tmp_path, caps
     (data / "s1.jsonl").unlink()
     capsys.readouterr()
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["skipped"] == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped"] == 2 and report["left_out"] == 1
     assert sorted(p.name for p in out.glob("*.done")) == ["part-00000.done", "part-00002.done"]
+    from datarater.scoring.score import unfinished_inputs
+
+    assert unfinished_inputs(out) == []  # left out on purpose: readers are not warned
     (data / "s2.jsonl").unlink()  # finished: its part would be orphaned
     assert main(args) == 2
     assert "finished already, are not among the inputs now" in capsys.readouterr().err
@@ -957,6 +962,14 @@ def test_an_input_rewritten_in_place_is_not_taken_as_scored(tmp_path, capsys):
     (out / "part-00001.done").unlink()  # as the message says: then it is scored again
     assert main(args) == 0
     assert pq.read_table(out / "part-00001.parquet").num_rows == 21
+    # the same bytes with another modification time (a copy, a touch): still scored
+    os.utime(data / "s0.jsonl", ns=(1, 10**18))
+    assert main(args) == 0
+    # another content of the same size: refused
+    text = (data / "s0.jsonl").read_text()
+    (data / "s0.jsonl").write_text(text.replace("shard 0", "shard 9"))
+    assert main(args) == 2
+    assert "s0.jsonl changed since it was scored into part 0" in capsys.readouterr().err
 
 
 def test_a_bad_batch_size_writes_nothing(tmp_path, capsys):
@@ -980,6 +993,11 @@ def test_filter_says_which_recorded_inputs_have_no_part(tmp_path):
     with pytest.warns(UserWarning, match="1 recorded input"):
         stats = filter_files(out, tmp_path / "kept", "quantile", 0.5)
     assert stats["unscored_inputs"] == [str((data / "s0.jsonl").resolve())]
+    assert stats["rows"] == 20
+    # a part whose marker a killed run had not written yet is not read either
+    (out / "part-00001.done").rename(tmp_path / "marker")
+    with pytest.raises(FileNotFoundError, match="no part"):
+        filter_files(out, tmp_path / "kept2", "quantile", 0.5)
 
 
 def test_a_checkpoints_folder_given_as_a_rater_is_named(tmp_path):
@@ -1031,3 +1049,31 @@ def test_a_jsonl_row_of_another_type_names_the_way_out(tmp_path):
         _load_shard(path, "text")
     table, texts, bad = _load_shard(path, "text", skip_bad_rows=True)
     assert bad == 1 and len(texts) == table.num_rows == 8
+
+
+def test_ranks_set_by_hand_without_a_rendezvous_just_split_the_shards(tmp_path, monkeypatch):
+    _, folder = _rater(tmp_path)
+    data, out = tmp_path / "data", tmp_path / "scored"
+    _jsonl_shards(data, 3)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["score", "--rater", str(folder), "--data", str(data), "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.done")) == ["part-00001.done"]
+
+
+def test_an_all_bad_shard_of_another_column_type_and_large_strings(tmp_path):
+    """An all-bad shard's text column becomes an empty string column whatever its type (a
+    list here); a large_string column with one bad row stays large_string, like its other
+    parts."""
+    from datarater.scoring.score import _load_shard
+
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"text": [[1], [2]]}), lists)
+    table, texts, bad = _load_shard(lists, "text", skip_bad_rows=True)
+    assert bad == 2 and table.num_rows == 0 and table.schema.field("text").type == pa.string()
+    large = tmp_path / "large.parquet"
+    pq.write_table(pa.table({"text": pa.array(["a", None, "c"], pa.large_string())}), large)
+    table, texts, bad = _load_shard(large, "text", skip_bad_rows=True)
+    assert bad == 1 and texts == ["a", "c"] and table.schema.field("text").type == pa.large_string()

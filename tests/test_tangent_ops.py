@@ -97,3 +97,17 @@ def test_fallback_is_the_reference_for_other_dtypes():
     u, du = _rand(5, 7).double(), _rand(5, 7, seed=1).double()
     for a, b in zip(T.gelu_fwd_tangent(u, du), T.gelu_fwd_tangent_reference(u, du)):
         assert torch.equal(a, b)
+
+
+def test_layer_norm_backward_reference_of_one_row():
+    """A single row [D]: the parameters' gradients are that row's, not summed to a scalar."""
+    x, dx, gy, dgy = (_rand(7, seed=s).double() for s in range(4))
+    g, dg, b, db = (_rand(7, seed=s).double() for s in range(4, 8))
+    saved = T.layer_norm_fwd_tangent_reference(x, dx, g, dg, b, db, 1e-5)[2]
+    one = T.layer_norm_bwd_tangent_reference(gy, dgy, saved, g, dg)
+    rows = T.layer_norm_bwd_tangent_reference(
+        gy[None], dgy[None], tuple(t[None] for t in saved), g, dg
+    )
+    assert one[2].shape == one[3].shape == (7,)
+    for a, b_ in zip(one, rows):
+        torch.testing.assert_close(a, b_.reshape(a.shape))

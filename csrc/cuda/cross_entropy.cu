@@ -494,7 +494,9 @@ __global__ void __launch_bounds__(kThreads, kSlots <= 16 ? 3 : 1)
     nll_out[row] = nll;
     loss[row] = c * nll;
   }
-  const float scale = m_own == -INFINITY ? 0.0f : c * __expf(m_own - lse);
+  // a thread with nothing but masked slots writes zeros, unless the row's lse is NaN (a NaN
+  // logit anywhere in it): then the whole row's gradient is NaN, as in torch
+  const float scale = (m_own == -INFINITY && !isnan(lse)) ? 0.0f : c * __expf(m_own - lse);
   const int y_local = (valid && y >= lo && y < lo + len) ? static_cast<int>(y - lo) : -1;
   T* gb = grad + row * v + lo;
 #pragma unroll

@@ -34,6 +34,8 @@ void check(const at::Tensor& logits, const at::Tensor& targets, const char* fn) 
   TORCH_CHECK(targets.is_cuda() && targets.scalar_type() == at::kLong &&
                   targets.numel() == logits.size(0) && targets.is_contiguous(),
               fn, ": targets must be a contiguous int64 CUDA tensor [N]");
+  TORCH_CHECK(logits.size(0) <= INT32_MAX, fn, ": at most 2^31 - 1 rows per call (a block "
+              "per row), got ", logits.size(0), ": split the rows");
 }
 
 // The fused kernel's own arguments, alike for the launch and its plan.

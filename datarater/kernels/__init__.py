@@ -152,8 +152,9 @@ def weighted_cross_entropy(
     ``inplace_backward=True`` writes the gradient into the logits' memory, saving an N x V
     allocation: the logits are destroyed, so use it only when nothing reads them later. With
     ``reduction="none"`` that happens during a plain (first-order) backward, after which the
-    logits' version moves on (a later reader of them fails loudly), and double backward takes
-    the regular path. With ``"sum"`` or ``"mean"`` the gradient is computed
+    logits' version moves on (a later backward through anything that saved them fails
+    loudly; a plain read of them gets the gradient), and double backward takes the regular
+    path. With ``"sum"`` or ``"mean"`` the gradient is computed
     in the forward pass already (one kernel: the least memory traffic there is), so the
     logits are overwritten as soon as the call returns and the loss can be differentiated
     once, to first order. torch.func transforms, forward-mode AD, float16 logits and weights

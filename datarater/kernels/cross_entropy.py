@@ -59,7 +59,7 @@ class _CrossEntropy(Function):
             coef = _scaled(g_loss, weights.to(g_loss.dtype) if ctx.has_weights else None)
             if ctx.inplace and _plain_backward(logits, coef):
                 # First-order training only: the gradient overwrites the logits' memory, and
-                # their version moves on, so that any later reader of them fails loudly.
+                # their version moves on, so that a later backward that saved them fails.
                 g_logits = ctx.prim.directional(
                     logits, targets, lse, None, None, coef, ctx.ignore_index, True, out=logits
                 )[1]

@@ -255,7 +255,7 @@ class _LinearCE(Function):
                     x is None for x, want in zip(eager, ctx.needs_input_grad) if want
                 ):  # computed now as the forward would have (a second backward is the same)
                     ones = torch.ones_like(lse) if weights is None else weights.to(lse.dtype)
-                    eager = _first_order_grads(h, w, b, ones, lse, cfg)
+                    eager = _first_order_grads(h, w, b, ones, lse, cfg, cfg.need)
                 scale = float(g_loss[0])  # a Python float: the product is rounded once
                 gh, gw, gb = (x if x is None or scale == 1.0 else x.mul_(scale) for x in eager)
             else:

@@ -159,7 +159,11 @@ def layer_norm_bwd_tangent_reference(gy, dgy, saved, gamma, dgamma):
     gx = r * inner
     dgx = r * (d_inner - r * m_xdx * inner)  # dr = -r^2 mean(xh dx)
     rows = tuple(range(gy.dim() - 1))  # the parameters' gradients sum over every row
-    return gx, dgx, (dgy * xh + gy * dxh).sum(rows), dgy.sum(rows)
+
+    def over_rows(t):  # (a sum over () would sum every dimension)
+        return t.sum(rows) if rows else t
+
+    return gx, dgx, over_rows(dgy * xh + gy * dxh), over_rows(dgy)
 
 
 def layer_norm_bwd_tangent(gy, dgy, saved, gamma, dgamma):

@@ -16,7 +16,8 @@ Two modes compute the same number:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -158,27 +159,51 @@ class _Flat:
 class _OnViews:
     """A user's optimizer (or a subclass that changed a library optimizer's update) on the flat
     vector: it gets and returns dicts of per-parameter views, named as the model names them,
-    so per-tensor rules (a norm per tensor, decay for matrices only) hold. Its update is
-    differentiated by autograd, and each step's gradient is kept on the tape."""
-
-    linear_in_grads = False
-    recovers_grads = False
+    so per-tensor rules (a norm per tensor, decay for matrices only) hold, and its state stays
+    as it keeps it (any shapes). Its own hooks (``update_vjp``, ``grads_for_vjp`` and the two
+    properties) are used; without them autograd differentiates its update and each step's
+    gradient is kept on the tape."""
 
     def __init__(self, opt: InnerOptimizer, fl: _Flat) -> None:
         self.opt, self.fl = opt, fl
+        self.linear_in_grads, self.recovers_grads = opt.linear_in_grads, opt.recovers_grads
+
+    def _views(self, flat: Params) -> Params:
+        return self.fl.views(flat[self.fl.KEY])
+
+    def _flat(self, params: Params) -> Params:
+        return self.fl.wrap(self.fl.flat(params))
+
+    def clip(self, grads: Params):
+        clipped, f, norm = self.opt.clip(self._views(grads))
+        return self._flat(clipped), f, norm
 
     def update(self, params: Params, grads: Params, state: State, step: int):
-        fl = self.fl
-        new, new_state = self.opt.update(
-            fl.views(params[fl.KEY]), fl.views(grads[fl.KEY]), fl.state_views(state), step
-        )
-        return fl.wrap(fl.flat(new)), fl.flat_state(new_state)
+        new, new_state = self.opt.update(self._views(params), self._views(grads), state, step)
+        return self._flat(new), new_state
 
     def update_vjp(self, params, grads, state, step, a_params, a_state):
-        return InnerOptimizer.update_vjp(self, params, grads, state, step, a_params, a_state)
+        views = self._views
+        a_th, a_s, a_g = self.opt.update_vjp(
+            views(params), views(grads), state, step, views(a_params), a_state
+        )
+        return self._flat(a_th), a_s, self._flat(a_g)
 
-    def grads_for_vjp(self, state, new_state, grads_like, clip) -> None:
-        return None
+    def grads_for_vjp(self, state, new_state, grads_like, clip):
+        g = self.opt.grads_for_vjp(state, new_state, self._views(grads_like), clip)
+        return None if g is None else self._flat(g)
+
+
+def _state_in(opt, fl: _Flat, state: State) -> State:
+    """The optimizer state as the sweeps carry it: flat for the library's optimizers, a copy
+    per parameter (the caller's stays untouched) for others."""
+    if isinstance(opt, _OnViews):
+        return {n: {k: v.detach().clone() for k, v in d.items()} for n, d in state.items()}
+    return fl.flat_state(state)
+
+
+def _state_out(opt, fl: _Flat, s: State) -> State:
+    return s if isinstance(opt, _OnViews) else fl.state_views(s)
 
 
 def _on_flat(opt: InnerOptimizer, fl: _Flat) -> InnerOptimizer | _OnViews:
@@ -223,10 +248,10 @@ def _check_state(state: InnerState, model: nn.Module, optimizer: InnerOptimizer)
         )
 
 
-def _check_common(rater, model, state, batches, optimizer, tau, micro_batch_size, what: str):
-    """The checks meta_step and weighted_steps share; returns the batches as a list."""
+def _check_common(model, state, optimizer, tau, micro_batch_size) -> None:
+    """The checks meta_step and weighted_steps share."""
     if isinstance(tau, bool) or not (
-        isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)
+        isinstance(tau, numbers.Real) and tau > 0 and math.isfinite(tau)
     ):
         raise ValueError(f"tau must be a positive finite number, got {tau!r}")
     if micro_batch_size is not None and (
@@ -243,11 +268,8 @@ def _check_common(rater, model, state, batches, optimizer, tau, micro_batch_size
         )
     if not isinstance(optimizer, InnerOptimizer):
         raise TypeError(f"optimizer must be a datarater.optim optimizer, got {type(optimizer)}")
-    if isinstance(batches, Mapping) or not isinstance(batches, Sequence):
-        raise TypeError(f"{what} must be a list of batches (one per inner step)")
     _check_state(state, model, optimizer)
     _refuse_checkpointing(model)
-    return list(batches)
 
 
 def _refuse_batch_statistics(rater: nn.Module) -> None:
@@ -566,10 +588,10 @@ def meta_step(
         raise ValueError(f"hvp must be one of {HVP_PASSES}, got {hvp!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    # taken once: the batches checked are those used
-    inner_batches = _check_common(
-        rater, model, state, inner_batches, optimizer, tau, micro_batch_size, "inner_batches"
-    )
+    _check_common(model, state, optimizer, tau, micro_batch_size)
+    if isinstance(inner_batches, Mapping) or not isinstance(inner_batches, Sequence):
+        raise TypeError("inner_batches must be a list of batches (one per inner step)")
+    inner_batches = list(inner_batches)  # taken once: the batches checked are those used
     if not inner_batches:
         raise ValueError("inner_batches is empty: meta_step needs at least one inner step")
     if mode == "mixed":
@@ -700,7 +722,7 @@ def _inner_grad(run: _Run, theta: Tensor, batch: SeqBatch, w: Tensor, watch: boo
 
 def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     fl, opt = run.fl, run.opt
-    theta, s = fl.flat(state.params), fl.flat_state(state.opt_state)
+    theta, s = fl.flat(state.params), _state_in(opt, fl, state.opt_state)
     step, dtype = state.step, theta.dtype
     keep_grads = not (opt.linear_in_grads or opt.recovers_grads)
     tape: list[_Tape] = []
@@ -709,12 +731,11 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
         with torch.no_grad(), _refuse_randomness("rater", t == 0):
             w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
         g, loss = _inner_grad(run, theta, batch, w, watch=t == 0)
-        with torch.no_grad():
-            if keep_grads:  # the update as the optimizer defines it; g_t goes on the tape
-                f, gnorm = None, global_norm(fl.wrap(g))
+        with torch.no_grad():  # the clip factor helps rebuild g_t later
+            clipped, f, gnorm = opt.clip(fl.wrap(g))
+            if isinstance(opt, _OnViews):  # its own update, which need not be clip, then step
                 new_theta, new_s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
-            else:  # the library's own: clip, then step; the factor helps rebuild g_t later
-                clipped, f, gnorm = opt.clip(fl.wrap(g))
+            else:
                 new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
         tape.append(_Tape(theta, s, g if keep_grads else None, f, w, step + 1))
         theta, s, step = new_theta[fl.KEY], new_s, step + 1
@@ -727,7 +748,7 @@ def _mixed(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     mean = torch.full((outer.size,), 1.0 / outer.size, dtype=dtype, device=theta.device)
     a_theta, outer_loss = _inner_grad(run, theta, outer, mean)
     outer_loss = float(outer_loss)
-    final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
+    final = InnerState(fl.views(theta), run.buffers, _state_out(opt, fl, s), step)
     meta = [torch.zeros_like(p) for p in run.phi]
     if not math.isfinite(outer_loss):
         return final, outer_loss, losses, gnorms, weights, meta
@@ -841,7 +862,7 @@ def _rater_vjp(run: _Run, batch: SeqBatch, w: Tensor, c: Tensor, meta: list[Tens
 def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
     fl, opt = run.fl, run.opt
     theta = fl.flat(state.params).requires_grad_(True)
-    s, step = fl.flat_state(state.opt_state), state.step
+    s, step = _state_in(opt, fl, state.opt_state), state.step
     losses, gnorms, weights = [], [], []
     with torch.enable_grad():
         for batch in inner:
@@ -870,7 +891,7 @@ def _reverse(run: _Run, state: InnerState, inner: _Prepared, outer: SeqBatch):
             meta = [torch.zeros_like(p) for p in run.phi]
     theta = theta.detach()
     s = {n: {k: v.detach() for k, v in d.items()} for n, d in s.items()}
-    final = InnerState(fl.views(theta), run.buffers, fl.state_views(s), step)
+    final = InnerState(fl.views(theta), run.buffers, _state_out(opt, fl, s), step)
     return final, outer_loss, _on_host(losses), _on_host(gnorms), weights, list(meta)
 
 
@@ -878,7 +899,7 @@ def weighted_steps(
     rater: nn.Module,
     model: nn.Module,
     state: InnerState,
-    batches: Sequence[Mapping[str, Tensor]],
+    batches: Iterable[Mapping[str, Tensor]],
     *,
     optimizer: InnerOptimizer,
     tau: float = 1.0,
@@ -887,13 +908,14 @@ def weighted_steps(
     """Plain inner training on rater-weighted batches, no meta-gradient: what inner models do
     between meta-updates. Same weighting and update as ``meta_step``'s forward sweep, and the
     same checks of its arguments."""
-    batches = _check_common(rater, model, state, batches, optimizer, tau, micro_batch_size,
-                            "batches")  # fmt: skip
+    _check_common(model, state, optimizer, tau, micro_batch_size)
+    if isinstance(batches, Mapping):  # any iterable of batches (a loader), but not one batch
+        raise TypeError("batches must be an iterable of batches (one per step), not one batch")
     if micro_batch_size is not None:
         _refuse_batch_statistics(rater)
     fl, buffers = _Flat(state.params), _own_buffers(state)
-    theta, s, step = fl.flat(state.params), fl.flat_state(state.opt_state), state.step
     opt = _on_flat(optimizer, fl)
+    theta, s, step = fl.flat(state.params), _state_in(opt, fl, state.opt_state), state.step
     run = _Run(rater, model, opt, float(tau), micro_batch_size, "auto", None, [], buffers, fl)
     vocab = _declared_vocab(model)
     for t, raw in enumerate(batches):
@@ -909,4 +931,4 @@ def weighted_steps(
         with torch.no_grad():
             new, s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
         theta, step = new[fl.KEY], step + 1
-    return InnerState(fl.views(theta), buffers, fl.state_views(s), step)
+    return InnerState(fl.views(theta), buffers, _state_out(opt, fl, s), step)

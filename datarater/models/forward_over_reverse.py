@@ -150,7 +150,11 @@ def computes_as_written(model) -> bool:
     if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
         return False
     if any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or "forward" in vars(m)  # a forward set on the instance
         for m in model.modules()
     ):
         return False

@@ -103,8 +103,9 @@ def explain(texts: Sequence[str], scores: Tensor, alpha: float | None = None) ->
 
 def rank_correlation(a: Tensor, b: Tensor) -> float:
     """Spearman correlation of two score vectors (stability across checkpoints), clamped to
-    [-1, 1] against rounding."""
-    return min(1.0, max(-1.0, spearman(a, b)))
+    [-1, 1] against rounding; NaN where it is undefined (a constant vector)."""
+    r = spearman(a, b)
+    return r if r != r else min(1.0, max(-1.0, r))
 
 
 def extremes(

@@ -12,7 +12,7 @@ import torch
 from ..training.checkpoint import atomic_write, atomic_write_text, remove_stale_temporaries
 from .analyze import MISSING
 from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
-from .score import SCORE_COLUMN, unfinished_inputs
+from .score import SCORE_COLUMN, _scored_parts, unfinished_inputs
 
 RULES = ("topk", "paccept", "quantile")
 
@@ -35,9 +35,7 @@ def filter_files(
 
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    parts = sorted(Path(scored).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{scored}: no part-*.parquet files (run `datarater score`)")
+    parts = _scored_parts(scored)  # finished parts only
     missing = unfinished_inputs(scored)
     if missing:  # filtered all the same (what is kept is kept), but said, and recorded
         warnings.warn(

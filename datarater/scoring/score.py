@@ -8,6 +8,7 @@ Under torchrun each rank takes the shards ``i % world == rank``.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import time
 import warnings
@@ -417,11 +418,7 @@ def run_settings(
 
 def recorded_settings(folder: Path | str) -> dict:
     """The settings a ``score_files`` folder was scored with (empty if it records none)."""
-    manifest = Path(folder) / "inputs.json"
-    if not manifest.exists():
-        return {}
-    before = json.loads(manifest.read_text())
-    return before.get("settings", {}) if isinstance(before, dict) else {}
+    return (_manifest(Path(folder)) or {}).get("settings", {})
 
 
 def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
@@ -439,9 +436,7 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
     is None. Every rank of a torchrun job derives the same numbering."""
     manifest = out / "inputs.json"
     by_name = {str(f.resolve()): f for f in files}
-    before = json.loads(manifest.read_text()) if manifest.exists() else {"inputs": []}
-    if isinstance(before, list):  # written before settings were recorded
-        before = {"inputs": before}
+    before = _manifest(out) or {"inputs": []}
     old = before["inputs"]
     gone = [
         name
@@ -456,6 +451,7 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
         )
     recorded = set(old)
     numbered = old + [name for name in by_name if name not in recorded]
+    dropped = [name for name in old if name not in by_name]  # none of them finished
     then = before.get("settings", {})
 
     def conflicts(key: str, now) -> bool:
@@ -467,8 +463,10 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
             f"{out} was started with another rater or other settings ({'; '.join(diff)}); "
             "finish it with the same ones or use a new --out"
         )
-    if then != settings or numbered != old:
+    if then != settings or numbered != old or dropped != before.get("dropped", []):
         record = {"inputs": numbered, "settings": settings}
+        if dropped:  # readers need not miss them
+            record["dropped"] = dropped
         atomic_write_text(manifest, json.dumps(record, indent=1))
     return [by_name.get(name) for name in numbered]
 
@@ -552,10 +550,10 @@ def _load_shard(path: Path, text_column: str, skip_bad_rows: bool = False):
         table = table.take(pa.array(good, pa.int64()))
         texts = [texts[i] for i in good]
         column = table.schema.get_field_index(text_column)
-        if not pa.types.is_string(table.schema.field(column).type):  # every row was bad: a
-            table = table.set_column(  # text column of another type would break the readers
-                column, text_column, table.column(column).cast(pa.string())
-            )
+        kind = table.schema.field(column).type
+        if not good and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            # every row was bad: a text column of another type would break the readers
+            table = table.set_column(column, text_column, pa.array([], pa.string()))
     return table, texts, bad
 
 
@@ -599,25 +597,24 @@ def score_files(
     remove_stale_temporaries(out)  # parts a killed run was writing
     files = _check_run(out, files, settings)  # in part order
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
+    if None in files:
+        report["left_out"] = files.count(None)  # recorded inputs that never finished
     if world > 1:  # each rank prints its own report: say whose (its shards: i % world == rank)
         report = {"rank": rank, "world": world, **report}
     if skip_bad_rows:
         report["bad_rows"] = {}
     t0, tokens = time.perf_counter(), 0
     todo = []
-    for i, path in enumerate(files):
-        if path is None or i % world != rank:  # a dropped input, or another rank's
+    for i, path in enumerate(files):  # every rank checks every marker: all refuse alike
+        if path is None:  # an input left out (it never finished)
             continue
         marker = out / f"part-{i:05d}.done"
-        if marker.exists():
-            record = json.loads(marker.read_text())
-            if Path(record.get("input", "")).resolve() != path.resolve():
-                raise ValueError(f"{marker} was written for another input than {path}")
-            if record.get("input_stat", _stat(path)) != _stat(path):
-                raise ValueError(
-                    f"{path} changed since it was scored into part {i} (size or modification "
-                    f"time): remove {marker.name} to score it again, or use a new --out"
-                )
+        finished = marker.exists()
+        if finished:
+            _check_marker(marker, path, i)
+        if i % world != rank:
+            continue
+        if finished:
             report["skipped"] += 1
         else:
             todo.append((i, path))
@@ -638,7 +635,8 @@ def score_files(
     seq_len = rater.cfg.max_seq_len
 
     def prepare(path: Path):
-        stat = _stat(path)  # the file as read (a change during the read shows at a rerun)
+        # the file as read (a change during the read shows at a rerun)
+        stat = {"input_stat": _stat(path), "input_sha256": _digest(path)}
         table, texts, bad = _load_shard(path, text_column, skip_bad_rows)
         return table, len(texts), bad, _windows(texts, tokenizer, seq_len, aggregate), stat
 
@@ -655,7 +653,7 @@ def score_files(
         part = out / f"part-{i:05d}.parquet"
         atomic_write(part, lambda tmp: pq.write_table(table, tmp))
         marker = out / f"part-{i:05d}.done"
-        record = {"input": str(path.resolve()), "input_stat": stat, "rows": table.num_rows}
+        record = {"input": str(path.resolve()), **stat, "rows": table.num_rows}
         if bad:
             record["bad_rows"] = report["bad_rows"][str(path)] = bad
         atomic_write_text(marker, json.dumps(record))
@@ -704,24 +702,66 @@ def score_files(
 
 
 def _stat(path: Path) -> list[int]:
-    """What a rerun compares to tell an input rewritten in place: size and mtime."""
+    """What a rerun compares first to tell an input rewritten in place: size and mtime."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
 
 
+def _digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: what decides when only its mtime moved (a copy)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_marker(marker: Path, path: Path, i: int) -> None:
+    """A finished shard's marker must be this input's, as it was when scored (markers of
+    older versions record no stat and are taken as they are)."""
+    record = json.loads(marker.read_text())
+    if Path(record.get("input", "")).resolve() != path.resolve():
+        raise ValueError(f"{marker} was written for another input than {path}")
+    then, now = record.get("input_stat"), _stat(path)
+    if then is None or then == now:
+        return
+    if then[0] == now[0] and record.get("input_sha256") == _digest(path):
+        return  # the same bytes with another mtime: copied, or touched
+    raise ValueError(
+        f"{path} changed since it was scored into part {i}: remove {marker.name} to score it "
+        "again, or use a new --out"
+    )
+
+
+def _manifest(folder: Path) -> dict | None:
+    """A ``score_files`` folder's ``inputs.json`` (the first versions wrote a bare list)."""
+    path = folder / "inputs.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return {"inputs": record} if isinstance(record, list) else record
+
+
 def unfinished_inputs(folder: Path | str) -> list[str]:
     """The inputs a ``score_files`` folder records that have no finished part (failed or not
-    yet scored shards): what a reader of the folder lacks."""
-    manifest = Path(folder) / "inputs.json"
-    if not manifest.exists():
-        return []
-    record = json.loads(manifest.read_text())
-    names = record["inputs"] if isinstance(record, dict) else record
-    return [n for i, n in enumerate(names) if not (Path(folder) / f"part-{i:05d}.done").exists()]
+    yet scored shards; not those a rerun left out): what a reader of the folder lacks."""
+    folder = Path(folder)
+    record = _manifest(folder) or {"inputs": []}
+    dropped = set(record.get("dropped", []))
+    return [
+        name
+        for i, name in enumerate(record["inputs"])
+        if name not in dropped and not (folder / f"part-{i:05d}.done").exists()
+    ]
 
 
 def _scored_parts(folder: Path | str) -> list[Path]:
-    parts = sorted(Path(folder).glob("part-*.parquet"))
+    """The parts a reader takes: in a ``score_files`` folder only finished ones (a part whose
+    marker a killed run had not written yet is redone by the next run); in a filter's, all."""
+    folder = Path(folder)
+    parts = sorted(folder.glob("part-*.parquet"))
+    if _manifest(folder) is not None:
+        parts = [p for p in parts if p.with_suffix(".done").exists()]
     if not parts:
         raise FileNotFoundError(f"{folder}: no part-*.parquet files (run `datarater score`)")
     return parts

@@ -38,6 +38,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (setting it, even for an instant, would
+    give another thread's new files the wrong mode): from /proc on Linux, else as it was when
+    this module was imported."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _read_umask_once() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _read_umask_once()
+
+
 def atomic_write(
     path: Path | str, write: Callable[[Path], object], exclusive: bool = False
 ) -> None:
@@ -53,9 +75,10 @@ def atomic_write(
         write(tmp)
         # an ordinary file's mode: some writers (safetensors) create theirs readable by the
         # owner only, and a team sharing a run folder could not read its checkpoints
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError:  # a filesystem without modes: nothing to set
+            pass
         _fsync(tmp)
         if not exclusive:
             os.replace(tmp, path)
