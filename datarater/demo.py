@@ -302,12 +302,16 @@ def run_demo(
     levels = torch.tensor([NOISE_LEVEL.get(x, 0.0) for x in kind])[lvl_mask]
     report["spearman_noise_level_vs_score"] = spearman(levels, s[lvl_mask])
 
-    # downstream: raw pool vs the rater's top-K selection
+    # downstream: raw pool vs the rater's top-K selection, judged on the clean held-out
+    # documents the rater never saw (not its outer data: judging a rater on the data it was
+    # meta-trained for flatters it)
     pool_scores = score_sequences(rater, pool)
+    target = per_document([d for d, k in zip(corpus.eval_docs, kind) if k == CLEAN], tok, seq_len)
     lm_cfg = TransformerConfig(vocab_size=tok.vocab_size, max_seq_len=seq_len, **small)
     steps = 150 if quick else 400
-    raw = train_lm(lm_cfg, pool, held, steps, 16, seed + 7).curve
-    filtered = train_lm(lm_cfg, pool, held, steps, 16, seed + 7, scores=pool_scores, rho=0.5).curve
+    raw = train_lm(lm_cfg, pool, target, steps, 16, seed + 7).curve
+    filtered = train_lm(lm_cfg, pool, target, steps, 16, seed + 7, scores=pool_scores,
+                        rho=0.5).curve  # fmt: skip
     report["heldout_loss_unfiltered"] = raw[-1][1]
     report["heldout_loss_filtered"] = filtered[-1][1]
     kept_kinds = _kept_share(pool_scores, pool, corpus.pool_kind)

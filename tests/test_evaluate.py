@@ -32,6 +32,25 @@ from datarater.models import CausalLM, TransformerConfig
 from datarater.scoring.score import SCORE_COLUMN
 
 
+def _run_with(curve, arm="datarater"):
+    run = Run("toy", arm, 0.5, 0.0)
+    run.curve = curve
+    return run
+
+
+def test_the_compute_fraction_reads_both_curves_alike():
+    """A dip before the end is no gain: the baseline is charged only to its own first
+    passage too; a run that ends above the target has not reached it."""
+    base = _run_with([(0, 4.0), (10, 3.0), (20, 2.4), (30, 2.5)], "unfiltered")
+    same = _run_with(list(base.curve))
+    got = compute_gain(same, base, train_flops=1.0, batch=1, scorer_candidates=1)
+    assert got["compute_fraction"] == pytest.approx(1.0)
+    worse = _run_with([(0, 4.0), (10, 2.45), (20, 2.6), (30, 2.6)])  # touched, ended above
+    assert compute_gain(worse, base, 1.0, 1, 1)["net_compute_gain"] is None
+    better = _run_with([(0, 4.0), (10, 2.5), (20, 2.3), (30, 2.2)])
+    assert compute_gain(better, base, 1.0, 1, 1)["compute_fraction"] < 1.0
+
+
 def test_steps_to_reach_interpolates_between_evaluations():
     curve = [(0, 5.0), (10, 3.0), (20, 2.0), (30, 1.5)]
     assert steps_to_reach(curve, 2.5) == pytest.approx(15.0)

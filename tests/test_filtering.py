@@ -129,3 +129,27 @@ def test_vectorised_rules_equal_a_plain_python_reference(seed):
         topk_groups(torch.tensor([0.0, float("nan")]), 0.5, 1)
     with pytest.raises(ValueError, match=r"one-dimensional, got shape \(3, 2\)"):
         quantile_keep(torch.zeros(3, 2), 0.5)
+
+
+@pytest.mark.parametrize("rho", [0.75, 0.9])
+def test_p_accept_keeps_its_share_when_scores_tie(rho):
+    """bf16 scores tie often: here 30 % of rows share the top score (a saturated rater), the
+    rest rounded to 1/8. Positions drawn inside each tied block keep the share at 1 - rho (a
+    mid-rank CDF kept every tied row: 0.30 where 0.25 was asked)."""
+    g = torch.Generator().manual_seed(3)
+    n = 20_000
+    scores = (torch.randn(n, generator=g) * 8).round() / 8
+    scores[torch.rand(n, generator=g) < 0.3] = 100.0
+    kept = accept(scores, EmpiricalCDF(scores), rho, 64, ids=range(n), seed=5)
+    tol = 4 * math.sqrt(rho * (1 - rho) / n) + 0.005
+    assert float(kept.double().mean()) == pytest.approx(1 - rho, abs=tol)
+    again = accept(scores, EmpiricalCDF(scores), rho, 64, ids=range(n), seed=5)
+    assert torch.equal(kept, again)  # deterministic under the seed
+
+
+def test_a_group_of_one_keeps_its_row():
+    """N = 1 at a small rho: the group is one row, and top-K and P_accept both keep it
+    (floor would keep nothing)."""
+    scores = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    assert topk_groups(scores, 0.1, 1).all()
+    assert accept(scores, EmpiricalCDF(scores), 0.1, 1, ids=range(10)).all()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -110,11 +111,14 @@ def compute_gain(
 ) -> dict:
     """Compute of ``run`` to reach ``baseline``'s final NLL, as a fraction of the baseline's.
 
-    ``scorer_candidates`` candidates are scored per ``batch`` trained sequences.
+    ``scorer_candidates`` candidates are scored per ``batch`` trained sequences. Both curves
+    are read alike: the first step at which each reaches the target (a noisy baseline that
+    dips below its own end is charged only up to there too), and a run that ends above the
+    target has not reached it, whatever it touched on the way.
     """
-    target, total = baseline.curve[-1][1], baseline.curve[-1][0]
-    # the baseline takes all its steps by definition (a noisy curve may dip below its own end)
-    s = float(total) if run is baseline else steps_to_reach(run.curve, target)
+    target = baseline.curve[-1][1]
+    total = steps_to_reach(baseline.curve, target)  # its own first passage (at most its end)
+    s = steps_to_reach(run.curve, target) if run.curve[-1][1] <= target else None
     scoring = run.scorer_flops_per_candidate_token * scorer_candidates / batch
     out = {
         "final_nll": run.curve[-1][1],
@@ -122,7 +126,7 @@ def compute_gain(
         "steps_to_target": s,
         "scoring_overhead": scoring / train_flops,
     }
-    if s is None:
+    if s is None or not total:
         out.update(compute_fraction=None, gross_gain=None, net_compute_gain=None)
     else:
         fraction = s * (train_flops + scoring) / (total * train_flops)
@@ -405,7 +409,9 @@ def run_evaluation(
 
     for run in runs:
         train(run, pool, None if run.arm == "unfiltered" else seq_scores)
+    # (a run that diverged, with a NaN at its end, is never the best)
     sweep = [r for r in runs if r.size == small and r.arm == "datarater"]
+    sweep = [r for r in sweep if math.isfinite(r.curve[-1][1])]
     best = min(sweep, key=lambda r: r.curve[-1][1]) if sweep else None
     best_rho = best.rho if best else 0.5
     for size in sizes[1:]:

@@ -38,6 +38,12 @@ def group_size(batch: int, rho: float) -> int:
     return max(batch, round(batch / (1.0 - rho)))
 
 
+def _kept_per_group(group: int, rho: float) -> int:
+    """floor((1 - rho) * group), and at least one: a group of one row at rho > 0 would
+    otherwise keep nothing (top-K and P_accept alike)."""
+    return max(1, math.floor((1.0 - rho) * group + 1e-9))
+
+
 def _best(rows: Tensor, k: int) -> Tensor:
     """Keep mask of the k best entries of each row of ``rows`` [G, g]: descending score, ties
     to the earlier column (a stable sort), vectorised over groups."""
@@ -56,7 +62,7 @@ def topk_groups(scores: Tensor, rho: float, batch: int) -> Tensor:
     g = group_size(batch, rho)
     scores = _finite(scores)
     full = len(scores) // g * g
-    k = math.floor((1.0 - rho) * g + 1e-9)
+    k = _kept_per_group(g, rho)
     tail = len(scores) - full
     parts = [_best(scores[:full].view(-1, g), k).flatten()]
     if tail:
@@ -84,10 +90,16 @@ class EmpiricalCDF:
         self.sorted = sample.detach().double().flatten().sort().values
 
     def __call__(self, scores: Tensor) -> Tensor:
+        lo, hi = self.bounds(scores)
+        return (lo + hi) / 2
+
+    def bounds(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """The fractions of the sample below and at most each score: F(s-) and F(s)."""
         s = scores.detach().double()
         below = torch.searchsorted(self.sorted, s, right=False)
         upto = torch.searchsorted(self.sorted, s, right=True)
-        return (below + upto).double() / (2 * len(self.sorted))
+        n = len(self.sorted)
+        return below.double() / n, upto.double() / n
 
 
 def p_accept(p: Tensor, batch: int, keep: int) -> Tensor:
@@ -106,7 +118,7 @@ def p_accept(p: Tensor, batch: int, keep: int) -> Tensor:
     return total.clamp(0.0, 1.0)
 
 
-def _uniform(seed: int, ids: Sequence) -> Tensor:
+def _uniform(seed: int | str, ids: Sequence) -> Tensor:
     """A uniform number in [0, 1) per row id, from a hash: the same for the same (seed, id)."""
     out = []
     for i in ids:
@@ -118,12 +130,18 @@ def _uniform(seed: int, ids: Sequence) -> Tensor:
 def accept(
     scores: Tensor, cdf: EmpiricalCDF, rho: float, batch: int, ids: Sequence, seed: int = 0
 ) -> Tensor:
-    """Per-row keep mask with probability ``p_accept`` at the rate of batch-level top-K."""
+    """Per-row keep mask with probability ``p_accept`` at the rate of batch-level top-K.
+
+    A row's CDF position is drawn uniformly between F(s-) and F(s) of its score (from a
+    second hash of its id): rows that tie (scores in bf16 often do) then spread over their
+    block as a continuous score would, and the kept share stays (1 - rho) however many tie."""
     g = group_size(batch, rho)
-    k = max(1, math.floor((1.0 - rho) * g + 1e-9))
+    k = _kept_per_group(g, rho)
     if len(ids) != len(scores):
         raise ValueError(f"need one id per score, got {len(ids)} ids for {len(scores)} scores")
-    return _uniform(seed, ids) < p_accept(cdf(scores), g, k)
+    lo, hi = cdf.bounds(scores)
+    position = lo + _uniform(f"{seed}/ties", ids) * (hi - lo)
+    return _uniform(seed, ids) < p_accept(position, g, k)
 
 
 def quantile_keep(scores: Tensor, rho: float, ids: Sequence | None = None) -> Tensor:
