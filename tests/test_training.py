@@ -128,6 +128,33 @@ def test_resume_drops_log_rows_after_the_checkpoint_and_names_changed_settings(t
         Trainer(longer, seqs, seqs, 258, tmp_path, 257).resume()
 
 
+def test_resume_refuses_other_data_shapes_or_process_counts(tmp_path):
+    """A resumed run must read the same token sequences with the same model shapes, in as
+    many processes as wrote the checkpoints: otherwise it is refused, by name."""
+    import shutil
+
+    from datarater.data import ByteTokenizer, per_document
+    from datarater.training import Trainer
+
+    docs = [f"document number {i} " * 3 for i in range(12)]
+    seqs = per_document(docs, ByteTokenizer(), 32)
+    cfg = TrainConfig.from_dict({**CONFIG, "steps": 2, "checkpoint_every": 2})
+    Trainer(cfg, seqs, seqs, 258, tmp_path, 257).run(progress=False)
+    other = per_document(list(reversed(docs)), ByteTokenizer(), 32)
+    with pytest.raises(ValueError, match="other training or held-out data"):
+        Trainer(cfg, other, other, 258, tmp_path, 257).resume()
+    longer = per_document(docs, ByteTokenizer(), 40)
+    with pytest.raises(ValueError, match="other lm settings"):
+        Trainer(cfg, longer, longer, 258, tmp_path, 257).resume()
+    assert Trainer(cfg, seqs, seqs, 258, tmp_path, 257).resume()
+    # checkpoints of a two-process run, resumed by one process
+    two = tmp_path / "two"
+    shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-0")
+    shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-1")
+    with pytest.raises(ValueError, match="written by 2 process"):
+        Trainer(cfg, seqs, seqs, 258, two, 257).resume()
+
+
 def test_train_cli_guards_its_output_folder_and_device(tmp_path, capsys):
     data = _corpus(tmp_path / "c.jsonl", n=60)
     cfg = tmp_path / "cfg.json"
@@ -163,7 +190,7 @@ def test_cli_errors_are_messages(tmp_path, capsys):
         == 2
     )
     assert "unknown training settings ['learning_rate']" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="population must be >= 1"):
+    with pytest.raises(ValueError, match="population must be an int >= 1"):
         TrainConfig(population=0)
 
 
@@ -375,3 +402,26 @@ def test_checkpoints_are_ordinary_files_a_team_can_read(tmp_path):
         os.umask(keep)
     for name in ("tensors.safetensors", "meta.json"):
         assert (final / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize(
+    "setting,match",
+    [
+        ({"steps": 2.5}, "steps must be an int >= 1"),
+        ({"steps_between": -3}, "steps_between must be an int >= 0"),
+        ({"inner_lr": float("inf")}, "inner_lr must be a finite number > 0"),
+        ({"seed": "3"}, "seed must be an int >= 0"),
+        ({"meta_clip": 0}, "meta_clip must be a finite number > 0"),
+        ({"tau": True}, "tau must be a finite number > 0"),
+        ({"micro_batch_size": 0}, "micro_batch_size must be None or an int >= 1"),
+        ({"lm": None}, "lm must be a dict of model settings"),
+        ({"rater": {"d_modle": 8}}, "rater must be a dict of model settings"),
+    ],
+)
+def test_training_settings_are_checked_for_type_and_range(setting, match):
+    """What a --config file may get wrong is named before any data is read (a float step
+    count never ended its run; an infinite learning rate skipped every meta-step)."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(setting)
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        TrainConfig.from_dict([1, 2])

@@ -10,8 +10,10 @@ ends with the same rater, bit for bit on the CPU, as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import numbers
 import shutil
 import time
 import warnings
@@ -63,27 +65,50 @@ class TrainConfig:
     rater: dict = field(default_factory=lambda: dict(d_model=64, n_layers=2, n_heads=2))
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "population",
-            "inner_steps",
-            "inner_batch",
-            "outer_batch",
-            "lifetime",
-            "checkpoint_every",
+        """Every setting checked for its type and range here, so that a wrong one in a
+        ``--config`` file is named before any data is read (a float step count never met
+        ``step == steps``; an infinite learning rate skipped every meta-step)."""
+
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("steps", "population", "inner_steps", "inner_batch", "outer_batch",
+                     "lifetime", "checkpoint_every"):  # fmt: skip
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                raise bad(name, "an int >= 1")
+        for name in ("steps_between", "meta_warmup", "seed"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "an int >= 0")
+        for name in ("inner_lr", "meta_lr", "tau", "meta_clip"):
+            if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a finite number > 0")
+        for name in ("inner_weight_decay", "meta_weight_decay"):
+            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if self.inner_clip is not None and not (is_number(self.inner_clip) and self.inner_clip > 0):
+            raise bad("inner_clip", "None or a finite number > 0")
+        if self.micro_batch_size is not None and not (
+            is_int(self.micro_batch_size) and self.micro_batch_size >= 1
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+            raise bad("micro_batch_size", "None or an int >= 1")
         if self.meta_decay not in ("constant", "cosine"):
-            raise ValueError(
-                f"TrainConfig.meta_decay must be 'constant' or 'cosine', got {self.meta_decay!r}"
-            )
-        for name in ("inner_lr", "meta_lr", "tau"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+            raise bad("meta_decay", "'constant' or 'cosine'")
+        shape_keys = set(TransformerConfig.__dataclass_fields__) - {"vocab_size", "max_seq_len"}
+        for name in ("lm", "rater"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or set(value) - shape_keys:
+                raise bad(name, f"a dict of model settings from {sorted(shape_keys)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"training settings must be a JSON object, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -343,6 +368,8 @@ class Trainer:
             "rater": self.rater_cfg.to_dict(),
             "pad_id": self.pad_id,
             "tokenizer": self.tokenizer,
+            "world": self.world,
+            "data": self._data_digest(),
             "history": self.history,
         }
         saved = save_checkpoint(self._ckpt_dir(), self.step, self.state_tensors(), meta)
@@ -381,8 +408,31 @@ class Trainer:
         if self.rank == 0:
             shutil.rmtree(self.out / "rater", ignore_errors=True)
 
+    def _data_digest(self) -> str:
+        """SHA-256 of the training and held-out token ids: a resumed run must read the same."""
+        h = hashlib.sha256()
+        for ids in (self.train.input_ids, self.heldout.input_ids):
+            h.update(str(tuple(ids.shape)).encode())
+            h.update(ids.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _check_layout(self) -> None:
+        """A run's checkpoints are per process under torchrun (``rank-r/``): resuming needs
+        the same number of processes, or ranks would resume at different steps or not at all."""
+        root = self.out / "checkpoints"
+        ranks = sorted(p.name for p in root.glob("rank-*") if (p / "LATEST").exists())
+        single = (root / "LATEST").exists()
+        then = len(ranks) if ranks else (1 if single else None)
+        if then is not None and (then != self.world or (ranks and single)):
+            raise ValueError(
+                f"{self.out}: its checkpoints were written by {then} process(es), and this run "
+                f"has {self.world}: resume with {then}, or use a new --out"
+            )
+
     def resume(self) -> bool:
         """Load the newest checkpoint under ``out`` if there is one; True if it did."""
+        if self.out is not None:
+            self._check_layout()
         found = None if self.out is None else load_checkpoint(self._ckpt_dir())
         if found is None:
             if self.out is not None:
@@ -394,6 +444,24 @@ class Trainer:
                 f"{self.out}: the checkpoint was written with tokenizer {meta['tokenizer']}, "
                 f"not {self.tokenizer}; resume with the same tokenizer or use a new --out"
             )
+        if meta.get("world", self.world) != self.world:
+            raise ValueError(
+                f"{self.out}: the checkpoint was written by {meta['world']} process(es), and "
+                f"this run has {self.world}: resume with {meta['world']}, or use a new --out"
+            )
+        for key, now_value in (
+            ("lm", self.lm_cfg.to_dict()),
+            ("rater", self.rater_cfg.to_dict()),
+            ("pad_id", self.pad_id),
+            ("data", self._data_digest()),
+        ):
+            if key in meta and meta[key] != now_value:
+                what = "training or held-out data" if key == "data" else f"{key} settings"
+                raise ValueError(
+                    f"{self.out}: the checkpoint was written for other {what} "
+                    f"({key}: {meta[key]!r} then, {now_value!r} now)"[:400]
+                    + "; resume with the same data and settings or use a new --out"
+                )
         now = asdict(self.cfg)
         if meta["config"] != now:
             then = meta["config"]
