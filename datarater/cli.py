@@ -158,7 +158,8 @@ def _train_run(args: argparse.Namespace) -> int:
         else:
             print(f"nothing to resume in {out}: starting a new run")
     trainer.run(progress=not args.quiet)
-    print(f"rater written to {out / 'rater'}")
+    if trainer.rank == 0:  # the one process that writes it
+        print(f"rater written to {out / 'rater'}")
     return 0
 
 

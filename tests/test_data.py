@@ -216,3 +216,42 @@ def test_a_local_tokenizers_file(tmp_path):
     save_rater(moved, tmp_path / "again")  # re-saving keeps the tokenizer
     assert load_rater(tmp_path / "again").tokenizer.endswith("again/tokenizer.json")
     assert (tmp_path / "again" / "rater.safetensors").stat().st_mode & 0o077  # not 0600
+
+
+def test_a_tokenizer_whose_ids_have_gaps_keeps_eos_and_pad_off_its_tokens(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    from datarater.data.tokens import HFTokenizer
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tok.json"
+    tok.save(str(path))
+    ours = HFTokenizer(str(path))
+    assert ours.encode("a b") == [1, 4]
+    assert (ours.eos_id, ours.pad_id, ours.vocab_size) == (5, 6, 7)  # past "b" (4), not on it
+
+
+def test_a_byte_order_mark_and_unpaired_surrogates(tmp_path):
+    """A jsonl file saved with a BOM keeps its first row; a row with a lone surrogate (valid
+    JSON, no UTF-8 form: tokenizers refuse it) is skipped and counted."""
+    path = tmp_path / "bom.jsonl"
+    rows = [b'{"text": "the first document, after a byte-order mark"}',
+            b'{"text": "a lone surrogate \\ud83d in a document"}',
+            b'{"text": "the last document of the file"}']  # fmt: skip
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows) + b"\n")
+    with pytest.warns(UserWarning, match="unpaired surrogate"):
+        docs, report = read_documents(str(path), "text")
+    assert docs == ["the first document, after a byte-order mark", "the last document of the file"]
+
+
+def test_training_log_rows_are_strict_json():
+    import math
+
+    from datarater.training.trainer import _json_safe
+
+    row = {"step": 3, "outer_loss": math.nan, "meta_grad_norms": [1.0, math.inf], "x": "y"}
+    assert json.dumps(_json_safe(row), allow_nan=False) == (
+        '{"step": 3, "outer_loss": null, "meta_grad_norms": [1.0, null], "x": "y"}'
+    )

@@ -132,13 +132,22 @@ def _jsonl(path: Path, column: str, report: ReadReport) -> Iterator[object]:
         raise CorpusError(f"{path}: cannot be read to the end ({e})") from e
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form (tokenizers refuse it otherwise)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _jsonl_rows(path: Path, column: str, report: ReadReport) -> Iterator[object]:
     with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
+            try:  # (a byte-order mark before the first row is not part of it)
+                row = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
             except UnicodeDecodeError:
                 report.skip("invalid UTF-8")
                 continue
@@ -240,6 +249,8 @@ def read_documents(
             report.skip(f"non-text value ({type(value).__name__})")
         elif len(value.strip()) < min_chars:
             report.skip("empty document")
+        elif not _encodable(value):  # a lone surrogate (JSON allows "\ud83d"): no UTF-8
+            report.skip("unpaired surrogate")
         else:
             docs.append(value)
     report.kept = len(docs)

@@ -48,7 +48,9 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception
             raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from e
-        base = self._tok.get_vocab_size()
+        # past the largest id in use, not the count of ids: a vocabulary with gaps would put
+        # EOS and PAD on real tokens
+        base = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_id, self.pad_id, self.vocab_size = base, base + 1, base + 2
         self.name = str(Path(path).resolve())  # recorded with a rater: valid from any folder
 

@@ -281,9 +281,9 @@ class Trainer:
             self._set_rater(phi + total / count)
         self.step += 1
         seconds = time.perf_counter() - t0
-        tokens = (
-            cfg.population
-            * (cfg.inner_steps * cfg.inner_batch + cfg.outer_batch)
+        tokens = (  # this process's inner models, their weighted steps between included
+            len(self.mine)
+            * ((cfg.inner_steps + cfg.steps_between) * cfg.inner_batch + cfg.outer_batch)
             * self.train.input_ids.shape[1]
         )
         row = {
@@ -340,7 +340,7 @@ class Trainer:
             bar.update(1)
             if self.out is not None:
                 with open(self._log_path(), "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save()
         bar.close()
@@ -642,3 +642,15 @@ def _to(tree: dict, device: torch.device) -> dict:
 
 def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else math.nan
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as null: strict JSON readers refuse NaN (the
+    mean over no inner model, on a rank that holds none, or a step where all were skipped)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
