@@ -120,9 +120,12 @@ def _train_run(args: argparse.Namespace) -> int:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise SystemExit(f"datarater train: {path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {args.config}: training settings must be a JSON object")
     size = SIZES[args.size]
-    config.setdefault("lm", size)
-    config.setdefault("rater", size)
+    for model in ("lm", "rater"):  # a partial model dict changes those fields of the size
+        given = config.get(model, {})
+        config[model] = {**size, **given} if isinstance(given, dict) else given
     for name in ("steps", "population", "inner_steps", "seed"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)

@@ -425,3 +425,20 @@ def test_training_settings_are_checked_for_type_and_range(setting, match):
         TrainConfig.from_dict(setting)
     with pytest.raises(ValueError, match="must be a JSON object"):
         TrainConfig.from_dict([1, 2])
+
+
+def test_a_partial_model_setting_changes_only_those_fields_of_the_size(tmp_path):
+    """--size small with {"lm": {"d_model": 32}}: small's layers and heads, d_model 32 (the
+    dict used to replace the size, leaving TransformerConfig's defaults)."""
+    from datarater.training.checkpoint import load_checkpoint
+
+    data = _corpus(tmp_path / "c.jsonl", n=60)
+    config = tmp_path / "cfg.json"
+    settings = {**CONFIG, "steps": 1, "checkpoint_every": 1}
+    config.write_text(json.dumps({**settings, "lm": {"d_model": 32}, "rater": {"d_model": 16}}))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--config", str(config), "--size", "small",
+                 "--seq-len", "32", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    _, meta = load_checkpoint(out / "checkpoints")
+    assert (meta["lm"]["d_model"], meta["lm"]["n_layers"], meta["lm"]["n_heads"]) == (32, 4, 4)
+    assert (meta["rater"]["d_model"], meta["rater"]["n_layers"]) == (16, 4)
