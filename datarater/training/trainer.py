@@ -181,6 +181,7 @@ class Trainer:
             for p in self.mine
         }
         self.history: list[dict] = []
+        self._digest: str | None = None  # of the data, when first needed
 
     # -- population ------------------------------------------------------------------------
     def _fresh(self, p: int) -> InnerState:
@@ -409,12 +410,15 @@ class Trainer:
             shutil.rmtree(self.out / "rater", ignore_errors=True)
 
     def _data_digest(self) -> str:
-        """SHA-256 of the training and held-out token ids: a resumed run must read the same."""
-        h = hashlib.sha256()
-        for ids in (self.train.input_ids, self.heldout.input_ids):
-            h.update(str(tuple(ids.shape)).encode())
-            h.update(ids.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """SHA-256 of the training and held-out token ids: a resumed run must read the same.
+        Computed once (the data does not change during a run)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for ids in (self.train.input_ids, self.heldout.input_ids):
+                h.update(str(tuple(ids.shape)).encode())
+                h.update(ids.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def _check_layout(self) -> None:
         """A run's checkpoints are per process under torchrun (``rank-r/``): resuming needs
