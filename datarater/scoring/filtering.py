@@ -55,7 +55,8 @@ def _best(rows: Tensor, k: int) -> Tensor:
 
 
 def topk_groups(scores: Tensor, rho: float, batch: int) -> Tensor:
-    """Boolean keep mask: the best floor((1 - rho) * group) rows of each group, in order.
+    """Boolean keep mask: the best floor((1 - rho) * group) rows (at least one) of each
+    group, in order.
 
     Ties inside a group go to the earlier row.
     """
