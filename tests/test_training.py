@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -442,3 +443,11 @@ def test_a_partial_model_setting_changes_only_those_fields_of_the_size(tmp_path)
     _, meta = load_checkpoint(out / "checkpoints")
     assert (meta["lm"]["d_model"], meta["lm"]["n_layers"], meta["lm"]["n_heads"]) == (32, 4, 4)
     assert (meta["rater"]["d_model"], meta["rater"]["n_layers"]) == (16, 4)
+
+
+def test_numpy_numbers_are_taken_and_stored_as_plain_ones():
+    import numpy as np
+
+    cfg = TrainConfig(steps=np.int64(5), seed=np.int32(2), meta_clip=1, inner_lr=np.float32(0.5))
+    assert (type(cfg.steps), type(cfg.seed), type(cfg.meta_clip)) == (int, int, float)
+    json.dumps(asdict(cfg))  # what every checkpoint holds

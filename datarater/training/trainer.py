@@ -72,8 +72,8 @@ class TrainConfig:
         def bad(name: str, what: str) -> ValueError:
             return ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v) -> bool:  # numpy's integers too (stored as int: the JSON must hold it)
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
         def is_number(v) -> bool:
             return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -82,15 +82,19 @@ class TrainConfig:
                      "lifetime", "checkpoint_every"):  # fmt: skip
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise bad(name, "an int >= 1")
+            setattr(self, name, int(getattr(self, name)))
         for name in ("steps_between", "meta_warmup", "seed"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "an int >= 0")
+            setattr(self, name, int(getattr(self, name)))
         for name in ("inner_lr", "meta_lr", "tau", "meta_clip"):
             if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise bad(name, "a finite number > 0")
+            setattr(self, name, float(getattr(self, name)))
         for name in ("inner_weight_decay", "meta_weight_decay"):
             if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "a finite number >= 0")
+            setattr(self, name, float(getattr(self, name)))
         if self.inner_clip is not None and not (is_number(self.inner_clip) and self.inner_clip > 0):
             raise bad("inner_clip", "None or a finite number > 0")
         if self.micro_batch_size is not None and not (
