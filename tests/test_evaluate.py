@@ -377,3 +377,26 @@ def test_an_evaluation_stopped_by_a_crash_resumes_and_loses_nothing(tmp_path, mo
     (tmp_path / "whole" / "runs" / "settings.json").write_text("{not json")
     with pytest.raises(ValueError, match="settings.json is unreadable"):
         evaluate("whole")
+
+
+def test_a_sweep_whose_runs_all_diverged_says_so(tmp_path, monkeypatch):
+    """No finite run: rho 0.5 is used for the larger sizes, and the report warns that it is
+    no best (a NaN used to win the min)."""
+    import datarater.evaluation.evaluate as ev
+
+    texts, val, scores, tok, rater_cfg = _small_pool()
+    cfg = EvalConfig(sizes=("toy",), rhos=(0.25, 0.75), steps=2, batch=4, seq_len=32,
+                     eval_every=1, baselines=False)  # fmt: skip
+    real = ev.train_lm
+
+    def diverging(*args, **kw):
+        trained = real(*args, **kw)
+        if kw.get("scores") is not None:  # the rater's arms
+            trained.curve[-1] = (trained.curve[-1][0], math.nan)
+        return trained
+
+    monkeypatch.setattr(ev, "train_lm", diverging)
+    with pytest.warns(UserWarning, match="every run of the rho sweep diverged"):
+        args = dict(texts=texts, scores=scores, val_texts=val, tokenizer=tok, cfg=cfg)
+        report = run_evaluation(out=tmp_path / "e", rater_cfg=rater_cfg, progress=False, **args)
+    assert any("diverged" in w for w in report["warnings"])

@@ -148,6 +148,12 @@ def test_resume_refuses_other_data_shapes_or_process_counts(tmp_path):
     with pytest.raises(ValueError, match="other lm settings"):
         Trainer(cfg, longer, longer, 258, tmp_path, 257).resume()
     assert Trainer(cfg, seqs, seqs, 258, tmp_path, 257).resume()
+    # the same shapes written out in full (as a partial dict merged with --size now is)
+    spelled = TrainConfig.from_dict({**asdict(cfg), "lm": {**cfg.lm, "mlp_ratio": 4}})
+    assert Trainer(spelled, seqs, seqs, 258, tmp_path, 257).resume()
+    reseeded = TrainConfig.from_dict({**asdict(cfg), "seed": cfg.seed + 1})
+    with pytest.raises(ValueError, match="seed: 0 then, 1 now"):  # a setting, not "other data"
+        Trainer(reseeded, seqs, seqs, 258, tmp_path, 257).resume()
     # checkpoints of a two-process run, resumed by one process
     two = tmp_path / "two"
     shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-0")
@@ -411,8 +417,8 @@ def test_checkpoints_are_ordinary_files_a_team_can_read(tmp_path):
         ({"steps": 2.5}, "steps must be an int >= 1"),
         ({"steps_between": -3}, "steps_between must be an int >= 0"),
         ({"inner_lr": float("inf")}, "inner_lr must be a finite number > 0"),
-        ({"seed": "3"}, "seed must be an int >= 0"),
-        ({"meta_clip": 0}, "meta_clip must be a finite number > 0"),
+        ({"seed": "3"}, "seed must be an int"),
+        ({"meta_clip": 0}, "meta_clip must be None or a finite number > 0"),
         ({"tau": True}, "tau must be a finite number > 0"),
         ({"micro_batch_size": 0}, "micro_batch_size must be None or an int >= 1"),
         ({"lm": None}, "lm must be a dict of model settings"),
@@ -446,8 +452,11 @@ def test_a_partial_model_setting_changes_only_those_fields_of_the_size(tmp_path)
 
 
 def test_numpy_numbers_are_taken_and_stored_as_plain_ones():
+    """...and what older versions took stays valid: no meta clipping, negative seeds, the
+    models' vocabulary or context in their dicts."""
     import numpy as np
 
     cfg = TrainConfig(steps=np.int64(5), seed=np.int32(2), meta_clip=1, inner_lr=np.float32(0.5))
     assert (type(cfg.steps), type(cfg.seed), type(cfg.meta_clip)) == (int, int, float)
     json.dumps(asdict(cfg))  # what every checkpoint holds
+    TrainConfig(meta_clip=None, seed=-1, rater={"d_model": 16, "max_seq_len": 256})

@@ -414,6 +414,12 @@ def run_evaluation(
     sweep = [r for r in sweep if math.isfinite(r.curve[-1][1])]
     best = min(sweep, key=lambda r: r.curve[-1][1]) if sweep else None
     best_rho = best.rho if best else 0.5
+    if best is None and cfg.rhos:
+        said.append(
+            "every run of the rho sweep diverged (a non-finite final NLL): the larger sizes "
+            "were trained at rho = 0.5, which is no best"
+        )
+        warnings.warn(said[-1], stacklevel=2)
     for size in sizes[1:]:
         run = Run(size, "datarater", best_rho, rater_flops)
         train(run, pool, seq_scores)
@@ -543,7 +549,8 @@ size: **rho = {rep["best_rho"]:g}**. Net compute gain of the largest size
 Best of all datarater runs: {most}.
 
 Compute fraction: the compute a run needs to reach its size's unfiltered final validation NLL,
-over the unfiltered run's compute, counting the scorer's inference FLOPs on every candidate
+over what the unfiltered run needed to reach it (both at their first passage; a run that ends
+above that NLL has not reached it), counting the scorer's inference FLOPs on every candidate
 (oversampling included). Net compute gain = 1 - compute fraction.
 
 {legend}

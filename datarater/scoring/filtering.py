@@ -67,7 +67,7 @@ def topk_groups(scores: Tensor, rho: float, batch: int) -> Tensor:
     tail = len(scores) - full
     parts = [_best(scores[:full].view(-1, g), k).flatten()]
     if tail:
-        parts.append(_best(scores[full:].view(1, tail), math.floor((1.0 - rho) * tail + 1e-9))[0])
+        parts.append(_best(scores[full:].view(1, tail), _kept_per_group(tail, rho))[0])
     return torch.cat(parts)
 
 

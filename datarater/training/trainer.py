@@ -83,11 +83,14 @@ class TrainConfig:
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise bad(name, "an int >= 1")
             setattr(self, name, int(getattr(self, name)))
-        for name in ("steps_between", "meta_warmup", "seed"):
+        for name in ("steps_between", "meta_warmup"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "an int >= 0")
             setattr(self, name, int(getattr(self, name)))
-        for name in ("inner_lr", "meta_lr", "tau", "meta_clip"):
+        if not is_int(self.seed):
+            raise bad("seed", "an int")
+        self.seed = int(self.seed)
+        for name in ("inner_lr", "meta_lr", "tau"):
             if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise bad(name, "a finite number > 0")
             setattr(self, name, float(getattr(self, name)))
@@ -95,15 +98,18 @@ class TrainConfig:
             if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "a finite number >= 0")
             setattr(self, name, float(getattr(self, name)))
-        if self.inner_clip is not None and not (is_number(self.inner_clip) and self.inner_clip > 0):
-            raise bad("inner_clip", "None or a finite number > 0")
+        for name in ("inner_clip", "meta_clip"):  # None: no clipping
+            value = getattr(self, name)
+            if value is not None and not (is_number(value) and value > 0):
+                raise bad(name, "None or a finite number > 0")
+            setattr(self, name, None if value is None else float(value))
         if self.micro_batch_size is not None and not (
             is_int(self.micro_batch_size) and self.micro_batch_size >= 1
         ):
             raise bad("micro_batch_size", "None or an int >= 1")
         if self.meta_decay not in ("constant", "cosine"):
             raise bad("meta_decay", "'constant' or 'cosine'")
-        shape_keys = set(TransformerConfig.__dataclass_fields__) - {"vocab_size", "max_seq_len"}
+        shape_keys = set(TransformerConfig.__dataclass_fields__)
         for name in ("lm", "rater"):
             value = getattr(self, name)
             if not isinstance(value, dict) or set(value) - shape_keys:
@@ -420,7 +426,7 @@ class Trainer:
             h = hashlib.sha256()
             for ids in (self.train.input_ids, self.heldout.input_ids):
                 h.update(str(tuple(ids.shape)).encode())
-                h.update(ids.detach().cpu().contiguous().numpy().tobytes())
+                h.update(memoryview(ids.detach().cpu().contiguous().numpy()))
             self._digest = h.hexdigest()
         return self._digest
 
@@ -452,6 +458,23 @@ class Trainer:
                 f"{self.out}: the checkpoint was written with tokenizer {meta['tokenizer']}, "
                 f"not {self.tokenizer}; resume with the same tokenizer or use a new --out"
             )
+        # the settings first (the held-out split depends on the seed, so a changed seed would
+        # otherwise read as other data); the model dicts as written are left out: a partial
+        # one merged with a --size reads differently from older versions, and the shapes they
+        # give are compared below
+        then = {k: v for k, v in meta["config"].items() if k not in ("lm", "rater")}
+        now = {k: v for k, v in asdict(self.cfg).items() if k not in ("lm", "rater")}
+        if then != now:
+            diff = [
+                f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                for k in sorted(set(then) | set(now))
+                if then.get(k) != now.get(k)
+            ]
+            raise ValueError(
+                f"{self.out}: the checkpoint was written with other settings ({'; '.join(diff)}); "
+                "resume with the same configuration or use a new --out (the meta learning "
+                "rate schedule depends on the number of steps, so a run cannot be lengthened)"
+            )
         if meta.get("world", self.world) != self.world:
             raise ValueError(
                 f"{self.out}: the checkpoint was written by {meta['world']} process(es), and "
@@ -470,19 +493,6 @@ class Trainer:
                     f"({key}: {meta[key]!r} then, {now_value!r} now)"[:400]
                     + "; resume with the same data and settings or use a new --out"
                 )
-        now = asdict(self.cfg)
-        if meta["config"] != now:
-            then = meta["config"]
-            diff = [
-                f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
-                for k in sorted(set(then) | set(now))
-                if then.get(k) != now.get(k)
-            ]
-            raise ValueError(
-                f"{self.out}: the checkpoint was written with other settings ({'; '.join(diff)}); "
-                "resume with the same configuration or use a new --out (the meta learning "
-                "rate schedule depends on the number of steps, so a run cannot be lengthened)"
-            )
         self.rater.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("rater.")})
         self.step, self.resets, self.history = meta["step"], meta["resets"], meta["history"]
         for key, done in meta["inner_steps_done"].items():
