@@ -158,8 +158,18 @@ def test_resume_refuses_other_data_shapes_or_process_counts(tmp_path):
     two = tmp_path / "two"
     shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-0")
     shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-1")
-    with pytest.raises(ValueError, match="written by 2 process"):
+    with pytest.raises(ValueError, match=r"written under torchrun \(ranks \[0, 1\]\)"):
         Trainer(cfg, seqs, seqs, 258, two, 257).resume()
+    # two ranks at different steps (a crash between their checkpoints): refused, not resumed
+    # out of step (tested here through the check itself: one process cannot be two ranks)
+    lagging = Trainer(cfg, seqs, seqs, 258, two, 257)
+    lagging.world = 2
+    (two / "checkpoints" / "rank-1" / "LATEST").write_text("step-000000")
+    with pytest.raises(ValueError, match="rank 0: step-000002, rank 1: step-000000"):
+        lagging.resume()
+    (two / "checkpoints" / "rank-1" / "LATEST").unlink()  # rank 1 never wrote one
+    with pytest.raises(ValueError, match=r"do not fit a run of 2 processes \(rank 0: step"):
+        lagging.resume()
 
 
 def test_train_cli_guards_its_output_folder_and_device(tmp_path, capsys):

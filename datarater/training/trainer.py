@@ -432,15 +432,34 @@ class Trainer:
 
     def _check_layout(self) -> None:
         """A run's checkpoints are per process under torchrun (``rank-r/``): resuming needs
-        the same number of processes, or ranks would resume at different steps or not at all."""
+        the same number of processes, each with its checkpoint of the same step; otherwise
+        ranks would resume at different steps, or some not at all."""
         root = self.out / "checkpoints"
-        ranks = sorted(p.name for p in root.glob("rank-*") if (p / "LATEST").exists())
+        latest = {
+            int(p.name.split("-", 1)[1]): (p / "LATEST").read_text().strip()
+            for p in root.glob("rank-*")
+            if (p / "LATEST").exists()
+        }
         single = (root / "LATEST").exists()
-        then = len(ranks) if ranks else (1 if single else None)
-        if then is not None and (then != self.world or (ranks and single)):
+        if self.world == 1 and latest:
             raise ValueError(
-                f"{self.out}: its checkpoints were written by {then} process(es), and this run "
-                f"has {self.world}: resume with {then}, or use a new --out"
+                f"{self.out}: its checkpoints were written under torchrun (ranks "
+                f"{sorted(latest)}); resume with as many processes, or use a new --out"
+            )
+        if self.world > 1 and single:
+            raise ValueError(
+                f"{self.out}: its checkpoints were written by one process, and this run has "
+                f"{self.world}: resume with one, or use a new --out"
+            )
+        if (
+            self.world > 1
+            and latest
+            and (set(latest) != set(range(self.world)) or len(set(latest.values())) > 1)
+        ):
+            found = ", ".join(f"rank {r}: {step}" for r, step in sorted(latest.items()))
+            raise ValueError(
+                f"{self.out}: the ranks' checkpoints do not fit a run of {self.world} processes "
+                f"({found}): resumed, they would run out of step; use a new --out"
             )
 
     def resume(self) -> bool:
