@@ -78,35 +78,34 @@ class TrainConfig:
         def is_number(v) -> bool:
             return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
+        def take(name: str, kind: type, low, above: bool = False, none: bool = False) -> None:
+            """Check ``name`` is a ``kind`` (>= ``low``, or > with ``above``; None allowed
+            with ``none``) and store it as a plain int or float."""
+            value = getattr(self, name)
+            if none and value is None:
+                return
+            ok = is_int(value) if kind is int else is_number(value)
+            if ok and low is not None:
+                ok = value > low if above else value >= low
+            if not ok:
+                what = "an int" if kind is int else "a finite number"
+                what += "" if low is None else f" {'>' if above else '>='} {low}"
+                raise bad(name, f"None or {what}" if none else what)
+            setattr(self, name, kind(value))
+
         for name in ("steps", "population", "inner_steps", "inner_batch", "outer_batch",
                      "lifetime", "checkpoint_every"):  # fmt: skip
-            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
-                raise bad(name, "an int >= 1")
-            setattr(self, name, int(getattr(self, name)))
+            take(name, int, 1)
         for name in ("steps_between", "meta_warmup"):
-            if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
-                raise bad(name, "an int >= 0")
-            setattr(self, name, int(getattr(self, name)))
-        if not is_int(self.seed):
-            raise bad("seed", "an int")
-        self.seed = int(self.seed)
+            take(name, int, 0)
+        take("seed", int, None)
         for name in ("inner_lr", "meta_lr", "tau"):
-            if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
-                raise bad(name, "a finite number > 0")
-            setattr(self, name, float(getattr(self, name)))
+            take(name, float, 0, above=True)
         for name in ("inner_weight_decay", "meta_weight_decay"):
-            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
-                raise bad(name, "a finite number >= 0")
-            setattr(self, name, float(getattr(self, name)))
+            take(name, float, 0)
         for name in ("inner_clip", "meta_clip"):  # None: no clipping
-            value = getattr(self, name)
-            if value is not None and not (is_number(value) and value > 0):
-                raise bad(name, "None or a finite number > 0")
-            setattr(self, name, None if value is None else float(value))
-        if self.micro_batch_size is not None and not (
-            is_int(self.micro_batch_size) and self.micro_batch_size >= 1
-        ):
-            raise bad("micro_batch_size", "None or an int >= 1")
+            take(name, float, 0, above=True, none=True)
+        take("micro_batch_size", int, 1, none=True)
         if self.meta_decay not in ("constant", "cosine"):
             raise bad("meta_decay", "'constant' or 'cosine'")
         shape_keys = set(TransformerConfig.__dataclass_fields__)
