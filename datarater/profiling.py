@@ -75,10 +75,12 @@ def meta_step_workload(
     seed: int = 0,
     loss_backend: str | None = None,
     hvp: str = "auto",
+    attention: str = "fused",
 ) -> Callable[[], dict]:
     """A meta-step on the library's transformer where activations dominate memory.
 
     Returns a callable that runs one ``meta_step`` and reports what it keeps per inner step.
+    ``attention`` is the models' (``"fused"`` or ``"written"``, see TransformerConfig).
     ``mode="pytorch"`` runs the baseline instead: PyTorch's own reverse-over-reverse
     (:mod:`datarater.meta.baseline`), on the same model, batches and optimizer.
     """
@@ -100,11 +102,14 @@ def meta_step_workload(
         d_model=d_model,
         n_layers=n_layers,
         n_heads=max(1, d_model // 32),
+        attention=attention,
     )
     lm = CausalLM(cfg).to(dt)
-    rater = Rater(
-        TransformerConfig(vocab_size=vocab, max_seq_len=seq_len, d_model=32, n_layers=1, n_heads=1)
-    ).to(dt)
+    rater_cfg = TransformerConfig(
+        vocab_size=vocab, max_seq_len=seq_len, d_model=32, n_layers=1, n_heads=1,
+        attention=attention,
+    )  # fmt: skip
+    rater = Rater(rater_cfg).to(dt)
     opt = Adam(1e-3, weight_decay=0.1, clip_norm=1.0)
     state = InnerState.init(lm, opt)
     gen = torch.Generator().manual_seed(seed)

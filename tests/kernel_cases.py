@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from importlib.util import find_spec
+
+import pytest
 import torch
 from torch.func import grad, jvp
 
 from datarater.kernels import weighted_cross_entropy_reference
 
 IGNORE = -100
+HAS_TRITON = find_spec("triton") is not None
+interpreted = pytest.mark.skipif(  # without a GPU conftest.py sets the interpreter
+    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="with a GPU the compiled kernels are tested by the GPU cases",
+)
+on_gpu = pytest.mark.skipif(
+    not HAS_TRITON or not torch.cuda.is_available(), reason="needs a CUDA GPU and triton"
+)
 
 
 def make_inputs(

@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call, grad, jvp
 
 import datarater as dr
+from datarater.kernels import attention_blockwise
 from datarater.meta.batch import SeqBatch, sequence_losses
 from datarater.models import CausalLM, TransformerConfig
 
@@ -22,13 +23,17 @@ def _reference(model, params, tangents, batch: SeqBatch, w):
     return hv, c
 
 
+@pytest.mark.parametrize("attention", ["fused", "written"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("shape", [(5, 11), (1, 2), (3, 16)])
-def test_hvp_and_tangents_equal_torch_func(tie, shape):
+def test_hvp_and_tangents_equal_torch_func(monkeypatch, tie, shape, attention):
+    # tiles of 4: the fused passes run blockwise (one tile would take the written-out formulas)
+    monkeypatch.setattr(attention_blockwise, "BLOCK", 4)
     torch.manual_seed(sum(shape) + tie)
     cfg = TransformerConfig(
-        vocab_size=37, max_seq_len=16, d_model=12, n_layers=2, n_heads=3, tie_embeddings=tie
-    )
+        vocab_size=37, max_seq_len=16, d_model=12, n_layers=2, n_heads=3, tie_embeddings=tie,
+        attention=attention,
+    )  # fmt: skip
     model = CausalLM(cfg).double()
     params = {k: v.detach() + 0.2 * torch.randn_like(v) for k, v in model.named_parameters()}
     params.pop("blocks.0.ln1.bias")  # a frozen parameter: the module's own tensor, no tangent

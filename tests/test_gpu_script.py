@@ -21,6 +21,7 @@ def test_gpu_bench_script_smoke(tmp_path, capsys):
         "meta_step",
         "scoring",
         "derivatives",
+        "attention bf16",
     }
     assert all("error" not in r for r in rows)
     # every derivative mode of every loss function of ours matches float64 plain torch
@@ -44,6 +45,18 @@ STAND_INS = {
         "def liger_fused_linear_cross_entropy(input, weight, target, reduction='mean'):\n"
         "    return F.cross_entropy((input @ weight.T).float(), target, reduction=reduction)\n"
     ),
+    "jvp_flash_attention/__init__.py": "",
+    "jvp_flash_attention/jvp_attention.py": (
+        "import torch\n"
+        "def attention(q, k, v, causal=False, sm_scale=None):\n"
+        "    s = (q @ k.transpose(-1, -2)).float() * sm_scale\n"
+        "    n = q.shape[-2]\n"
+        "    if causal:\n"
+        "        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float('-inf'))\n"
+        "    return (s.softmax(-1) @ v.float()).to(q.dtype)\n"
+        "class JVPAttn:\n"
+        "    fwd_dual = staticmethod(attention)\n"
+    ),
     "cut_cross_entropy/__init__.py": (
         "import torch.nn.functional as F\n"
         "def linear_cross_entropy(e, c, targets, reduction='mean', filter_eps='high'):\n"
@@ -53,9 +66,9 @@ STAND_INS = {
 
 
 def test_the_rival_rows_run_with_stand_ins_of_the_rival_libraries(tmp_path, monkeypatch):
-    """The comparison code only meets Liger Kernel and Cut Cross-Entropy on a GPU machine;
-    plain-torch stand-ins with their call signatures (and no package metadata) run every
-    rival row here, so that it cannot rot between GPU slots."""
+    """The comparison code only meets Liger Kernel, Cut Cross-Entropy and jvp-flash-attention
+    on a GPU machine; plain-torch stand-ins with their call signatures (and no package
+    metadata) run every rival row here, so that it cannot rot between GPU slots."""
     for name, text in STAND_INS.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
@@ -64,9 +77,11 @@ def test_the_rival_rows_run_with_stand_ins_of_the_rival_libraries(tmp_path, monk
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "rows.json"
-    assert mod.main(["--smoke", "--only", "derivs,ce,linear", "--out", str(out)]) == 0
+    assert mod.main(["--smoke", "--only", "derivs,ce,linear,attention", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
-    assert saved["rivals"] == {"liger-kernel": "unknown", "cut-cross-entropy": "unknown"}
+    assert saved["rivals"] == {
+        "liger-kernel": "unknown", "cut-cross-entropy": "unknown", "jvp-flash-attention": "unknown"
+    }  # fmt: skip
     rows = {(r["group"], r["case"]): r for r in saved["rows"]}
     ce, linear, fast = "weighted CE bf16 fwd+bwd", "linear+CE bf16 fwd+bwd", "(its fast path)"
     for group, case in [
@@ -77,6 +92,8 @@ def test_the_rival_rows_run_with_stand_ins_of_the_rival_libraries(tmp_path, monk
         (linear, "Cut Cross-Entropy, per-token loss x w (exact, filter off)"),
     ]:
         assert float(rows[group, case]["grad_rel_err"]) < 2e-2, case  # its own reference
+    for what in ("forward", "backward", "forward + jvp"):
+        assert "ms" in rows["attention bf16", f"jvp-flash-attention, {what}"], what
     stand_ins = [r for (g, c), r in rows.items() if g == "derivatives" and "datarater" not in c
                  and "torch eager" not in c]  # fmt: skip
     assert len(stand_ins) == 6  # Liger twice and CCE once, in float32 and bf16
@@ -152,3 +169,36 @@ def test_the_summary_of_a_recorded_h200_run_matches_bench_results():
     assert "| rater forward, 70M, context 2048, bf16 | >= 4.0M tokens/s | 3.21M tokens/s |" in text
     assert "| 98.9 ms, 38 MB | datarater cuda, 32 MB chunks | no |" in text
     assert "tests: 90 passed" in text
+
+
+def test_the_summary_judges_the_attention_goals(tmp_path):
+    att = dict(group="attention bf16", B=8, H=16, L=2048, D=64)
+    rows = [
+        {**att, "case": "SDPA flash, forward", "ms": 1.0},
+        {**att, "case": "SDPA flash, backward", "ms": 2.5},
+        {**att, "case": "datarater triton, forward", "ms": 1.1},
+        {**att, "case": "datarater triton, forward + jvp", "ms": 2.2},
+        {**att, "case": "datarater triton, tangent of the backward", "ms": 7.0},
+        {**att, "case": "jvp-flash-attention, forward + jvp", "ms": 2.0},
+        {**att, "case": "datarater triton, backward after its forward (peak: both)", "L": 1024,
+         "ms": 1.0, "peak_mb": 100.0},
+        {**att, "case": "datarater triton, backward after its forward (peak: both)", "L": 4096,
+         "ms": 9.0, "peak_mb": 420.0},
+    ]  # fmt: skip
+    (tmp_path / "gpu_attention.json").write_text(json.dumps({"device": "H100", "rows": rows}))
+    table = {
+        line.split(" | ")[0].strip("| ").strip(): line.split(" | ")[1:]
+        for line in _summary_module().summary(tmp_path).splitlines()
+        if line.startswith("| ")
+    }
+    assert table["attention D=64: forward against SDPA flash, forward"][1:] == [
+        "1.10x", "datarater triton, forward", "yes |"
+    ]  # fmt: skip
+    assert table["attention D=64: forward + jvp against SDPA flash, forward"][-1] == "no |"
+    assert table["attention D=64: tangent of the backward against SDPA flash, backward"][1] == (
+        "2.80x"
+    )
+    assert table["against jvp-flash-attention's forward + jvp"][1:] == [
+        "1.10x", "jvp-flash-attention, forward + jvp", "no |"
+    ]  # fmt: skip
+    assert table["attention peak memory, linear in L"][1] == "1.05x L's growth"

@@ -8,7 +8,9 @@ import torch
 from datarater import optim
 from datarater.profiling import measure, meta_step_workload, peak_tensor_bytes
 
-CFG = dict(batch=16, seq_len=64, d_model=64)
+# (at 64 tokens a sequence, the pass's activations no longer dominate since the hand-written
+# pass keeps fewer of them: 128 keeps this a test of activations, as it is meant to be)
+CFG = dict(batch=16, seq_len=128, d_model=64)
 
 
 def test_peak_memory_falls_with_the_micro_batch_size():

@@ -15,7 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from datarater.kernels import attention as A  # noqa: E402
+from datarater.kernels import triton_attention as A  # noqa: E402
 from datarater.kernels import triton_ce as CE  # noqa: E402
 from datarater.kernels import triton_tangent as TT  # noqa: E402
 
@@ -39,26 +39,96 @@ def _compile(fn, sig: dict, const: dict, warps: int = 4, stages: int = 3):
     return kernel
 
 
-ATT_PTRS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
-ATT_INTS = "sqb sqh sql skb skh skl svb svh svl sob soh sol s_keep H L".split()
+def _att_sig(dtype: str, ptrs: str, rows: str, ints: str) -> dict:
+    sig = {p: f"*{dtype}" for p in ptrs.split()} | {p: "*fp32" for p in rows.split()}
+    return sig | {"keep_ptr": "*u8"} | {i: "i32" for i in ints.split()} | {"scale": "fp32"}
+
+
+FWD_SIG = ("q_ptr k_ptr v_ptr tq_ptr tk_ptr tv_ptr o_ptr to_ptr", "lse_ptr tlse_ptr",
+           "sqb sqh sql skb skh skl svb svh svl stqb stqh stql stkb stkh stkl stvb stvh stvl "
+           "sob soh sol s_keep H G L")  # fmt: skip
+BWD_INTS = ("sqb sqh sql skb skh skl svb svh svl sgb sgh sgl stqb stqh stql stkb stkh stkl "
+            "stvb stvh stvl stgb stgh stgl s_keep H G L")  # fmt: skip
+BWD_ROWS = "lse_ptr delta_ptr tlse_ptr tdelta_ptr"
+BWD_IN = "q_ptr k_ptr v_ptr go_ptr tq_ptr tk_ptr tv_ptr tgo_ptr "
+KV_SIG = (BWD_IN + "gk_ptr gv_ptr tgk_ptr tgv_ptr", BWD_ROWS, BWD_INTS)
+Q_SIG = (BWD_IN + "gq_ptr tgq_ptr", BWD_ROWS, BWD_INTS)
+MASKS = [(False, False, True), (True, True, False)]  # (keep, causal, even)
+
+
+def _checked(kernel, what: str, dtype: str) -> None:
+    if dtype != "fp32" and "wgmma" not in kernel.asm["ptx"]:
+        raise RuntimeError(f"attention {what} {dtype}: no wgmma (Hopper's matrix unit)")
+
+
+def _registers(kernel) -> tuple[int, int]:
+    """(registers, local-memory bytes: spills) of a compiled kernel, read from its cubin by
+    cuobjdump (Triton's own, else the toolkit's; (0, 0) with neither)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    own = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = own if os.path.exists(own) else shutil.which("cuobjdump")
+    if tool is None:
+        return 0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    regs = max(int(r) for r in re.findall(r"REG:(\d+)", out))
+    local = max(int(b) for b in re.findall(r"LOCAL:(\d+)", out))
+    return regs, local
 
 
 def attention(dtype: str, d: int) -> None:
-    configs = A._CONFIGS_32 if dtype == "fp32" else A._CONFIGS_16
-    sig = {p: f"*{dtype}" for p in ATT_PTRS} | {"keep_ptr": "*u8"}
-    sig |= {i: "i32" for i in ATT_INTS} | {"scale_log2": "fp32"}
-    variants = [(False, False, True), (True, True, False)]
+    """The forward as scoring runs it (no log-sum-exp, no tangent), every block shape."""
+    configs = A.FORWARD_32 if dtype == "fp32" else A.FORWARD_16
+    variants = list(MASKS)
     if (dtype, d) == ("bf16", 128):  # the scoring case: every mask combination
         variants += [(True, False, True), (False, True, False)]
     for bm, bn, warps, stages in configs:
         for keep, causal, even in variants:
             const = dict(D=d, HAS_KEEP=keep, CAUSAL=causal, DOT_F32=dtype == "fp32",
-                         BLOCK_M=bm, BLOCK_N=bn, EVEN=even)  # fmt: skip
-            kernel = _compile(A._attention_kernel, sig, const, warps, stages)
-            if dtype != "fp32" and "wgmma" not in kernel.asm["ptx"]:
-                raise RuntimeError(f"attention {dtype} {const}: no wgmma (Hopper's matrix unit)")
+                         TANGENT=False, WRITE_LSE=False, BLOCK_M=bm, BLOCK_N=bn,
+                         EVEN=even)  # fmt: skip
+            kernel = _compile(A._forward_kernel, _att_sig(dtype, *FWD_SIG), const, warps, stages)
+            _checked(kernel, "forward", dtype)
     shapes = f"{len(configs)} block shapes x {len(variants)} variants"
     print(f"attention {dtype} head size {d}: {shapes}")
+
+
+def attention_training(dtype: str, d: int, masks: list) -> None:
+    """The training passes at the blocks the launchers pick: forward with and without its
+    tangent, both backward kernels plain, with tangents, and tangents alone. Reported, not
+    required: how many use Hopper's wgmma (blocks of fewer than 64 rows take mma), their
+    registers and spills (for the first GPU run to tune against)."""
+    wide, spills, wgmma = dtype == "fp32", [], 0
+    for keep, causal, even in masks:
+        flags = dict(D=d, HAS_KEEP=keep, CAUSAL=causal, DOT_F32=wide, EVEN=even)
+        for tangent in (False, True):
+            bm, bn, warps, stages = (A.FORWARD_32 if wide else A.FORWARD_16)[0]
+            if tangent:
+                bm, stages = min(64, bm), 2
+            const = flags | dict(TANGENT=tangent, WRITE_LSE=True, BLOCK_M=bm, BLOCK_N=bn)
+            kernel = _compile(A._forward_kernel, _att_sig(dtype, *FWD_SIG), const, warps, stages)
+            spills.append(_registers(kernel))
+            wgmma += "wgmma" in kernel.asm["ptx"]
+        for tangent, primal in ((False, True), (True, True), (True, False)):
+            bm, bn, warps, stages = A.backward_config(d, wide, tangent)
+            const = flags | dict(TANGENT=tangent, PRIMAL=primal, HAS_TLSE=tangent,
+                                 BLOCK_M=bm, BLOCK_N=bn)  # fmt: skip
+            for fn, sig in ((A._backward_kv_kernel, KV_SIG), (A._backward_q_kernel, Q_SIG)):
+                kernel = _compile(fn, _att_sig(dtype, *sig), const, warps, stages)
+                spills.append(_registers(kernel))
+                wgmma += "wgmma" in kernel.asm["ptx"]
+    regs = max(r for r, _ in spills)
+    spilled = max(b for _, b in spills)
+    print(f"attention training {dtype} head size {d}: {len(spills)} kernels ({wgmma} on wgmma), "
+          f"at most {regs} registers, {spilled} bytes spilled at most")  # fmt: skip
 
 
 def cross_entropy(dtype: str) -> None:
@@ -132,6 +202,9 @@ def tangents() -> None:
 if __name__ == "__main__":
     for dtype, d in (("bf16", 128), ("fp16", 64), ("bf16", 256), ("fp32", 128)):
         attention(dtype, d)
+    attention_training("bf16", 64, MASKS)
+    attention_training("bf16", 128, MASKS[1:])
+    attention_training("fp32", 64, MASKS[1:])
     for dtype in ("fp32", "bf16"):
         cross_entropy(dtype)
         print(f"cross-entropy {dtype}: forward, directional, fused")

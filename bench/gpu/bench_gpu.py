@@ -31,6 +31,9 @@ from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entr
 from datarater.meta.baseline import torch_reverse_over_reverse
 from datarater.models import CausalLM, Rater, preset, set_inference_attention
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the groups kept in files beside it
+from attention_group import bench_attention  # noqa: E402
+
 ROWS: list[dict] = []
 
 
@@ -799,7 +802,7 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
                     torch.cuda.empty_cache()
 
 
-GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep", "derivs")
+GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep", "derivs", "attention")
 
 
 def _save(path: str | None, device_name: str) -> None:
@@ -836,6 +839,7 @@ def main(argv=None) -> int:
             "meta": lambda: bench_meta_step(device, "toy", 4, 32, [1, 2]),
             "scoring": lambda: bench_scoring(device, preset("toy", max_seq_len=64), 8, 2, 20),
             "derivs": lambda: bench_derivatives(device, backends),
+            "attention": lambda: bench_attention(device, 1, 2, 40, (16,), (32, 64), case, rival),
         }
     else:
         print(name, torch.__version__, flush=True)
@@ -848,6 +852,9 @@ def main(argv=None) -> int:
             "meta": lambda: bench_meta_step(device, "17m", 16, 256, [1, 8]),
             "scoring": lambda: bench_scoring(device, preset("rater-70m"), 64, 8, 2000),
             "derivs": lambda: bench_derivatives(device, backends),
+            "attention": lambda: bench_attention(
+                device, 8, 16, 2048, (64, 128), (1024, 2048, 4096), case, rival
+            ),
         }
     OUT.update(path=args.out, device=name)
 

@@ -8,8 +8,9 @@
 #   bash bench/gpu/check.sh                  (results also go to $OUT, or /tmp/datarater-gpu)
 #   FIRST=ce THEN=meta bash bench/gpu/check.sh   (benchmark groups before and after the tests,
 #   in order, from ce, ce32k, sweep (CUDA fused), tsweep (Triton fused), linear, meta, scoring,
-#   derivs (derivative modes, ours and the rivals');
-#   default FIRST=ce,scoring,meta THEN=linear,derivs,sweep,ce32k: what decides open goals
+#   derivs (derivative modes, ours and the rivals'), attention (every pass against SDPA's flash
+#   attention and jvp-flash-attention);
+#   default FIRST=ce,scoring,meta THEN=attention,linear,derivs,sweep,ce32k: what decides open goals
 #   first; one slot with a fresh build rarely reaches the last groups)
 # Every stage has its own time limit (BUILD_S; NEW_TESTS_S per new-kernel test file; CE_S,
 # SCORING_S or GROUP_S per benchmark group; TESTS_S), cut to what is left of TOTAL_S so that
@@ -39,7 +40,8 @@ MAX_JOBS=${MAX_JOBS:-16} timeout "$(limit "${BUILD_S:-240}")" python3 -m pip ins
 grep -iE "error|warning: datarater" "$out/build.log" | head -20
 python3 -c "import datarater._C as c, torch; print('extension with CUDA:', c.with_cuda, '| torch', torch.__version__, '|', torch.cuda.get_device_name())" \
     || echo "!! the extension did not build or load: see build.log; going on without it"
-# the rival libraries (Liger Kernel, Cut Cross-Entropy), where their wheels were carried here
+# the rival libraries (Liger Kernel, Cut Cross-Entropy, jvp-flash-attention), where their wheels
+# were carried here
 # (bench/gpu/fetch_rivals.sh); without them their rows say how to get them
 if compgen -G "bench/gpu/wheels/*.whl" >/dev/null; then
     python3 -m pip install --no-deps --no-index bench/gpu/wheels/*.whl >>"$out/build.log" 2>&1 \
@@ -70,11 +72,12 @@ groups first "${FIRST:-ce,scoring,meta}"
 stamp "new-kernel tests"
 newtest registers tests/test_gpu.py::test_gpu_fused_kernel_in_registers_matches_float64
 newtest attention tests/test_attention_triton.py
+newtest attention_training tests/test_attention.py -k gpu
 newtest tangent tests/test_tangent_ops_triton.py
 stamp "GPU tests"
 timeout -k 10 "$(limit "${TESTS_S:-180}")" python3 -m pytest -v --tb=short -p no:cacheprovider \
     tests/test_gpu.py -k "not in_registers" tests/test_gpu_fast_scoring.py \
     tests/test_forward_over_reverse.py 2>&1 | tee "$out/tests.log" | tail -8
-groups then "${THEN:-linear,derivs,sweep,ce32k}"
+groups then "${THEN:-attention,linear,derivs,sweep,ce32k}"
 stamp "total"
 python3 bench/gpu/summary.py "$out" | tee "$out/summary.md"

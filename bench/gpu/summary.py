@@ -104,7 +104,40 @@ def goal_lines(rows: list[dict]) -> list[list[str]]:
         line(f"meta_step T=8, {mode} against PyTorch's reverse-over-reverse",
              "< 1x time and memory", row, f"{time:.2f}x time, {memory:.2f}x memory",
              time < 1 and memory < 1)  # fmt: skip
+    _attention_goals(rows, line)
     return out
+
+
+ATTENTION = "attention bf16"
+ATTENTION_GOALS = (  # (our pass, the pass it is held against, at most this many times its time)
+    ("forward", "SDPA flash, forward", 1.2),
+    ("forward + jvp", "SDPA flash, forward", 2.0),
+    ("tangent of the backward", "SDPA flash, backward", 3.0),
+)
+
+
+def _attention_goals(rows: list[dict], line) -> None:
+    """The attention issue's goals at each head size: our passes against SDPA's flash ones and
+    against jvp-flash-attention's where it has the pass; the peak's growth with L."""
+    att = _ok(rows, ATTENTION, L=2048)
+    for d in sorted({r["D"] for r in att if isinstance(r.get("D"), int)}):
+        at = {r["case"]: r for r in att if r.get("D") == d}
+        for ours, base, most in ATTENTION_GOALS:
+            row, ref = at.get(f"datarater triton, {ours}"), at.get(base)
+            ratio = row["ms"] / ref["ms"] if row and ref else float("inf")
+            line(f"attention D={d}: {ours} against {base}", f"<= {most}x", row if ref else None,
+                 f"{ratio:.2f}x", ratio <= most)  # fmt: skip
+            rival = at.get(f"jvp-flash-attention, {ours}")
+            if rival and row:
+                line(f"  against jvp-flash-attention's {ours}", "< 1x", rival,
+                     f"{row['ms'] / rival['ms']:.2f}x", row["ms"] < rival["ms"])  # fmt: skip
+    grow = sorted((r["L"], r["peak_mb"]) for r in _ok(rows, ATTENTION)
+                  if "peak: both" in r["case"] and r.get("peak_mb"))  # fmt: skip
+    if len(grow) >= 2:
+        (l0, p0), (l1, p1) = grow[0], grow[-1]
+        factor = (p1 / p0) / (l1 / l0)
+        line("attention peak memory, linear in L", "~1x per L", {"case": "backward after its "
+             f"forward, L {l0} -> {l1}"}, f"{factor:.2f}x L's growth", factor <= 1.2)  # fmt: skip
 
 
 def test_tallies(folder: Path) -> list[str]:

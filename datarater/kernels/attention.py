@@ -1,43 +1,62 @@
-"""Inference attention for scoring: one fused Triton kernel (flash-attention style) beside its
-plain-torch reference.
+"""Softmax attention that a meta-gradient can go through: flash-style in every pass.
 
-Scoring spends about a third of the rater's FLOPs in attention (52 of 151 MFLOP per token for
-``rater-70m`` at context 2048). PyTorch's fused attention on Hopper is FlashAttention-2; this
-kernel is the same online-softmax algorithm written in Triton, which emits Hopper's
-asynchronous matrix instructions, and it writes its output as ``[B, L, H, D]`` so that the
-output projection reads it without a transpose copy. Forward only, no gradients: training and
-meta-gradients keep the written-out attention (they need forward-mode AD).
+``attention(q, k, v, keep=..., causal=..., scale=..., backend=...)`` takes ``q`` as
+``[B, H, L, D]`` and ``k, v`` as ``[B, Hk, L, D]`` (``H`` a multiple of ``Hk``: grouped-query
+attention), an optional ``[B, L]`` boolean ``keep`` of the keys that may be read (padding
+excluded), and returns ``[B, L, H, D]`` (heads merge with a reshape). A query with no key to
+read gets zeros.
 
-``attention(q, k, v, keep=None, causal=False, backend=None)`` takes ``q, k, v`` as
-``[B, H, L, D]`` views with unit stride in D (the rater's ``qkv`` split is one) and ``keep``, an
-optional ``[B, L]`` boolean mask of the keys that may be attended to (padding excluded), and
-returns ``[B, L, H, D]``. ``backend="triton"`` runs the kernel (CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``), ``"torch"`` the reference; ``None`` picks Triton where it can run
-and the shapes suit it (head size 16 to 256, a power of two; 16-bit or float32 inputs), else
-the reference. Queries whose keys are all masked get zeros (the reference gives the same).
+It is differentiable in every mode PyTorch has: backward, ``torch.func.grad / vjp / jvp``,
+forward-over-reverse (``jvp`` of ``grad``, what ``meta_step``'s mixed mode runs) and double
+backward (``gradgradcheck``, what reverse mode and ``hvp="double"`` run). Only each row's
+log-sum-exp is saved beside the output; every pass recomputes its tiles of scores:
+
+* forward: online softmax over key blocks; its tangent rides along in the same pass;
+* backward: from ``lse`` and ``delta = rowsum(go * o)``;
+* the backward's tangent (forward-over-reverse): one more blockwise pass, never a second graph;
+* the double backward: a blockwise pass of its own (:mod:`.attention_blockwise`).
+
+Backends: ``"torch"`` (the written-out reference below: L x L scores, any dtype, the oracle),
+``"blockwise"`` (:mod:`.attention_blockwise`, plain torch over tiles: the CPU default and the
+fallback everywhere), ``"triton"`` (:mod:`.triton_attention`: CUDA, or the CPU under
+``TRITON_INTERPRET=1``). ``backend=None`` takes Triton on CUDA where it can, else blockwise;
+on CPUs the written-out formulas up to one tile (:func:`written_out_by_default`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from .triton_import import interpreting, on_device, tl, triton
+from . import attention_blockwise as blockwise
+from .attention_blockwise import Mask
 
-BACKENDS = ("torch", "triton")
-HEAD_SIZES = (16, 32, 64, 128, 256)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_GRID_Y = 65535  # the launch grid's second axis runs over batch x heads
+BACKENDS = ("torch", "blockwise", "triton")
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> None:
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> None:
+    """Shapes, dtypes, devices and the mask: a clear error before any kernel runs."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        raise TypeError("attention takes tensors q, k, v")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(
-            f"attention takes q, k, v of one shape [B, H, L, D], got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
+            "attention takes q as [B, H, L, D] and k, v of one shape [B, Hk, L, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, h, n, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != (n, d):
+        raise ValueError(
+            f"k and v must be [B, Hk, L, D] = [{b}, Hk, {n}, {d}] like q, got {tuple(k.shape)}"
+        )
+    if k.shape[1] < 1 or h % k.shape[1]:
+        raise ValueError(
+            f"q's {h} heads must be a multiple of k and v's {k.shape[1]} heads (grouped-query "
+            "attention)"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(
@@ -45,228 +64,302 @@ def _check(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> None:
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if keep is not None:
-        b, _, n, _ = q.shape
-        if keep.shape != (b, n) or keep.dtype != torch.bool or keep.device != q.device:
-            raise ValueError(
-                f"keep must be a bool tensor [B, L] = [{b}, {n}] on {q.device}, got "
-                f"{keep.dtype} {tuple(keep.shape)} on {keep.device}"
-            )
+    if keep is not None and (
+        not isinstance(keep, Tensor)
+        or keep.shape != (b, n)
+        or keep.dtype != torch.bool
+        or keep.device != q.device
+    ):
+        got = f"{keep.dtype} {tuple(keep.shape)} on {keep.device}" if isinstance(keep, Tensor) \
+            else type(keep).__name__  # fmt: skip
+        raise ValueError(f"keep must be a bool tensor [B, L] = [{b}, {n}] on {q.device}, got {got}")
 
 
-def attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None, causal: bool = False
-) -> Tensor:
-    """The plain-torch definition, accumulated in at least float32: ``[B, L, H, D]``."""
-    _check(q, k, v, keep)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    n = q.shape[2]
-    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
+                        causal: bool = False, scale: float | None = None) -> Tensor:  # fmt: skip
+    """The written-out definition, in at least float32: ``[B, L, H, D]``. Plain torch ops, so
+    every derivative mode works; its L x L scores are what the other backends never store."""
+    check_inputs(q, k, v, keep)
+    acc = blockwise.accumulator(q.dtype)
+    b, h, n, d = q.shape
+    groups = h // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
     if causal:
         allowed = allowed.tril()
     allowed = allowed[None, None] if keep is None else allowed & keep[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no key: zeros
+    # a query with no key gets zeros (its scores are set to 0 first: derivatives stay finite)
+    some = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~some, 0.0)
+    p = torch.softmax(scores, dim=-1) * some
     return (p @ v.to(acc)).to(q.dtype).transpose(1, 2).contiguous()
 
 
-def reason_unsupported(q: Tensor) -> str | None:
-    """Why the Triton kernel cannot take these inputs (None: it can). The device comes last:
-    the other reasons hold on every device."""
-    if triton is None:
-        return "triton is not installed"
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (the kernel takes {_DTYPES})"
-    if q.shape[-1] not in HEAD_SIZES:
-        return f"head size {q.shape[-1]} (the kernel takes {HEAD_SIZES})"
-    if q.stride(-1) != 1:
-        return "q, k, v need unit stride in the head dimension"
-    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-        return f"batch x heads = {q.shape[0] * q.shape[1]} (at most {_MAX_GRID_Y})"
-    if q.device.type != "cuda" and not interpreting():
-        return "the Triton kernel runs on CUDA tensors (or the CPU under TRITON_INTERPRET=1)"
-    return None
+def _triton() -> ModuleType:
+    from . import triton_attention  # triton loads on first use only
+
+    return triton_attention
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    keep: Tensor | None = None,
-    causal: bool = False,
-    backend: str | None = None,
-) -> Tensor:
-    """Softmax attention of ``[B, H, L, D]`` inputs into ``[B, L, H, D]`` (see the module)."""
-    _check(q, k, v, keep)
+def reason_unsupported(q: Tensor, k: Tensor | None = None) -> str | None:
+    """Why the Triton kernels cannot take these inputs (None: they can)."""
+    return _triton().reason_unsupported(q, q if k is None else k)
+
+
+def _backend(q: Tensor, k: Tensor, backend: str | None) -> str:
     if backend not in (None, *BACKENDS):
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    why = reason_unsupported(q) if backend != "torch" else "asked for"
-    if why is None and (k.stride(-1) != 1 or v.stride(-1) != 1):
-        why = "q, k, v need unit stride in the head dimension"
-    if why is not None:
-        if backend == "triton":
+    if backend == "triton":
+        why = reason_unsupported(q, k)
+        if why is not None:
             raise ValueError(f"the triton attention backend cannot run: {why}")
-        return attention_reference(q, k, v, keep, causal)
-    return _attention_op(q, k, v, keep, causal)
+    if backend is not None:
+        return backend
+    if q.is_cuda and reason_unsupported(q, k) is None:
+        return "triton"
+    return "torch" if written_out_by_default(q.shape[2], q.device) else "blockwise"
 
 
-# One opaque operator to torch.compile (a traced call into the autotuned kernel would break the
-# graph); its fake implementation gives the output's shape.
-@torch.library.custom_op("datarater::triton_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Tensor:
-    return _triton_attention(q, k, v, keep, causal)
+def written_out_by_default(n: int, device: torch.device) -> bool:
+    """Whether ``backend=None`` runs the written-out formulas at length ``n``: on CPUs up to
+    one tile of the blockwise passes, whose scores are L x L there too, and where the fewer,
+    larger ops of the written-out formulas run faster (1.2x the demo's time otherwise)."""
+    return device.type == "cpu" and n <= blockwise.BLOCK
 
 
-@_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool) -> Tensor:
-    b, h, n, d = q.shape
-    return q.new_empty(b, n, h, d)
+def _passes(name: str) -> ModuleType:
+    return _triton() if name == "triton" else blockwise
 
 
-# Block shapes tried by the autotuner on GPUs (BLOCK_M, BLOCK_N, warps, stages), for 16-bit
-# and for float32 inputs (whose blocks take twice the shared memory: at head size 128 only
-# these fit Hopper's 227 KiB, checked by compiling for sm_90); the first of each is the fixed
-# choice when tuning is off (DATARATER_ATTENTION_AUTOTUNE=0, used by the GPU tests to spare
-# compilations). The interpreter's is small.
-_CONFIGS_16 = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
-_CONFIGS_32 = ((32, 32, 4, 2), (64, 32, 4, 2))  # the first spills least (ptxas, Triton 3.6)
-_INTERPRETER_CONFIG = (16, 16, 4, 1)
+def attention(q: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | None = None,
+              causal: bool = False, scale: float | None = None,
+              backend: str | None = None) -> Tensor:  # fmt: skip
+    """Softmax attention of ``q [B, H, L, D]`` over ``k, v [B, Hk, L, D]`` into
+    ``[B, L, H, D]``, scaled by ``scale`` (default ``1/sqrt(D)``); see the module."""
+    check_inputs(q, k, v, keep)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = _backend(q, k, backend)
+    if name == "torch":
+        return attention_reference(q, k, v, keep, causal, scale)
+    if not _needs_derivatives(q, k, v):
+        return _forward_only(q, k, v, keep, causal, scale, name)
+    return _Attention.apply(q, k, v, keep, causal, scale, name)[0]
 
 
-def _prune(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's candidates for these inputs' element size."""
-    wide = named_args["q_ptr"].element_size() == 4
-    keep = _CONFIGS_32 if wide else _CONFIGS_16
-    return [
-        c
-        for c in configs
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep
-    ]
+def inference_attention(q: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | None = None,
+                        causal: bool = False, scale: float | None = None,
+                        backend: str | None = None) -> Tensor:  # fmt: skip
+    """:func:`attention` for callers that never differentiate it (scoring copies): no query
+    of the autograd state, which torch.compile would break its graph on."""
+    check_inputs(q, k, v, keep)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _forward_only(q, k, v, keep, causal, scale, _backend(q, k, backend))
+
+
+def _forward_only(q, k, v, keep, causal: bool, scale: float, name: str) -> Tensor:
+    if name == "triton":  # one opaque operator to torch.compile
+        return _inference_op(q, k, v, keep, causal, scale)
+    if name == "torch":
+        return attention_reference(q, k, v, keep, causal, scale)
+    return blockwise.forward(q, k, v, Mask(keep, causal, scale))[0]
+
+
+def _wrapped(*tensors: Tensor | None) -> bool:
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and is_wrapped(t) for t in tensors)
+
+
+def _needs_derivatives(*tensors: Tensor) -> bool:
+    from torch.autograd.forward_ad import _current_level
+
+    if torch.is_inference_mode_enabled():
+        return False
+    return (
+        (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or _current_level >= 0
+        or _wrapped(*tensors)
+    )
+
+
+def _tangent_passes(name: str, *tensors: Tensor | None) -> ModuleType:
+    """The passes a jvp runs: the named backend's, unless a transform wraps the tensors or
+    autograd records the jvp (reverse over forward): then the blockwise torch ops, which every
+    transform and autograd can differentiate (a kernel's tangent would carry no graph)."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return blockwise if recorded or _wrapped(*tensors) else _passes(name)
+
+
+def _delta(o: Tensor, go: Tensor, glse: Tensor | None) -> Tensor:
+    """``rowsum(go * o) - glse``, ``[B, H, L]`` in the accumulation dtype (o, go: [B, L, H, D])."""
+    acc = blockwise.accumulator(o.dtype)
+    delta = (go.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+    return delta if glse is None else delta - glse.to(acc)
+
+
+def _zeros_if_none(x: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if x is None else x
+
+
+class _Attention(torch.autograd.Function):
+    """``(o, lse)``: the output ``[B, L, H, D]`` and each row's log-sum-exp ``[B, H, L]``.
+    ``lse`` is an output so that the double backward can send a gradient into it. The mask
+    ``keep`` travels as a saved tensor (torch.func wraps it per level like the others)."""
+
+    @staticmethod
+    def forward(q, k, v, keep, causal, scale, name):
+        return _passes(name).forward(q, k, v, Mask(keep, causal, scale))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, keep, causal, scale, name = inputs
+        ctx.settings = (causal, scale, name)
+        ctx.save_for_backward(q, k, v, *output, keep)
+        ctx.save_for_forward(q, k, v, keep)
+
+    @staticmethod
+    def backward(ctx, go, glse):
+        q, k, v, o, lse, keep = ctx.saved_tensors
+        go = _zeros_if_none(go, o)
+        grads = _AttentionBackward.apply(q, k, v, o, lse, go, glse, keep, *ctx.settings)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, *_):
+        q, k, v, keep = ctx.saved_tensors
+        causal, scale, name = ctx.settings
+        passes = _tangent_passes(name, q, k, v, tq, tk, tv)
+        tq, tk, tv = (_zeros_if_none(t, x) for t, x in ((tq, q), (tk, k), (tv, v)))
+        _, _, to, tlse = passes.forward(q, k, v, Mask(keep, causal, scale), tq, tk, tv)
+        return to, tlse
+
+
+class _AttentionBackward(torch.autograd.Function):
+    """``(gq, gk, gv)`` from the saved forward and the gradients of ``o`` and ``lse``: a
+    Function of its own, so that its jvp (the tangent of the backward) and its backward (the
+    double backward) are written passes too."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, go, glse, keep, causal, scale, name):
+        delta = _delta(o, go, glse)
+        m = Mask(keep, causal, scale)
+        return _passes(name).backward(q, k, v, lse, go.transpose(1, 2), delta, m)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, o, lse, go, glse, keep, causal, scale, name = inputs
+        ctx.settings = (causal, scale, name)
+        ctx.save_for_backward(q, k, v, o, lse, go, glse, keep)
+        ctx.save_for_forward(q, k, v, o, lse, go, glse, keep)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, to, tlse, tgo, tglse, *_):
+        q, k, v, o, lse, go, glse, keep = ctx.saved_tensors
+        causal, scale, name = ctx.settings
+        delta = _delta(o, go, glse)
+        tdelta = _delta_tangent(o, go, to, tgo, tglse, delta)
+        tangents = (tq, tk, tv, tlse, tgo, tdelta)
+        passes = _tangent_passes(name, q, k, v, go, *tangents)
+        tgo = None if tgo is None else tgo.transpose(1, 2)
+        return passes.backward_tangent(
+            q, k, v, lse, go.transpose(1, 2), delta, tq, tk, tv, tlse, tgo, tdelta,
+            Mask(keep, causal, scale),
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, uq, uk, uv):
+        q, k, v, o, lse, go, glse, keep = ctx.saved_tensors
+        causal, scale, _ = ctx.settings
+        delta = _delta(o, go, glse)
+        gq, gk, gv, ggo, g_lse, gdelta = blockwise.double_backward(
+            q, k, v, lse, go.transpose(1, 2), delta, uq, uk, uv, Mask(keep, causal, scale)
+        )
+        # through delta = rowsum(go * o) - glse
+        gdelta = gdelta.transpose(1, 2)[..., None]
+        g_o = (gdelta * go.to(gdelta.dtype)).to(o.dtype)
+        ggo = (ggo.transpose(1, 2) + gdelta * o.to(gdelta.dtype)).to(go.dtype)
+        g_glse = None if glse is None else -gdelta[..., 0].transpose(1, 2).to(glse.dtype)
+        return gq, gk, gv, g_o, g_lse.to(lse.dtype), ggo, g_glse, None, None, None, None
+
+
+def _delta_tangent(o, go, to, tgo, tglse, delta: Tensor) -> Tensor:
+    """The tangent of ``delta = rowsum(go * o) - glse`` (None: a zero tangent)."""
+    acc = delta.dtype
+    tdelta = torch.zeros_like(delta)
+    if tgo is not None:
+        tdelta = tdelta + (tgo.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+    if to is not None:
+        tdelta = tdelta + (go.to(acc) * to.to(acc)).sum(-1).transpose(1, 2)
+    if tglse is not None:
+        tdelta = tdelta - tglse.to(acc)
+    return tdelta
+
+
+# ---------------------------------------------------------------------------------------------
+# the passes called directly, for hand-written derivatives (the model's forward-over-reverse)
+
+
+@dataclass
+class Saved:
+    """What :func:`forward_with_tangent` keeps for :func:`backward_with_tangent`."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    tq: Tensor
+    tk: Tensor
+    tv: Tensor
+    o: Tensor
+    lse: Tensor
+    to: Tensor
+    tlse: Tensor
+    mask: Mask
+    name: str
+
+
+def forward_with_tangent(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                         *, keep: Tensor | None = None, causal: bool = False,
+                         scale: float | None = None, backend: str | None = None):  # fmt: skip
+    """``(o, to, saved)``: the output and its tangent along ``(tq, tk, tv)``, both
+    ``[B, L, H, D]``, in one pass (no autograd)."""
+    check_inputs(q, k, v, keep)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = _backend(q, k, backend)
+    if name == "torch":
+        name = "blockwise"  # (the reference has no written-out passes)
+    m = Mask(keep, causal, scale)
+    o, lse, to, tlse = _passes(name).forward(q, k, v, m, tq, tk, tv)
+    return o, to, Saved(q, k, v, tq, tk, tv, o, lse, to, tlse, m, name)
+
+
+def backward_with_tangent(s: Saved, go: Tensor, tgo: Tensor):
+    """``(gq, gk, gv, tgq, tgk, tgv)`` for the output gradient ``go`` and its tangent ``tgo``
+    (``[B, L, H, D]``), in one backward pass that shares its tiles (no autograd)."""
+    delta = _delta(s.o, go, None)
+    tdelta = _delta_tangent(s.o, go, s.to, tgo, None, delta)
+    return _passes(s.name).backward_tangent(
+        s.q, s.k, s.v, s.lse, go.transpose(1, 2), delta, s.tq, s.tk, s.tv, s.tlse,
+        tgo.transpose(1, 2), tdelta, s.mask, primal=True,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# inference (scoring): the Triton forward as one opaque operator to torch.compile (a traced
+# call into the kernel would break the graph); its fake implementation gives the shape.
 
 
 def _tuning() -> bool:
-    return os.environ.get("DATARATER_ATTENTION_AUTOTUNE", "1") != "0" and not interpreting()
+    return os.environ.get("DATARATER_ATTENTION_AUTOTUNE", "1") != "0"
 
 
-if triton is not None:
-
-    @triton.heuristics(
-        {"EVEN": lambda a: a["L"] % a["BLOCK_M"] == 0 and a["L"] % a["BLOCK_N"] == 0}
-    )
-    @triton.jit
-    def _attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, keep_ptr,
-        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, s_keep,
-        H, L, scale_log2,
-        D: tl.constexpr, HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
-    ):  # fmt: skip
-        """One program: BLOCK_M queries of one (batch, head), streamed over all keys with an
-        online softmax in base 2 (the scale folded into one multiply). ``EVEN`` (L a multiple
-        of both blocks) drops the bounds masks; ``DOT_F32`` multiplies in float32 without TF32
-        rounding (float32 inputs; and Triton's CPU interpreter gets 16-bit products wrong)."""
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        rows = start_m + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, D)
-        q_ptrs = q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :]
-        if EVEN:
-            q = tl.load(q_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=rows[:, None] < L, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        k_base = k_ptr + b * skb + h * skh
-        v_base = v_ptr + b * svb + h * svh
-        end = tl.minimum(L, start_m + BLOCK_M) if CAUSAL else L
-        for start_n in range(0, end, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            k_ptrs = k_base + cols[:, None].to(tl.int64) * skl + dims[None, :]
-            v_ptrs = v_base + cols[:, None].to(tl.int64) * svl + dims[None, :]
-            if EVEN:
-                k = tl.load(k_ptrs)
-                vb = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=cols[:, None] < L, other=0.0)
-                vb = tl.load(v_ptrs, mask=cols[:, None] < L, other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-            if HAS_KEEP or CAUSAL or not EVEN:
-                allowed = (cols < L)[None, :]
-                if HAS_KEEP:
-                    keep = tl.load(keep_ptr + b * s_keep + cols, mask=cols < L, other=0)
-                    allowed = allowed & (keep != 0)[None, :]
-                if CAUSAL:
-                    allowed = allowed & (cols[None, :] <= rows[:, None])
-                s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: no inf - inf
-            p = tl.math.exp2(s - ref[:, None])
-            alpha = tl.math.exp2(m_i - ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_F32:
-                pv = tl.dot(
-                    p.to(vb.dtype).to(tl.float32), vb.to(tl.float32), input_precision="ieee"
-                )
-            else:
-                pv = tl.dot(p.to(vb.dtype), vb)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # no allowed key: zeros
-        o_ptrs = o_ptr + b * sob + h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :]
-        if EVEN:
-            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
-        else:
-            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < L)
-
-    _tuned_attention_kernel = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in _CONFIGS_16 + _CONFIGS_32
-        ],
-        key=["L", "D", "HAS_KEEP", "CAUSAL", "DOT_F32"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(_attention_kernel)
+@torch.library.custom_op("datarater::triton_attention", mutates_args=())
+def _inference_op(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool,
+                  scale: float) -> Tensor:  # fmt: skip
+    return _triton().inference(q, k, v, Mask(keep, causal, scale), _tuning())
 
 
-def _triton_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool):
+@_inference_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, causal: bool, scale: float):
     b, h, n, d = q.shape
-    out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    keep_arg = q if keep is None else keep.contiguous().view(torch.uint8)  # no copy
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
-
-    if _tuning():
-        kernel, fixed = _tuned_attention_kernel, {}
-    else:
-        wide = q.element_size() == 4
-        bm, bn, w, st = (
-            _INTERPRETER_CONFIG if interpreting() else (_CONFIGS_32 if wide else _CONFIGS_16)[0]
-        )
-        kernel = _attention_kernel
-        fixed = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-    with on_device(q):
-        kernel[grid](
-            q, k, v, out, keep_arg,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(2), out.stride(1),
-            0 if keep is None else keep_arg.stride(0),
-            h, n, math.log2(math.e) / math.sqrt(d),
-            D=d, HAS_KEEP=keep is not None, CAUSAL=causal,
-            DOT_F32=interpreting() or q.dtype == torch.float32, **fixed,
-        )  # fmt: skip
-    return out
+    return q.new_empty(b, n, h, d)

@@ -16,12 +16,18 @@ Notation: for every activation ``x`` its tangent is ``dx``; ``g*`` is a gradient
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from ..kernels import select_backend
+from ..kernels.attention import (
+    backward_with_tangent,
+    forward_with_tangent,
+    written_out_by_default,
+)
 from ..kernels.tangent_ops import (
     gelu_bwd_tangent,
     gelu_fwd_tangent,
@@ -61,16 +67,42 @@ def _bmm2(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     return out.view(*lead, *out.shape[-2:])
 
 
-def _attention(q, dq, k, dk, v, dv, scale: float):
-    kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)
-    s = q @ kt
-    ds = _bmm2(dq, kt, q, dkt)
-    a, da = softmax_fwd_tangent(s, ds, scale, causal=True)
-    return a @ v, _bmm2(da, v, a, dv), (a, da)
+class _WrittenAttention:
+    """Causal attention with L x L scores and their tangents (``attention="written"``):
+    inputs ``[B, H, L, d]`` (contiguous), outputs too."""
+
+    merged = False  # outputs [B, H, L, d]
+
+    @staticmethod
+    def forward(q, dq, k, dk, v, dv, scale: float):
+        q, dq, k, dk, v, dv = (t.contiguous() for t in (q, dq, k, dk, v, dv))
+        kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)
+        s = q @ kt
+        ds = _bmm2(dq, kt, q, dkt)
+        a, da = softmax_fwd_tangent(s, ds, scale, causal=True)
+        return a @ v, _bmm2(da, v, a, dv), (a, da, q, dq, k, dk, v, dv)
+
+    @staticmethod
+    def backward(go, dgo, saved, scale: float):
+        return _written_attention_back(go.contiguous(), dgo.contiguous(), *saved, scale)
 
 
-def _attention_back(go, dgo, saved, q, dq, k, dk, v, dv, scale: float):
-    a, da = saved
+class _FusedAttention:
+    """Causal attention by :func:`datarater.kernels.attention`'s passes: each row's
+    log-sum-exp is kept, no score; outputs and output gradients are ``[B, L, H, d]``."""
+
+    merged = True
+
+    @staticmethod
+    def forward(q, dq, k, dk, v, dv, scale: float):
+        return forward_with_tangent(q, k, v, dq, dk, dv, causal=True, scale=scale)
+
+    @staticmethod
+    def backward(go, dgo, saved, scale: float):
+        return backward_with_tangent(saved, go, dgo)
+
+
+def _written_attention_back(go, dgo, a, da, q, dq, k, dk, v, dv, scale: float):
     vt, dvt, at, dat = (
         v.transpose(-1, -2),
         dv.transpose(-1, -2),
@@ -87,7 +119,7 @@ def _attention_back(go, dgo, saved, q, dq, k, dk, v, dv, scale: float):
     dgq = _bmm2(dgs, k, gs, dk)
     gk = gst @ q
     dgk = _bmm2(dgst, q, gst, dq)
-    return gq, dgq, gk, dgk, gv, dgv
+    return gq, gk, gv, dgq, dgk, dgv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +157,14 @@ class _Weights:
     def norm(self, name: str, x: Tensor, dx: Tensor):
         w, b = name + ".weight", name + ".bias"
         return layer_norm_fwd_tangent(x, dx, self.p(w), self.t(w), self.p(b), self.t(b), 1e-5)
+
+    def norm_output(self, name: str, saved) -> tuple[Tensor, Tensor]:
+        """LayerNorm's output and its tangent again, from its saved normalised input."""
+        xh, dxh = saved[0], saved[1]
+        w, b = name + ".weight", name + ".bias"
+        y = torch.addcmul(self.p(b), xh, self.p(w))
+        dy = torch.addcmul(self.t(b), dxh, self.p(w)).addcmul_(xh, self.t(w))
+        return y, dy
 
     def norm_back(self, name: str, gy: Tensor, dgy: Tensor, saved):
         w = name + ".weight"
@@ -187,6 +227,7 @@ def computes_as_written(model) -> bool:
         exact(blk, Block)
         and exact(blk.attn, Attention)
         and blk.attn.causal
+        and blk.attn.kind == cfg.attention
         and blk.attn.n_heads == cfg.n_heads
         and all(linear(m) for m in (blk.attn.qkv, blk.attn.proj, blk.fc, blk.out))
         and norm(blk.ln1)
@@ -219,51 +260,122 @@ def causal_lm_hvp(
     """
     cfg, W = model.cfg, _Weights(model, params, tangents)
     b, n = input_ids.shape
-    d, h = cfg.d_model, cfg.n_heads
-    scale = 1.0 / math.sqrt(d // h)
+    fused = cfg.attention == "fused" and not written_out_by_default(n, input_ids.device)
+    att = _FusedAttention if fused else _WrittenAttention
+    shape = _Shape(b, n, cfg.d_model, cfg.n_heads, att)
     ids = input_ids.reshape(-1)
     tied = model.lm_head is None or model.lm_head.weight is model.tok.weight
     out_name = "tok.weight" if tied else "lm_head.weight"
 
-    def heads(y: Tensor) -> list[Tensor]:  # [N, 3d] -> q, k, v as [B, H, L, d/h], contiguous
-        return [t.contiguous() for t in y.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)]
-
-    def merge_heads(y: Tensor) -> Tensor:  # [B, H, L, d/h] -> [N, d]
-        return y.transpose(1, 2).reshape(b * n, d)
-
-    def split_heads(y: Tensor) -> Tensor:  # [N, d] -> [B, H, L, d/h], contiguous
-        return y.view(b, n, h, d // h).transpose(1, 2).contiguous()
-
-    def stack_heads(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # inverse of heads()
-        return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(b * n, 3 * d)
-
-    # ---- forward, primal and tangent --------------------------------------------------------
-    x = (W.p("tok.weight")[ids].view(b, n, d) + W.p("pos.weight")[:n]).view(b * n, d)
-    dx = (W.t("tok.weight")[ids].view(b, n, d) + W.t("pos.weight")[:n]).view(b * n, d)
+    x = (W.p("tok.weight")[ids].view(b, n, -1) + W.p("pos.weight")[:n]).view(b * n, -1)
+    dx = (W.t("tok.weight")[ids].view(b, n, -1) + W.t("pos.weight")[:n]).view(b * n, -1)
     layers = []
     for i in range(cfg.n_layers):
-        L, pre = SimpleNamespace(), f"blocks.{i}."
-        L.h1, L.dh1, L.ln1 = W.norm(pre + "ln1", x, dx)
-        qkv, dqkv = W.linear(pre + "attn.qkv", L.h1, L.dh1)
-        (L.q, L.k, L.v), (L.dq, L.dk, L.dv) = heads(qkv), heads(dqkv)
-        o, do, L.att = _attention(L.q, L.dq, L.k, L.dk, L.v, L.dv, scale)
-        L.om, L.dom = merge_heads(o), merge_heads(do)
-        y, dy = W.linear(pre + "attn.proj", L.om, L.dom)
-        x, dx = x + y, dx + dy
-        L.h2, L.dh2, L.ln2 = W.norm(pre + "ln2", x, dx)
-        L.u, L.du = W.linear(pre + "fc", L.h2, L.dh2)
-        L.act, L.dact, L.g1, L.g2 = gelu_fwd_tangent(L.u, L.du)
-        y, dy = W.linear(pre + "out", L.act, L.dact)
-        x, dx = x + y, dx + dy
-        layers.append(L)
+        x, dx, saved = _block_forward(W, f"blocks.{i}.", x, dx, shape)
+        layers.append(saved)
     hf, dhf, lnf = W.norm("ln_f", x, dx)
     w_out, dw_out = W.p(out_name), W.t(out_name)
     z, dz = _linear(hf, dhf, w_out, dw_out, None, None)
+    gz, dgz, c = _loss_gradient_and_tangents(z, dz, targets, token_weights, seq_weights,
+                                             loss_backend)  # fmt: skip
+    ghf, dghf, W.hv[out_name], _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
+    del z, dz, gz, dgz, x, dx, hf, dhf
+    gx, dgx = W.norm_back("ln_f", ghf, dghf, lnf)
+    del ghf, dghf, lnf
+    for i in reversed(range(cfg.n_layers)):
+        gx, dgx = _block_backward(W, f"blocks.{i}.", gx, dgx, layers.pop(), shape)
+    # embeddings (and the tied output projection)
+    dg_tok = torch.zeros_like(W.p("tok.weight")).index_add_(0, ids, dgx)
+    W.hv["tok.weight"] = dg_tok + W.hv["tok.weight"] if out_name == "tok.weight" else dg_tok
+    dg_pos = torch.zeros_like(W.p("pos.weight"))
+    dg_pos[:n] = dgx.view(b, n, -1).sum(0)
+    W.hv["pos.weight"] = dg_pos
+    return {k: W.hv[k] for k in params}, c
 
-    # ---- loss: tangents of per-token losses, gradient of J and its tangent -------------------
-    # Three streaming passes of the loss kernels over z (design.md 3.1), no N x V temporaries
-    # beyond the two gradients: lse; gz = tw (p - e_y); dgz = tw (p dz - p (p . dz)) and
-    # dce = p . dz - dz_y.
+
+@dataclass(frozen=True)
+class _Shape:
+    """The batch's and the model's sizes, and which attention the blocks run."""
+
+    b: int
+    n: int
+    d: int
+    h: int
+    att: type
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.d // self.h)
+
+    def heads(self, y: Tensor) -> list[Tensor]:  # [N, 3d] -> q, k, v: [B, H, L, d/h] views
+        return list(y.view(self.b, self.n, 3, self.h, self.d // self.h).permute(2, 0, 3, 1, 4))
+
+    def merge_heads(self, y: Tensor) -> Tensor:  # the attention's output -> [N, d]
+        return (y if self.att.merged else y.transpose(1, 2)).reshape(self.b * self.n, self.d)
+
+    def split_heads(self, y: Tensor) -> Tensor:  # [N, d] -> the output gradient's layout
+        y = y.view(self.b, self.n, self.h, self.d // self.h)
+        return y if self.att.merged else y.transpose(1, 2)
+
+    def stack_heads(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # inverse of heads()
+        return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(self.b * self.n, 3 * self.d)
+
+
+def _block_forward(W: _Weights, pre: str, x: Tensor, dx: Tensor, shape: _Shape):
+    """One transformer block, primal and tangent; returns what its backward reads. Elementwise
+    results (LayerNorm's outputs, GELU's output and derivatives) are not kept: the backward
+    recomputes them from what is (LayerNorm's normalised input, GELU's input), as a plain
+    backward keeps only GELU's input too."""
+    L = SimpleNamespace()
+    h1, dh1, L.ln1 = W.norm(pre + "ln1", x, dx)
+    qkv, dqkv = W.linear(pre + "attn.qkv", h1, dh1)
+    del h1, dh1
+    (q, k, v), (dq, dk, dv) = shape.heads(qkv), shape.heads(dqkv)
+    o, do, L.att = shape.att.forward(q, dq, k, dk, v, dv, shape.scale)
+    L.om, L.dom = shape.merge_heads(o), shape.merge_heads(do)
+    y, dy = W.linear(pre + "attn.proj", L.om, L.dom)
+    x, dx = x + y, dx + dy
+    h2, dh2, L.ln2 = W.norm(pre + "ln2", x, dx)
+    L.u, L.du = W.linear(pre + "fc", h2, dh2)
+    del h2, dh2
+    act, dact, _, _ = gelu_fwd_tangent(L.u, L.du)
+    y, dy = W.linear(pre + "out", act, dact)
+    return x + y, dx + dy, L
+
+
+def _block_backward(W: _Weights, pre: str, gx: Tensor, dgx: Tensor, L, shape: _Shape):
+    """One block's input gradient and its tangent; the tangents of its parameters' gradients
+    go to ``W.hv``."""
+    act, dact, g1, g2 = gelu_fwd_tangent(L.u, L.du)
+    gact, dgact = W.linear_back(pre + "out", gx, dgx, act, dact)
+    del act, dact
+    gu, dgu = gelu_bwd_tangent(gact, dgact, g1, g2, L.du)
+    del gact, dgact, g1, g2, L.u, L.du  # (each saved tensor goes as soon as it is read)
+    gh2, dgh2 = W.linear_back(pre + "fc", gu, dgu, *W.norm_output(pre + "ln2", L.ln2))
+    del gu, dgu
+    gl, dgl = W.norm_back(pre + "ln2", gh2, dgh2, L.ln2)
+    del gh2, dgh2, L.ln2
+    gx, dgx = gx + gl, dgx + dgl
+    gom, dgom = W.linear_back(pre + "attn.proj", gx, dgx, L.om, L.dom)
+    del L.om, L.dom
+    gq, gk, gv, dgq, dgk, dgv = shape.att.backward(
+        shape.split_heads(gom), shape.split_heads(dgom), L.att, shape.scale
+    )
+    del gom, dgom, L.att
+    gh1, dgh1 = W.linear_back(
+        pre + "attn.qkv", shape.stack_heads(gq, gk, gv), shape.stack_heads(dgq, dgk, dgv),
+        *W.norm_output(pre + "ln1", L.ln1),
+    )  # fmt: skip
+    gl, dgl = W.norm_back(pre + "ln1", gh1, dgh1, L.ln1)
+    return gx + gl, dgx + dgl
+
+
+def _loss_gradient_and_tangents(z, dz, targets, token_weights, seq_weights, loss_backend):
+    """``(gz, dgz, c)``: the gradient of J in the logits, its tangent, and each sequence's loss
+    tangent. Three streaming passes of the loss kernels over z (design.md 3.1), no N x V
+    temporaries beyond the two gradients: lse; gz = tw (p - e_y); dgz = tw (p dz - p (p . dz))
+    and dce = p . dz - dz_y. ``gz`` overwrites z."""
+    b, n = targets.shape
     prim = select_backend(z, loss_backend)
     y_flat = targets.reshape(-1)
     tw = (token_weights * seq_weights[:, None]).reshape(-1)
@@ -271,31 +383,4 @@ def causal_lm_hvp(
     dce, dgz = prim.directional(z, y_flat, lse, dz, tw, None, -100, True)
     _, gz = prim.directional(z, y_flat, lse, None, None, tw, -100, True, out=z)
     c = (token_weights * dce.to(token_weights.dtype).view(b, n)).sum(1)
-
-    # ---- backward, primal and tangent ---------------------------------------------------------
-    ghf, dghf, W.hv[out_name], _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
-    del z, dz, gz, dgz
-    gx, dgx = W.norm_back("ln_f", ghf, dghf, lnf)
-    for i in reversed(range(cfg.n_layers)):
-        L, pre = layers.pop(), f"blocks.{i}."
-        gact, dgact = W.linear_back(pre + "out", gx, dgx, L.act, L.dact)
-        gu, dgu = gelu_bwd_tangent(gact, dgact, L.g1, L.g2, L.du)
-        gh2, dgh2 = W.linear_back(pre + "fc", gu, dgu, L.h2, L.dh2)
-        gl, dgl = W.norm_back(pre + "ln2", gh2, dgh2, L.ln2)
-        gx, dgx = gx + gl, dgx + dgl
-        gom, dgom = W.linear_back(pre + "attn.proj", gx, dgx, L.om, L.dom)
-        gq, dgq, gk, dgk, gv, dgv = _attention_back(
-            split_heads(gom), split_heads(dgom), L.att, L.q, L.dq, L.k, L.dk, L.v, L.dv, scale
-        )
-        gh1, dgh1 = W.linear_back(
-            pre + "attn.qkv", stack_heads(gq, gk, gv), stack_heads(dgq, dgk, dgv), L.h1, L.dh1
-        )
-        gl, dgl = W.norm_back(pre + "ln1", gh1, dgh1, L.ln1)
-        gx, dgx = gx + gl, dgx + dgl
-    # embeddings (and the tied output projection)
-    dg_tok = torch.zeros_like(W.p("tok.weight")).index_add_(0, ids, dgx)
-    W.hv["tok.weight"] = dg_tok + W.hv["tok.weight"] if out_name == "tok.weight" else dg_tok
-    dg_pos = torch.zeros_like(W.p("pos.weight"))
-    dg_pos[:n] = dgx.view(b, n, d).sum(0)
-    W.hv["pos.weight"] = dg_pos
-    return {k: W.hv[k] for k in params}, c
+    return gz, dgz, c

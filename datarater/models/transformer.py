@@ -1,10 +1,12 @@
 """Small transformers: a causal language model (the inner model) and a non-causal rater.
 
-Everything in the forward pass is made of ops that PyTorch can differentiate in forward mode
-and twice in reverse mode, so both models work under ``torch.func.jvp`` of ``torch.func.grad``
-(mixed-mode meta-gradients) and under ``create_graph=True`` (the reverse-over-reverse oracle).
-Attention is therefore written out explicitly: PyTorch's fused SDPA kernels have neither a
-forward-mode rule nor a double backward.
+Everything in the forward pass can be differentiated in forward mode and twice in reverse
+mode, so both models work under ``torch.func.jvp`` of ``torch.func.grad`` (mixed-mode
+meta-gradients) and under ``create_graph=True`` (the reverse-over-reverse oracle). PyTorch's
+fused SDPA kernels have neither, so attention runs :func:`datarater.kernels.attention`
+(flash-style in every pass, memory linear in the length; ``attention="fused"``, the default)
+or is written out with L x L scores (``attention="written"``: what the tests compare with).
+Pure inference (scoring) runs PyTorch's fused attention.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..kernels.attention import attention, inference_attention
+
+ATTENTION_KINDS = ("fused", "written")
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,14 @@ class TransformerConfig:
     n_heads: int = 2
     mlp_ratio: int = 4
     tie_embeddings: bool = False
+    attention: str = "fused"  # or "written": L x L scores, the reference
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"TransformerConfig.attention must be one of {ATTENTION_KINDS}, got "
+                f"{self.attention!r}"
+            )
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -96,12 +108,13 @@ def preset(name: str, **overrides) -> TransformerConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, written out so that it has forward-mode AD."""
+    """Multi-head self-attention with every derivative a meta-gradient needs."""
 
     def __init__(self, cfg: TransformerConfig, causal: bool) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.causal = causal
+        self.kind = cfg.attention
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         # Set on copies that only ever run inference (scoring): fused attention without asking
@@ -120,14 +133,14 @@ class Attention(nn.Module):
             # Pure inference (scoring, evaluation) needs no derivatives, so PyTorch's fused
             # attention may run: flash attention on GPUs when there is no mask.
             if self.attention_backend == "triton":  # [b, n, h, dh]: no transpose copy
-                from ..kernels.attention import attention  # triton loads on first use only
-
                 keep = None if key_padding is None else ~key_padding
-                out = attention(q, k, v, keep, self.causal, backend="triton")
+                out = inference_attention(q, k, v, keep=keep, causal=self.causal, backend="triton")
                 return self.proj(out.reshape(b, n, d))
             mask = None if key_padding is None else ~key_padding[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
             return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        if self.kind == "fused":
+            return self.proj(self._fused(q, k, v, key_padding).reshape(b, n, d))
         scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d // h))
         if self.causal:
             future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
@@ -136,6 +149,11 @@ class Attention(nn.Module):
             scores = scores.masked_fill(key_padding[:, None, None, :], float("-inf"))
         out = scores.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def _fused(self, q, k, v, key_padding) -> Tensor:
+        """datarater's attention kernel: ``[b, n, h, dh]``, no transpose copy."""
+        keep = None if key_padding is None else ~key_padding
+        return attention(q, k, v, keep=keep, causal=self.causal)
 
 
 ATTENTION_BACKENDS = ("sdpa", "triton")  # what set_inference_attention takes

@@ -111,7 +111,7 @@ def scoring_copy(
     on_cpu_fp8 = fp8 and device.type != "cuda"
     dtype = torch.float32 if precision == "fp32" or on_cpu_fp8 else torch.bfloat16
     if attention == "triton":
-        from ..kernels.attention import HEAD_SIZES
+        from ..kernels.triton_attention import HEAD_SIZES
 
         if device.type != "cuda":
             raise ValueError(
