@@ -1,0 +1,22 @@
+"""The settings of one ``meta_step`` call, in one frozen object (checked in preflight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("mixed", "reverse")
+HVP_PASSES = ("auto", "func", "double")
+ON_NONFINITE = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class Options:
+    """``mode``, ``tau``, ``micro_batch_size``, ``on_nonfinite``, ``hvp`` and ``loss_backend``
+    as ``meta_step`` documents them."""
+
+    mode: str = "mixed"
+    tau: float = 1.0
+    micro_batch_size: int | None = None
+    on_nonfinite: str = "raise"
+    hvp: str = "auto"
+    loss_backend: str | None = None
