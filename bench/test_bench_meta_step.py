@@ -29,8 +29,9 @@ DECISIVE = ("mixed", "reverse", "reverse/torch loss", "pytorch")  # compared int
 RESULTS: dict[tuple[str, int], dict] = {}
 
 
-def test_time_ratio_interleaved(benchmark, record, summarize):
-    """The T = 8 time ratio with the variants' rounds interleaved (A B C A B C ...), so that
+@pytest.mark.parametrize("steps", [8, 2])
+def test_time_ratio_interleaved(benchmark, record, summarize, steps):
+    """The time ratio at T = 8 and 2 with the rounds interleaved (A B C A B C ...), so that
     drift of a shared, noisy machine hits all of them alike; medians of 7 rounds. It runs
     first in its process: after the other benchmarks' workloads (the heap they leave behind)
     the same comparison measured mixed mode up to 7 % slower relative to reverse."""
@@ -38,7 +39,9 @@ def test_time_ratio_interleaved(benchmark, record, summarize):
     import time
 
     runs = {  # the variants the ratio compares (the other passes are for reference only)
-        v: meta_step_workload(kw["mode"], 8, **CFG, **{k: x for k, x in kw.items() if k != "mode"})
+        v: meta_step_workload(
+            kw["mode"], steps, **CFG, **{k: x for k, x in kw.items() if k != "mode"}
+        )
         for v, kw in VARIANTS.items()
         if v in DECISIVE
     }
@@ -56,15 +59,15 @@ def test_time_ratio_interleaved(benchmark, record, summarize):
     med = {v: statistics.median(ts) for v, ts in times.items()}
     base = min(med["reverse"], med["reverse/torch loss"])
     for v, m in med.items():
-        record("meta_step_interleaved", variant=v, T=8, median_s=m, vs_best_reverse=m / base)
+        record("meta_step_interleaved", variant=v, T=steps, median_s=m, vs_best_reverse=m / base)
     summarize(
         "meta_step_interleaved",
-        f"time mixed/best reverse at T=8 (interleaved): {med['mixed'] / base:.3f}",
+        f"time mixed/best reverse at T={steps} (interleaved): {med['mixed'] / base:.3f}",
     )
     for v in ("mixed", "reverse"):
         summarize(
             "meta_step_interleaved",
-            f"time {v}/PyTorch's reverse-over-reverse at T=8: {med[v] / med['pytorch']:.3f}",
+            f"time {v}/PyTorch's reverse-over-reverse at T={steps}: {med[v] / med['pytorch']:.3f}",
         )
 
 

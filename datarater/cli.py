@@ -31,9 +31,8 @@ class _Help(argparse.HelpFormatter):
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(
-        args.out, quick=args.quick, seed=args.seed, progress=not args.quiet, fresh=args.fresh
-    )
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet,
+                      fresh=args.fresh, precision=args.precision)  # fmt: skip
     print(json.dumps(report, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -113,9 +112,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
     config = {}
     if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise SystemExit(f"datarater train: config file {path} does not exist")
+        path = _config_path(args.config)
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -126,12 +123,16 @@ def _train_run(args: argparse.Namespace) -> int:
     for model in ("lm", "rater"):  # a partial model dict changes those fields of the size
         given = config.get(model, {})
         config[model] = {**size, **given} if isinstance(given, dict) else given
-    for name in ("steps", "population", "inner_steps", "seed"):
+    for name in ("steps", "population", "inner_steps", "seed", "precision"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
     if args.size == "cpu" and "steps" not in config:
         config["steps"] = 300  # about 5 minutes on 2 cores at the cpu size
     cfg = TrainConfig.from_dict(config)
+    if args.dry_run:
+        return _dry_run(args, cfg)
+    if not args.data or not args.out:
+        raise ValueError("datarater train needs --data and --out (only --dry-run goes without)")
     out = Path(args.out)
     if not args.resume and _holds_a_run(out):
         raise ValueError(
@@ -164,6 +165,34 @@ def _train_run(args: argparse.Namespace) -> int:
     if trainer.rank == 0:  # the one process that writes it
         print(f"rater written to {out / 'rater'}")
     return 0
+
+
+def _config_path(name: str) -> Path:
+    """A config file, or the name of one that ships with datarater (``paper``)."""
+    from .training.trainer import CONFIGS
+
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = CONFIGS / f"{name}.json"
+    if "/" not in name and shipped.exists():
+        return shipped
+    known = sorted(p.stem for p in CONFIGS.glob("*.json"))
+    raise SystemExit(f"datarater train: config file {path} does not exist (shipped: {known})")
+
+
+def _dry_run(args: argparse.Namespace, cfg) -> int:
+    """Estimate the run's memory and time on its device; exit 1 with advice if it won't fit."""
+    import os
+
+    from .data import get_tokenizer
+    from .training.dry_run import estimate
+
+    world = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    vocab = get_tokenizer(args.tokenizer).vocab_size
+    est = estimate(cfg, vocab, args.seq_len, _device(args.device), world)
+    print(est.report())
+    return 0 if est.fits else 1
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -386,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seed of the corpus and of training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="the inner models' compute: default bf16 on GPUs, fp32 on CPUs",
+    )
+    demo.add_argument(
         "--fresh",
         action="store_true",
         help="start over; by default an interrupted demo with the same settings resumes",
@@ -395,16 +430,28 @@ def main(argv: list[str] | None = None) -> int:
     train = command("train", help="meta-train a rater on your corpus")
     train.add_argument(
         "--data",
-        required=True,
         help="jsonl (also .gz/.bz2/.zst/.lz4), parquet, text file or folder, or a saved "
-        "Hugging Face dataset",
+        "Hugging Face dataset (required but for --dry-run)",
     )
     train.add_argument("--text-column", default="text", help="column holding the documents")
     train.add_argument("--heldout", help="the outer (target) corpus; default: a split of --data")
     train.add_argument(
         "--heldout-fraction", type=float, default=0.1, help="share of --data held out as target"
     )
-    train.add_argument("--out", required=True, help="output folder (rater, checkpoints, log)")
+    train.add_argument(
+        "--out", help="output folder (rater, checkpoints, log); required but for --dry-run"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="estimate the peak memory per process and the time per meta-step on --device "
+        "(one micro-batch measured), say whether it fits and what to change, and exit",
+    )
+    train.add_argument(
+        "--processes",
+        type=int,
+        help="--dry-run: processes the population is spread over (torchrun's)",
+    )
     train.add_argument(
         "--size",
         choices=sorted(SIZES),
@@ -427,8 +474,16 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens per sequence: each document gives its first window of this length",
     )
     train.add_argument("--tokenizer", help="a local tokenizers JSON file (default: bytes)")
-    train.add_argument("--config", help="JSON file of TrainConfig settings")
+    train.add_argument(
+        "--config", help="JSON file of TrainConfig settings, or a shipped one's name: paper"
+    )
     train.add_argument("--seed", type=int, help="default TrainConfig's")
+    train.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        help="the inner models' compute (parameters and meta-gradients stay float32); "
+        "default bf16 on GPUs, fp32 on CPUs",
+    )
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--device", help="default: cuda if available, else cpu")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

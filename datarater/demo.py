@@ -216,10 +216,12 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     fresh: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Meta-train a rater on the built-in corpus and report what it learned, in ``out``.
     An interrupted demo run again with the same settings resumes from its last checkpoint
-    (``fresh``: start over); a demo with other settings in ``out`` is replaced."""
+    (``fresh``: start over); a demo with other settings in ``out`` is replaced.
+    ``precision``: the inner models' compute (TrainConfig.precision)."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +257,7 @@ def run_demo(
         seed=seed,
         lm=small,
         rater=small,
+        precision=precision,
     )
     # a folder holding another kind of run (`datarater train`) is not the demo's to replace;
     # a demo's has demo.json (or, written before it existed, report.json)

@@ -69,47 +69,31 @@ def meta_step_workload(
     vocab: int = 256,
     d_model: int = 64,
     n_layers: int = 2,
-    micro_batch_size: int | None = None,
     dtype: str = "float32",
     threads: int | None = None,
     seed: int = 0,
-    loss_backend: str | None = None,
-    hvp: str = "auto",
     attention: str = "fused",
+    **options,
 ) -> Callable[[], dict]:
     """A meta-step on the library's transformer where activations dominate memory.
 
     Returns a callable that runs one ``meta_step`` and reports what it keeps per inner step.
-    ``attention`` is the models' (``"fused"`` or ``"written"``, see TransformerConfig).
-    ``mode="pytorch"`` runs the baseline instead: PyTorch's own reverse-over-reverse
-    (:mod:`datarater.meta.baseline`), on the same model, batches and optimizer.
+    ``attention`` is the models' (``"fused"`` or ``"written"``, see TransformerConfig);
+    ``options`` go to ``meta_step`` (``micro_batch_size``, ``hvp``, ``loss_backend``,
+    ``remat``, ``compute_dtype``). ``mode="pytorch"`` runs the baseline instead: PyTorch's own
+    reverse-over-reverse (:mod:`datarater.meta.baseline`), on the same model, batches and
+    optimizer.
     """
     from . import InnerState, meta_step
     from .meta.baseline import torch_reverse_over_reverse
-    from .models import CausalLM, Rater, TransformerConfig
     from .optim import Adam
 
-    if mode == "pytorch" and (micro_batch_size or hvp != "auto" or loss_backend):
-        raise ValueError("the PyTorch baseline takes no micro-batches, hvp or loss backend")
-
+    if mode == "pytorch" and any(v is not None and v != "auto" for v in options.values()):
+        raise ValueError(f"the PyTorch baseline takes none of meta_step's options {options}")
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    dt = getattr(torch, dtype)
-    cfg = TransformerConfig(
-        vocab_size=vocab,
-        max_seq_len=seq_len,
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=max(1, d_model // 32),
-        attention=attention,
-    )
-    lm = CausalLM(cfg).to(dt)
-    rater_cfg = TransformerConfig(
-        vocab_size=vocab, max_seq_len=seq_len, d_model=32, n_layers=1, n_heads=1,
-        attention=attention,
-    )  # fmt: skip
-    rater = Rater(rater_cfg).to(dt)
+    lm, rater = _workload_models(vocab, seq_len, d_model, n_layers, attention, seed)
+    lm, rater = lm.to(getattr(torch, dtype)), rater.to(getattr(torch, dtype))
     opt = Adam(1e-3, weight_decay=0.1, clip_norm=1.0)
     state = InnerState.init(lm, opt)
     gen = torch.Generator().manual_seed(seed)
@@ -126,18 +110,8 @@ def meta_step_workload(
                 rater, lm, state, inner, outer, optimizer=opt
             )
         else:
-            outer_loss = meta_step(
-                rater,
-                lm,
-                state,
-                inner,
-                outer,
-                optimizer=opt,
-                mode=mode,
-                micro_batch_size=micro_batch_size,
-                hvp=hvp,
-                loss_backend=loss_backend,
-            ).outer_loss
+            res = meta_step(rater, lm, state, inner, outer, optimizer=opt, mode=mode, **options)
+            outer_loss = res.outer_loss
         return {
             "state_bytes": state.num_bytes(),
             "params": sum(p.numel() for p in state.params.values()),
@@ -146,3 +120,21 @@ def meta_step_workload(
         }
 
     return run
+
+
+def _workload_models(vocab, seq_len, d_model, n_layers, attention, seed):
+    """The workload's inner LM (heads of 32) and a one-layer rater of width 32."""
+    from .models import CausalLM, Rater, TransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        vocab_size=vocab,
+        max_seq_len=seq_len,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=max(1, d_model // 32),
+        attention=attention,
+    )
+    rater_cfg = TransformerConfig(vocab_size=vocab, max_seq_len=seq_len, d_model=32,
+                                  n_layers=1, n_heads=1, attention=attention)  # fmt: skip
+    return CausalLM(cfg), Rater(rater_cfg)

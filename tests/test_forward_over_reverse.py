@@ -10,6 +10,7 @@ import datarater as dr
 from datarater.kernels import attention_blockwise
 from datarater.meta.batch import SeqBatch, sequence_losses
 from datarater.models import CausalLM, TransformerConfig
+from datarater.models.forward_over_reverse import PassOptions
 
 from .conftest import make_batches, tiny_rater
 
@@ -23,10 +24,11 @@ def _reference(model, params, tangents, batch: SeqBatch, w):
     return hv, c
 
 
+@pytest.mark.parametrize("remat", [False, True], ids=["", "remat"])
 @pytest.mark.parametrize("attention", ["fused", "written"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("shape", [(5, 11), (1, 2), (3, 16)])
-def test_hvp_and_tangents_equal_torch_func(monkeypatch, tie, shape, attention):
+def test_hvp_and_tangents_equal_torch_func(monkeypatch, tie, shape, attention, remat):
     # tiles of 4: the fused passes run blockwise (one tile would take the written-out formulas)
     monkeypatch.setattr(attention_blockwise, "BLOCK", 4)
     torch.manual_seed(sum(shape) + tie)
@@ -44,7 +46,10 @@ def test_hvp_and_tangents_equal_torch_func(monkeypatch, tie, shape, attention):
     batch = SeqBatch.from_dict({"input_ids": ids, "loss_mask": mask}, "b").to(torch.float64)
     w = torch.softmax(torch.randn(shape[0], dtype=torch.float64), 0)
     hv_ref, c_ref = _reference(model, params, tangents, batch, w)
-    hv, c = model.hvp_and_tangents(params, tangents, ids, batch.targets, batch.token_weights, w)
+    options = PassOptions(remat=remat)
+    hv, c = model.hvp_and_tangents(
+        params, tangents, ids, batch.targets, batch.token_weights, w, options
+    )
     torch.testing.assert_close(c, c_ref, rtol=1e-10, atol=1e-12)
     assert set(hv) == set(params)
     for k in params:

@@ -22,6 +22,7 @@ def test_gpu_bench_script_smoke(tmp_path, capsys):
         "scoring",
         "derivatives",
         "attention bf16",
+        "meta_step scale",
     }
     assert all("error" not in r for r in rows)
     # every derivative mode of every loss function of ours matches float64 plain torch
@@ -202,3 +203,30 @@ def test_the_summary_judges_the_attention_goals(tmp_path):
         "1.10x", "jvp-flash-attention, forward + jvp", "no |"
     ]  # fmt: skip
     assert table["attention peak memory, linear in L"][1] == "1.05x L's growth"
+
+
+def test_the_summary_judges_the_meta_step_scale_goals(tmp_path):
+    g = dict(group="meta_step scale")
+    rows = [
+        {**g, "case": "mixed", "model": "17m", "T": 8, "precision": "bf16", "ms": 70.0,
+         "peak_mb": 500.0},
+        {**g, "case": "PyTorch reverse-over-reverse (baseline)", "model": "17m", "T": 8,
+         "precision": "bf16", "ms": 100.0, "peak_mb": 2000.0},
+        {**g, "case": "plain training step", "model": "435m", "ms": 100.0, "peak_mb": 20000.0},
+        {**g, "case": "mixed, block remat", "model": "435m", "ms": 900.0, "peak_mb": 30000.0,
+         "mfu": 0.31},
+        {**g, "case": "dry run's estimate", "model": "435m", "ratio": 1.1},
+    ]  # fmt: skip
+    (tmp_path / "gpu_scale.json").write_text(json.dumps({"device": "H100", "rows": rows}))
+    table = {
+        line.split(" | ")[0].strip("| ").strip(): line.split(" | ")[1:]
+        for line in _summary_module().summary(tmp_path).splitlines()
+        if line.startswith("| ")
+    }
+    t8 = table["17M, 16 x 256, T=8, bf16: mixed against PyTorch's reverse-over-reverse"]
+    assert t8[1:] == ["0.70x time, 0.25x memory", "mixed", "yes |"]
+    assert table["435m, T=2, bf16, block remat"][1:] == [
+        "1.50x the plain step, MFU 31%", "mixed, block remat", "no |"
+    ]  # fmt: skip
+    assert table["125m, T=2, bf16, block remat"][-1] == "not measured |"
+    assert table["435m: --dry-run's estimate"][-1] == "yes |"

@@ -22,15 +22,18 @@ def test_peak_memory_falls_with_the_micro_batch_size():
 
 
 def test_mixed_mode_keeps_only_parameters_and_optimizer_state_per_extra_step():
+    """Each inner step past the first keeps theta_t and s_t on the tape, and nothing else
+    (theta_0 and s_0 are the caller's: not copied)."""
     m1 = measure(meta_step_workload, "mixed", 1, **CFG)
+    m3 = measure(meta_step_workload, "mixed", 3, **CFG)
     m4 = measure(meta_step_workload, "mixed", 4, **CFG)
     r4 = measure(meta_step_workload, "reverse", 4, **CFG)
     kept = m1.info["state_bytes"]  # theta_t and Adam's two moments
     # Allocation events of worker threads interleave differently from run to run, which moves
     # the measured peak by up to ~0.1 %; 1 % of the peak is far below one step's activations.
     noise = 0.01 * m1.peak_bytes
+    assert abs(m4.peak_bytes - m3.peak_bytes - kept) <= noise  # the tape really is kept
     assert m4.peak_bytes - m1.peak_bytes <= 3 * kept + noise
-    assert m4.peak_bytes - m1.peak_bytes >= 3 * kept - noise  # the tape really is kept
     assert m4.peak_bytes < 0.5 * r4.peak_bytes
 
 

@@ -470,3 +470,21 @@ def test_numpy_numbers_are_taken_and_stored_as_plain_ones():
     assert (type(cfg.steps), type(cfg.seed), type(cfg.meta_clip)) == (int, int, float)
     json.dumps(asdict(cfg))  # what every checkpoint holds
     TrainConfig(meta_clip=None, seed=-1, rater={"d_model": 16, "max_seq_len": 256})
+
+
+def test_train_in_bf16_on_the_cpu(tmp_path):
+    """--precision bf16 runs the inner models' compute in bf16 (the meta-gradients and every
+    saved tensor stay float32), and the setting is recorded with the run."""
+    from datarater.training.checkpoint import load_checkpoint
+
+    data = _corpus(tmp_path / "c.jsonl", n=60)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**CONFIG, "steps": 2, "checkpoint_every": 1}))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--config", str(config), "--seq-len", "32",
+                 "--precision", "bf16", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    tensors, meta = load_checkpoint(out / "checkpoints")
+    assert meta["config"]["precision"] == "bf16"
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp8")

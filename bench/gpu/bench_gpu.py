@@ -33,6 +33,7 @@ from datarater.models import CausalLM, Rater, preset, set_inference_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the groups kept in files beside it
 from attention_group import bench_attention  # noqa: E402
+from meta_scale_group import bench_scale  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -802,7 +803,9 @@ def bench_scoring(device, cfg, batch: int, shards: int, docs_per_shard: int) -> 
                     torch.cuda.empty_cache()
 
 
-GROUPS = ("ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep", "derivs", "attention")
+GROUPS = (
+    "ce", "linear", "meta", "scoring", "ce32k", "sweep", "tsweep", "derivs", "attention", "scale",
+)  # fmt: skip
 
 
 def _save(path: str | None, device_name: str) -> None:
@@ -840,6 +843,7 @@ def main(argv=None) -> int:
             "scoring": lambda: bench_scoring(device, preset("toy", max_seq_len=64), 8, 2, 20),
             "derivs": lambda: bench_derivatives(device, backends),
             "attention": lambda: bench_attention(device, 1, 2, 40, (16,), (32, 64), case, rival),
+            "scale": lambda: bench_scale(device, add, timed, smoke=True),
         }
     else:
         print(name, torch.__version__, flush=True)
@@ -855,6 +859,7 @@ def main(argv=None) -> int:
             "attention": lambda: bench_attention(
                 device, 8, 16, 2048, (64, 128), (1024, 2048, 4096), case, rival
             ),
+            "scale": lambda: bench_scale(device, add, timed, smoke=False),
         }
     OUT.update(path=args.out, device=name)
 

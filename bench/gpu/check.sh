@@ -9,8 +9,8 @@
 #   FIRST=ce THEN=meta bash bench/gpu/check.sh   (benchmark groups before and after the tests,
 #   in order, from ce, ce32k, sweep (CUDA fused), tsweep (Triton fused), linear, meta, scoring,
 #   derivs (derivative modes, ours and the rivals'), attention (every pass against SDPA's flash
-#   attention and jvp-flash-attention);
-#   default FIRST=ce,scoring,meta THEN=attention,linear,derivs,sweep,ce32k: what decides open goals
+#   attention and jvp-flash-attention), scale (meta_step in fp32 and bf16 up to the 435M preset);
+#   default FIRST=ce,scoring,meta THEN=attention,scale,linear,derivs,sweep,ce32k: what decides open goals
 #   first; one slot with a fresh build rarely reaches the last groups)
 # Every stage has its own time limit (BUILD_S; NEW_TESTS_S per new-kernel test file; CE_S,
 # SCORING_S or GROUP_S per benchmark group; TESTS_S), cut to what is left of TOTAL_S so that
@@ -50,9 +50,10 @@ if compgen -G "bench/gpu/wheels/*.whl" >/dev/null; then
 fi
 # one process per benchmark group, each with its own limit: a hang or a sticky CUDA error in
 # one group (a kernel run for the first time) costs that group only
-# (limits: CE_S 120, SCORING_S 240, any other <GROUP>_S, else GROUP_S 150)
+# (limits: CE_S 120, SCORING_S 240, SCALE_S 240, any other <GROUP>_S, else GROUP_S 150)
 CE_S=${CE_S:-120}
 SCORING_S=${SCORING_S:-240}
+SCALE_S=${SCALE_S:-240}
 groups() {
     local stage=$1 list=$2 g var
     for g in ${list//,/ }; do
@@ -78,6 +79,6 @@ stamp "GPU tests"
 timeout -k 10 "$(limit "${TESTS_S:-180}")" python3 -m pytest -v --tb=short -p no:cacheprovider \
     tests/test_gpu.py -k "not in_registers" tests/test_gpu_fast_scoring.py \
     tests/test_forward_over_reverse.py 2>&1 | tee "$out/tests.log" | tail -8
-groups then "${THEN:-attention,linear,derivs,sweep,ce32k}"
+groups then "${THEN:-attention,scale,linear,derivs,sweep,ce32k}"
 stamp "total"
 python3 bench/gpu/summary.py "$out" | tee "$out/summary.md"

@@ -105,7 +105,38 @@ def goal_lines(rows: list[dict]) -> list[list[str]]:
              "< 1x time and memory", row, f"{time:.2f}x time, {memory:.2f}x memory",
              time < 1 and memory < 1)  # fmt: skip
     _attention_goals(rows, line)
+    _scale_goals(rows, line)
     return out
+
+
+SCALE = "meta_step scale"
+
+
+def _scale_goals(rows: list[dict], line) -> None:
+    """The meta_step-at-scale issue's goals."""
+    t8 = {r["case"]: r for r in _ok(rows, SCALE, model="17m", T=8, precision="bf16")}
+    mixed, base = t8.get("mixed"), t8.get("PyTorch reverse-over-reverse (baseline)")
+    if mixed and base:
+        time, memory = mixed["ms"] / base["ms"], mixed["peak_mb"] / base["peak_mb"]
+        line("17M, 16 x 256, T=8, bf16: mixed against PyTorch's reverse-over-reverse",
+             "<= 0.75x time, <= 0.3x memory", mixed, f"{time:.2f}x time, {memory:.2f}x memory",
+             time <= 0.75 and memory <= 0.3)  # fmt: skip
+    else:
+        line("17M, 16 x 256, T=8, bf16: mixed against PyTorch's", "-", None, "")
+    for size, goal in (("125m", "peak <= 2x a plain step"), ("435m", "fits, MFU >= 35 %")):
+        at = {r["case"]: r for r in _ok(rows, SCALE, model=size)}
+        mixed, plain = at.get("mixed, block remat"), at.get("plain training step")
+        shown, met = "", False
+        if mixed and plain:
+            ratio = mixed["peak_mb"] / plain["peak_mb"]
+            shown = f"{ratio:.2f}x the plain step, MFU {mixed['mfu']:.0%}"
+            met = ratio <= 2 if size == "125m" else mixed["mfu"] >= 0.35
+        line(f"{size}, T=2, bf16, block remat", goal, mixed if plain else None, shown, met)
+        guess = at.get("dry run's estimate")
+        if guess and guess.get("ratio"):
+            line(f"  {size}: --dry-run's estimate", "within 20 %", guess,
+                 f"{guess['ratio']:.2f}x the measured peak",
+                 abs(guess["ratio"] - 1) <= 0.2)  # fmt: skip
 
 
 ATTENTION = "attention bf16"

@@ -4,6 +4,7 @@ gradient."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..models.forward_over_reverse import PassOptions
 from ..optim import InnerOptimizer, State
 from .batch import SeqBatch, logits_of, sequence_losses
 from .flat import Flat, OnViews, on_flat
@@ -34,6 +36,8 @@ class Run:
     phi: list[Tensor]
     buffers: dict[str, Tensor]
     fl: Flat
+    compute_dtype: torch.dtype | None = None  # the inner model's matmuls (None: its own)
+    remat: str | None = None
     check_graph: bool = True  # the first backward with a graph is checked for cuts
 
     @classmethod
@@ -41,7 +45,24 @@ class Run:
         """The run of one call: the optimizer on the flat vector, copies of the buffers."""
         fl = Flat(state.params)
         return cls(rater, model, on_flat(optimizer, fl), float(o.tau), o.micro_batch_size,
-                   o.hvp, o.loss_backend, phi, own_buffers(state), fl)  # fmt: skip
+                   o.hvp, o.loss_backend, phi, own_buffers(state), fl, o.compute_dtype,
+                   o.remat)  # fmt: skip
+
+    @property
+    def pass_options(self) -> PassOptions:
+        """What a model's hand-written forward-over-reverse pass is told. ``remat="auto"``
+        rematerialises blocks on GPUs, where memory binds (a third more of the pass's
+        matmuls for one block's activations instead of all), not on CPUs, where time does."""
+        remat = self.remat == "block" or (self.remat == "auto" and self.fl.device.type == "cuda")
+        return PassOptions(self.loss_backend, self.compute_dtype, remat)
+
+    def autocast(self):
+        """The inner model's forward in the compute dtype (autocast's policy: matmuls in it,
+        reductions and norms in float32); nothing where there is none."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        device = self.fl.device
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
     def first_graph_check(self) -> bool:
         """True the first time it is asked in a call: that backward is checked for cuts."""
@@ -54,8 +75,10 @@ class Run:
         )
 
     def losses(self, params, batch: SeqBatch) -> Tensor:
-        out = functional_call(self.model, (params, self.buffers), (batch.input_ids,), strict=False)
-        return sequence_losses(logits_of(out), batch, backend=self.loss_backend)
+        with self.autocast():
+            args = (params, self.buffers), (batch.input_ids,)
+            out = functional_call(self.model, *args, strict=False)
+            return sequence_losses(logits_of(out), batch, backend=self.loss_backend)
 
     def micro_batches(self, batch: SeqBatch, w: Tensor):
         """Pairs (micro-batch, its slice of the batch-wide weights)."""

@@ -28,6 +28,7 @@ class Flat:
         self.names = list(params)
         self.shapes = [p.shape for p in params.values()]
         self.numels = [p.numel() for p in params.values()]
+        self.device = next(iter(params.values())).device
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) != 1:
             raise TypeError(

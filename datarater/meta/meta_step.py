@@ -63,6 +63,8 @@ def meta_step(
     on_nonfinite: str = "raise",
     hvp: str = "auto",
     loss_backend: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    remat: str | None = "auto",
 ) -> MetaStepResult:
     """Accumulate d(outer loss)/d(rater parameters) into the rater's ``.grad``.
 
@@ -76,14 +78,21 @@ def meta_step(
     has one (the library's ``CausalLM`` does), else ``"double"`` (one step's
     reverse-over-reverse); ``"func"`` uses ``torch.func.jvp`` of ``torch.func.grad``.
     ``loss_backend`` picks the cross-entropy kernel backend of the loss layer (default: the
-    best available).
+    best available). ``compute_dtype=torch.bfloat16`` runs the inner model's matmuls,
+    attention and loss inputs in bf16 (autocast's policy; a caller's ``torch.autocast`` region
+    does the same), keeping parameters, optimizer state, the per-step records, adjoints and the
+    meta-gradient in the parameters' dtype. ``remat="block"`` keeps only each transformer
+    block's input in the hand-written pass and recomputes the block on the way back (one
+    block's activations live at a time); ``None`` keeps them all; ``"auto"``: block on GPUs.
     """
-    o = Options(mode, tau, micro_batch_size, on_nonfinite, hvp, loss_backend)
+    o = Options(mode, tau, micro_batch_size, on_nonfinite, hvp, loss_backend, compute_dtype,
+                remat)  # fmt: skip
+    o = preflight.with_autocast(o, state)
     c = preflight.check_meta_step(rater, model, state, inner_batches, outer_batch, optimizer, o)
     run = Run.build(rater, model, state, optimizer, o, c.phi)
     inner = Prepared(c.inner, c.inner_max_ids, c.dtype)
     sweep = mixed if mode == "mixed" else reverse
-    with preflight.reworded_errors(mode, model, rater, c.max_id, c.length):
+    with preflight.reworded_errors(mode, model, rater, c.max_id, c.length), _own_precision(run):
         with preflight.attention_with_higher_derivatives():
             new_state, outer_loss, inner_losses, gnorms, weights, meta = sweep(
                 run, state, inner, c.outer
@@ -100,6 +109,12 @@ def meta_step(
         p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
     return MetaStepResult(new_state, outer_loss, inner_losses, weights, l2_norm(meta), False,
                           None, gnorms)  # fmt: skip
+
+
+def _own_precision(run: Run):
+    """meta_step's own ops (optimizers, the rater, the sweeps' sums) outside any autocast
+    region of the caller's: only the inner model's forward passes take the compute dtype."""
+    return torch.autocast(run.fl.device.type, enabled=False)
 
 
 def _nonfinite(inner_losses: list[float], outer_loss: float, meta: list[Tensor]) -> str | None:
@@ -123,19 +138,29 @@ def weighted_steps(
     optimizer: InnerOptimizer,
     tau: float = 1.0,
     micro_batch_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> InnerState:
     """Plain inner training on rater-weighted batches, no meta-gradient: what inner models do
-    between meta-updates. Same weighting and update as ``meta_step``'s forward sweep, and the
-    same checks of its arguments."""
+    between meta-updates. Same weighting and update as ``meta_step``'s forward sweep (its
+    ``compute_dtype`` too), and the same checks of its arguments."""
+    o = Options(tau=tau, micro_batch_size=micro_batch_size, compute_dtype=compute_dtype)
+    o = preflight.with_autocast(o, state)
+    preflight.check_options(o)
     preflight.check_common(model, state, optimizer, tau, micro_batch_size)
     if isinstance(batches, Mapping):  # any iterable of batches (a loader), but not one batch
         raise TypeError("batches must be an iterable of batches (one per step), not one batch")
     if micro_batch_size is not None:
         preflight.refuse_batch_statistics(rater)
-    o = Options(tau=tau, micro_batch_size=micro_batch_size)
     run = Run.build(rater, model, state, optimizer, o, [])
     fl, opt = run.fl, run.opt
     theta, s, step = fl.flat(state.params), state_in(opt, fl, state.opt_state), state.step
+    with _own_precision(run):
+        theta, s, step = _weighted_loop(run, model, batches, theta, s, step)
+    return InnerState(fl.views(theta), run.buffers, state_out(opt, fl, s), step)
+
+
+def _weighted_loop(run: Run, model: nn.Module, batches, theta, s, step):
+    fl, opt = run.fl, run.opt
     for t, raw in enumerate(batches):
         batch = SeqBatch.from_dict(raw, f"batches[{t}]").to(theta.dtype)
         _check_ids(model, batch, f"batches[{t}]")
@@ -145,7 +170,7 @@ def weighted_steps(
         with torch.no_grad():
             new, s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
         theta, step = new[fl.KEY], step + 1
-    return InnerState(fl.views(theta), run.buffers, state_out(opt, fl, s), step)
+    return theta, s, step
 
 
 def _check_ids(model: nn.Module, batch: SeqBatch, name: str) -> None:

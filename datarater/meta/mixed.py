@@ -9,6 +9,7 @@ at a time, so memory is flat in T.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -26,24 +27,17 @@ def mixed(run: Run, state: InnerState, inner: Prepared, outer: SeqBatch):
     fl, opt = run.fl, run.opt
     theta, s = fl.flat(state.params), state_in(opt, fl, state.opt_state)
     step, dtype = state.step, theta.dtype
-    keep_grads = not (opt.linear_in_grads or opt.recovers_grads)
     tape: list[Tape] = []
     losses, gnorms, weights = [], [], []
     for t, batch in enumerate(inner):
-        with torch.no_grad(), refuse_randomness("rater", t == 0):
-            w = torch.softmax(run.scores(batch).to(dtype) / run.tau, 0)
-        g, loss = inner_grad(run, theta, batch, w, watch=t == 0)
-        with torch.no_grad():  # the clip factor helps rebuild g_t later
-            clipped, f, gnorm = opt.clip(fl.wrap(g))
-            if isinstance(opt, OnViews):  # its own update, which need not be clip, then step
-                new_theta, new_s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
-            else:
-                new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
-        tape.append(Tape(theta, s, g if keep_grads else None, f, w, step + 1))
-        theta, s, step = new_theta[fl.KEY], new_s, step + 1
+        rec, theta, s, loss, gnorm = _forward_step(run, theta, s, step, batch, t == 0)
+        if t == 0:  # theta_0 and s_0 are the caller's: flattened again when needed
+            rec = replace(rec, params=None, opt_state=None)
+        tape.append(rec)
+        step += 1
         losses.append(loss)
         gnorms.append(gnorm)
-        weights.append(w)
+        weights.append(rec.weights)
     losses, gnorms = on_host(losses), on_host(gnorms)
 
     # The outer loss and its gradient at theta_T start the backward sweep.
@@ -55,16 +49,49 @@ def mixed(run: Run, state: InnerState, inner: Prepared, outer: SeqBatch):
     if not math.isfinite(outer_loss):
         return final, outer_loss, losses, gnorms, weights, meta
 
-    a_s = {n: {k: torch.zeros_like(v) for k, v in d.items()} for n, d in s.items()}
+    zeros = {n: {k: torch.zeros_like(v) for k, v in d.items()} for n, d in s.items()}
+    adj = _Adjoints(a_theta, zeros)
+    del a_theta, zeros, theta  # (the adjoints are replaced step by step: no stale copies)
     s_next = s
     for t in reversed(range(len(inner))):
         rec = tape.pop()  # each step's record is dropped once it has been used
-        a_theta, a_s = _sweep_step(run, rec, s_next, inner[t], a_theta, a_s, meta)
+        if rec.params is None:
+            rec = replace(rec, params=fl.flat(state.params),
+                          opt_state=state_in(opt, fl, state.opt_state))  # fmt: skip
+        _sweep_step(run, rec, s_next, inner[t], adj, meta)
         s_next = rec.opt_state
+        del rec
     return final, outer_loss, losses, gnorms, weights, meta
 
 
-def _sweep_step(run: Run, rec: Tape, s_next: State, batch: SeqBatch, a_theta, a_s, meta):
+def _forward_step(run: Run, theta: Tensor, s: State, step: int, batch: SeqBatch, first: bool):
+    """One inner step of the forward sweep: its record, theta_{t+1}, s_{t+1}, loss, grad norm.
+    (A function of its own: g_t and its clipped copy are freed on return.)"""
+    fl, opt = run.fl, run.opt
+    with torch.no_grad(), refuse_randomness("rater", first):
+        w = torch.softmax(run.scores(batch).to(theta.dtype) / run.tau, 0)
+    g, loss = inner_grad(run, theta, batch, w, watch=first)
+    with torch.no_grad():  # the clip factor helps rebuild g_t later
+        clipped, f, gnorm = opt.clip(fl.wrap(g))
+        if isinstance(opt, OnViews):  # its own update, which need not be clip, then step
+            new_theta, new_s = opt.update(fl.wrap(theta), fl.wrap(g), s, step + 1)
+        else:
+            new_theta, new_s = opt.step(fl.wrap(theta), clipped, s, step + 1)
+    keep_grads = not (opt.linear_in_grads or opt.recovers_grads)
+    rec = Tape(theta, s, g if keep_grads else None, f, w, step + 1)
+    return rec, new_theta[fl.KEY], new_s, loss, gnorm
+
+
+@dataclass
+class _Adjoints:
+    """The adjoints of (theta_{t+1}, s_{t+1}), held in one place and replaced as they are
+    pulled back, so that no stale copy outlives its step."""
+
+    theta: Tensor
+    state: State
+
+
+def _sweep_step(run: Run, rec: Tape, s_next: State, batch: SeqBatch, adj: _Adjoints, meta):
     """Pull the adjoints back through one inner step; add its part of the meta-gradient.
 
     A function of its own so that its temporaries (g_t, a_g, H v) are freed on return, before
@@ -74,11 +101,12 @@ def _sweep_step(run: Run, rec: Tape, s_next: State, batch: SeqBatch, a_theta, a_
     g = rec.grads
     if g is None:
         g = run.opt.grads_for_vjp(rec.opt_state, s_next, fl.wrap(rec.params), rec.clip)[fl.KEY]
-    a_theta, a_s, a_g = _update_vjp(run.opt, rec, g, a_theta, a_s)
+    adj.theta, adj.state, a_g = _update_vjp(run.opt, rec, g, adj.theta, adj.state)
     del g
     hv, c = _hvp_and_tangents(run, rec.params, batch, rec.weights, a_g)
+    del a_g
     _rater_vjp(run, batch, rec.weights, c, meta)
-    return a_theta.add_(hv), a_s
+    adj.theta.add_(hv)
 
 
 def _update_vjp(opt: InnerOptimizer, rec: Tape, g: Tensor, a_theta: Tensor, a_s: State):
@@ -104,15 +132,8 @@ def _hvp_and_tangents(run: Run, theta: Tensor, batch: SeqBatch, w: Tensor, v: Te
     for mb, wm in run.micro_batches(batch, w):
         out = None
         if own is not None and not run.buffers:
-            out = own(
-                primals,
-                tangents,
-                mb.input_ids,
-                mb.targets,
-                mb.token_weights,
-                wm,
-                loss_backend=run.loss_backend,
-            )
+            out = own(primals, tangents, mb.input_ids, mb.targets, mb.token_weights, wm,
+                      options=run.pass_options)  # fmt: skip
         if out is None and run.hvp == "func":
 
             def objective(p, mb=mb, wm=wm):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 MODES = ("mixed", "reverse")
 HVP_PASSES = ("auto", "func", "double")
 ON_NONFINITE = ("raise", "skip")
+REMAT = ("auto", "block", None)
+COMPUTE_DTYPES = (torch.bfloat16,)
 
 
 @dataclass(frozen=True)
 class Options:
-    """``mode``, ``tau``, ``micro_batch_size``, ``on_nonfinite``, ``hvp`` and ``loss_backend``
-    as ``meta_step`` documents them."""
+    """The settings as ``meta_step`` documents them."""
 
     mode: str = "mixed"
     tau: float = 1.0
@@ -20,3 +23,5 @@ class Options:
     on_nonfinite: str = "raise"
     hvp: str = "auto"
     loss_backend: str | None = None
+    compute_dtype: torch.dtype | None = None
+    remat: str | None = "auto"

@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..optim import InnerOptimizer
 from .batch import SeqBatch
-from .options import HVP_PASSES, MODES, ON_NONFINITE, Options
+from .options import COMPUTE_DTYPES, HVP_PASSES, MODES, ON_NONFINITE, REMAT, Options
 from .state import InnerState
 
 
@@ -333,6 +333,16 @@ def missing_derivative(e: BaseException) -> bool:
     )
 
 
+def with_autocast(o: Options, state: InnerState) -> Options:
+    """A caller's ``torch.autocast`` region is taken as ``compute_dtype`` (meta_step then runs
+    its own ops outside it: the region's policy is applied to the inner model's forward
+    passes only)."""
+    device = next(iter(state.params.values())).device.type
+    if o.compute_dtype is not None or not torch.is_autocast_enabled(device):
+        return o
+    return replace(o, compute_dtype=torch.get_autocast_dtype(device))
+
+
 @dataclass(frozen=True)
 class Checked:
     """What the checks of a ``meta_step`` call found: the inner batches' largest ids (the
@@ -350,6 +360,18 @@ class Checked:
 
 
 def check_options(o: Options) -> None:
+    if o.remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {o.remat!r}")
+    if o.compute_dtype is not None and o.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"compute_dtype must be None (the parameters' dtype) or one of {COMPUTE_DTYPES}, "
+            f"got {o.compute_dtype!r}"
+            + (
+                ": float16 needs loss scaling, which meta_step does not do"
+                if o.compute_dtype == torch.float16
+                else ""
+            )  # fmt: skip
+        )
     if o.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {o.mode!r}")
     if o.hvp not in HVP_PASSES:

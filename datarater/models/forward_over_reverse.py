@@ -42,6 +42,8 @@ from ..kernels.tangent_ops import (
 
 
 def _linear(h: Tensor, dh: Tensor, w: Tensor, dw: Tensor, b: Tensor | None, db: Tensor | None):
+    """``h W^T + b`` and its tangent, in the weights' dtype (the compute dtype)."""
+    h, dh = h.to(w.dtype), dh.to(w.dtype)
     y = h @ w.T
     if b is not None:
         y += b
@@ -52,7 +54,9 @@ def _linear(h: Tensor, dh: Tensor, w: Tensor, dw: Tensor, b: Tensor | None, db: 
 
 
 def _linear_back(gy: Tensor, dgy: Tensor, h: Tensor, dh: Tensor, w: Tensor, dw: Tensor):
-    """Input gradient and its tangent, and the tangent of the weight and bias gradients."""
+    """Input gradient and its tangent, and the tangent of the weight and bias gradients, in the
+    weights' dtype."""
+    gy, dgy, h, dh = (t.to(w.dtype) for t in (gy, dgy, h, dh))
     gh = gy @ w
     dgh = (dgy @ w).addmm_(gy, dw)
     dgw = (dgy.T @ h).addmm_(gy.T, dh)
@@ -128,18 +132,43 @@ def _written_attention_back(go, dgo, a, da, q, dq, k, dk, v, dv, scale: float):
 
 class _Weights:
     """Parameter and tangent lookup by name; names absent from ``params`` are frozen: the
-    module's own tensor, with a zero tangent (and no H v entry)."""
+    module's own tensor, with a zero tangent (and no H v entry). Linear layers read them cast
+    to ``compute`` (their matmuls run in it); embeddings and LayerNorm read them as they are,
+    as autocast leaves them (``master``)."""
 
-    def __init__(self, model, params: dict[str, Tensor], tangents: dict[str, Tensor]) -> None:
+    def __init__(self, model, params: dict[str, Tensor], tangents: dict[str, Tensor],
+                 compute: torch.dtype | None = None) -> None:  # fmt: skip
         self.own = dict(model.named_parameters())
-        self.params, self.tangents = params, tangents
+        self.params, self.tangents, self.compute = params, tangents, compute
         self.hv: dict[str, Tensor] = {}
+        self._cast: dict[tuple[str, str], Tensor] = {}
 
-    def p(self, name: str) -> Tensor:
+    def master(self, name: str) -> Tensor:
         return self.params[name] if name in self.params else self.own[name].detach()
 
+    def master_t(self, name: str) -> Tensor:
+        if name in self.tangents:
+            return self.tangents[name]
+        return torch.zeros_like(self.master(name))
+
+    def p(self, name: str) -> Tensor:
+        """The parameter as matmuls take it (cast once per call)."""
+        return self._compute("p", name, self.master)
+
     def t(self, name: str) -> Tensor:
-        return self.tangents[name] if name in self.tangents else torch.zeros_like(self.p(name))
+        return self._compute("t", name, self.master_t)
+
+    def _compute(self, kind: str, name: str, get) -> Tensor:
+        if self.compute is None:
+            return get(name)
+        key = (kind, name)
+        if key not in self._cast:
+            self._cast[key] = get(name).to(self.compute)
+        return self._cast[key]
+
+    def results(self, params) -> dict[str, Tensor]:
+        """H v in the parameters' own dtypes."""
+        return {k: self.hv[k].to(params[k].dtype) for k in params}
 
     def linear(self, name: str, h: Tensor, dh: Tensor, bias: bool = True):
         w, b = name + ".weight", name + ".bias"
@@ -156,20 +185,23 @@ class _Weights:
 
     def norm(self, name: str, x: Tensor, dx: Tensor):
         w, b = name + ".weight", name + ".bias"
-        return layer_norm_fwd_tangent(x, dx, self.p(w), self.t(w), self.p(b), self.t(b), 1e-5)
+        m, mt = self.master, self.master_t
+        return layer_norm_fwd_tangent(x, dx, m(w), mt(w), m(b), mt(b), 1e-5)
 
     def norm_output(self, name: str, saved) -> tuple[Tensor, Tensor]:
         """LayerNorm's output and its tangent again, from its saved normalised input."""
         xh, dxh = saved[0], saved[1]
         w, b = name + ".weight", name + ".bias"
-        y = torch.addcmul(self.p(b), xh, self.p(w))
-        dy = torch.addcmul(self.t(b), dxh, self.p(w)).addcmul_(xh, self.t(w))
+        m, mt = self.master, self.master_t
+        y = torch.addcmul(m(b), xh, m(w))
+        dy = torch.addcmul(mt(b), dxh, m(w)).addcmul_(xh, mt(w))
         return y, dy
 
     def norm_back(self, name: str, gy: Tensor, dgy: Tensor, saved):
-        w = name + ".weight"
+        """In LayerNorm's own dtype, as its forward ran (the gradients come from matmuls)."""
+        w, dtype = name + ".weight", saved[0].dtype
         gx, dgx, self.hv[w], self.hv[name + ".bias"] = layer_norm_bwd_tangent(
-            gy, dgy, saved, self.p(w), self.t(w)
+            gy.to(dtype), dgy.to(dtype), saved, self.master(w), self.master_t(w)
         )
         return gx, dgx
 
@@ -240,6 +272,19 @@ def computes_as_written(model) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    """How the pass computes: the loss kernels' backend, the dtype its matmuls (and attention)
+    run in (None: the parameters'; LayerNorm, the residual stream and the embeddings stay in
+    the parameters' dtype, as under autocast), and block rematerialisation (keep each block's
+    input and its tangent, recompute the block on the way back: one block's activations are
+    live at a time, for about a third more of the pass's matmuls)."""
+
+    loss_backend: str | None = None
+    compute_dtype: torch.dtype | None = None
+    remat: bool = False
+
+
 @torch.no_grad()
 def causal_lm_hvp(
     model,
@@ -249,7 +294,7 @@ def causal_lm_hvp(
     targets: Tensor,
     token_weights: Tensor,
     seq_weights: Tensor,
-    loss_backend: str | None = None,
+    options: PassOptions | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """H v of J = sum_i w_i l_i and c_i = grad l_i . v for a :class:`CausalLM`.
 
@@ -258,39 +303,52 @@ def causal_lm_hvp(
     (l_i = sum_t token_weights[i, t] * ce[i, t]); ``seq_weights`` is w [B].
     Returns ({name: H v} for the names in ``params``, c [B]).
     """
-    cfg, W = model.cfg, _Weights(model, params, tangents)
+    o = options or PassOptions()
+    cfg, W = model.cfg, _Weights(model, params, tangents, o.compute_dtype)
     b, n = input_ids.shape
     fused = cfg.attention == "fused" and not written_out_by_default(n, input_ids.device)
-    att = _FusedAttention if fused else _WrittenAttention
-    shape = _Shape(b, n, cfg.d_model, cfg.n_heads, att)
+    shape = _Shape(b, n, cfg.d_model, cfg.n_heads, _FusedAttention if fused else _WrittenAttention)
     ids = input_ids.reshape(-1)
     tied = model.lm_head is None or model.lm_head.weight is model.tok.weight
     out_name = "tok.weight" if tied else "lm_head.weight"
 
-    x = (W.p("tok.weight")[ids].view(b, n, -1) + W.p("pos.weight")[:n]).view(b * n, -1)
-    dx = (W.t("tok.weight")[ids].view(b, n, -1) + W.t("pos.weight")[:n]).view(b * n, -1)
-    layers = []
+    m, mt = W.master, W.master_t
+    x = (m("tok.weight")[ids].view(b, n, -1) + m("pos.weight")[:n]).view(b * n, -1)
+    dx = (mt("tok.weight")[ids].view(b, n, -1) + mt("pos.weight")[:n]).view(b * n, -1)
+    kept = []  # per block: what its backward reads, or (remat) its input and that's tangent
     for i in range(cfg.n_layers):
+        x_in, dx_in = x, dx
         x, dx, saved = _block_forward(W, f"blocks.{i}.", x, dx, shape)
-        layers.append(saved)
+        kept.append((x_in, dx_in) if o.remat else saved)
+        del saved, x_in, dx_in
     hf, dhf, lnf = W.norm("ln_f", x, dx)
     w_out, dw_out = W.p(out_name), W.t(out_name)
     z, dz = _linear(hf, dhf, w_out, dw_out, None, None)
     gz, dgz, c = _loss_gradient_and_tangents(z, dz, targets, token_weights, seq_weights,
-                                             loss_backend)  # fmt: skip
+                                             o.loss_backend)  # fmt: skip
     ghf, dghf, W.hv[out_name], _ = _linear_back(gz, dgz, hf, dhf, w_out, dw_out)
     del z, dz, gz, dgz, x, dx, hf, dhf
     gx, dgx = W.norm_back("ln_f", ghf, dghf, lnf)
     del ghf, dghf, lnf
     for i in reversed(range(cfg.n_layers)):
-        gx, dgx = _block_backward(W, f"blocks.{i}.", gx, dgx, layers.pop(), shape)
-    # embeddings (and the tied output projection)
-    dg_tok = torch.zeros_like(W.p("tok.weight")).index_add_(0, ids, dgx)
-    W.hv["tok.weight"] = dg_tok + W.hv["tok.weight"] if out_name == "tok.weight" else dg_tok
-    dg_pos = torch.zeros_like(W.p("pos.weight"))
+        pre, saved = f"blocks.{i}.", kept.pop()
+        if o.remat:  # the block again, from its input
+            saved = _block_forward(W, pre, *saved, shape)[2]
+        gx, dgx = _block_backward(W, pre, gx, dgx, saved, shape)
+        del saved
+    _embedding_back(W, ids, dgx, b, n, out_name)
+    return W.results(params), c
+
+
+def _embedding_back(W: _Weights, ids: Tensor, dgx: Tensor, b: int, n: int, out_name: str):
+    """The embeddings' H v (and the tied output projection's sum)."""
+    dgx = dgx.to(W.master("tok.weight").dtype)
+    dg_tok = torch.zeros_like(W.master("tok.weight")).index_add_(0, ids, dgx)
+    tied = out_name == "tok.weight"
+    W.hv["tok.weight"] = dg_tok + W.hv["tok.weight"].to(dg_tok.dtype) if tied else dg_tok
+    dg_pos = torch.zeros_like(W.master("pos.weight"))
     dg_pos[:n] = dgx.view(b, n, -1).sum(0)
     W.hv["pos.weight"] = dg_pos
-    return {k: W.hv[k] for k in params}, c
 
 
 @dataclass(frozen=True)

@@ -248,9 +248,10 @@ class CausalLM(_Trunk):
         return self.hidden(input_ids) @ self.output_weight.T
 
     def hvp_and_tangents(
-        self, params, tangents, input_ids, targets, token_weights, seq_weights, loss_backend=None
+        self, params, tangents, input_ids, targets, token_weights, seq_weights, options=None
     ):
-        """The forward-over-reverse pass of ``meta_step``, written out by hand for this model.
+        """The forward-over-reverse pass of ``meta_step``, written out by hand for this model
+        (``options``: a :class:`~datarater.models.forward_over_reverse.PassOptions`).
 
         Returns None when the computation was changed (a subclass's forward, a hook, a
         replaced layer or setting: ``computes_as_written``), so that the caller falls back to
@@ -265,7 +266,7 @@ class CausalLM(_Trunk):
             return None  # (other names: called through a wrapper, such as torch.compile's)
 
         return causal_lm_hvp(
-            self, params, tangents, input_ids, targets, token_weights, seq_weights, loss_backend
+            self, params, tangents, input_ids, targets, token_weights, seq_weights, options
         )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..data.tokens import Sequences
 from ..meta import InnerState, meta_step, weighted_steps
-from ..models import CausalLM, Rater, TransformerConfig
+from ..models import PRESETS, CausalLM, Rater, TransformerConfig
 from ..optim import Adam
 from .checkpoint import (
     atomic_write,
@@ -36,6 +36,17 @@ from .checkpoint import (
     unflatten,
 )
 from .curves import plot_training
+
+PRECISIONS = ("auto", "bf16", "fp32")
+CORPUS_SET = ("vocab_size", "max_seq_len")  # set by the tokenizer and --seq-len, not presets
+CONFIGS = Path(__file__).with_name("configs")  # named training configurations (--config NAME)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """meta_step's compute_dtype for a TrainConfig.precision on this device."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 @dataclass
@@ -59,6 +70,8 @@ class TrainConfig:
     meta_clip: float = 0.01
     tau: float = 1.0
     micro_batch_size: int | None = None
+    precision: str = "auto"  # the inner models' compute: bf16 on GPUs, fp32 on CPUs; or named
+    remat: str | None = "auto"  # meta_step's: block rematerialisation on GPUs
     checkpoint_every: int = 50
     seed: int = 0
     lm: dict = field(default_factory=lambda: dict(d_model=64, n_layers=2, n_heads=2))
@@ -108,11 +121,19 @@ class TrainConfig:
         take("micro_batch_size", int, 1, none=True)
         if self.meta_decay not in ("constant", "cosine"):
             raise bad("meta_decay", "'constant' or 'cosine'")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {PRECISIONS}")
+        if self.remat not in ("auto", "block", None):
+            raise bad("remat", "'auto', 'block' or None")
         shape_keys = set(TransformerConfig.__dataclass_fields__)
         for name in ("lm", "rater"):
             value = getattr(self, name)
+            if isinstance(value, str) and value in PRESETS:  # a preset's shape
+                value = {k: v for k, v in PRESETS[value].to_dict().items() if k not in CORPUS_SET}
+                setattr(self, name, value)
             if not isinstance(value, dict) or set(value) - shape_keys:
-                raise bad(name, f"a dict of model settings from {sorted(shape_keys)}")
+                raise bad(name, f"a preset name from {sorted(PRESETS)} or a dict of model "
+                          f"settings from {sorted(shape_keys)}")  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -248,6 +269,8 @@ class Trainer:
                 tau=cfg.tau,
                 micro_batch_size=cfg.micro_batch_size,
                 on_nonfinite="skip",
+                compute_dtype=compute_dtype(cfg.precision, self.device),
+                remat=cfg.remat,
             )
             self.population[p] = res.state
             if cfg.steps_between:
@@ -262,6 +285,7 @@ class Trainer:
                     optimizer=self.inner_opt,
                     tau=cfg.tau,
                     micro_batch_size=cfg.micro_batch_size,
+                    compute_dtype=compute_dtype(cfg.precision, self.device),
                 )
             if res.skipped:
                 skipped += 1
