@@ -162,6 +162,11 @@ def _train_run(args: argparse.Namespace) -> int:
         else:
             print(f"nothing to resume in {out}: starting a new run")
     trainer.run(progress=not args.quiet)
+    if trainer.step == cfg.steps and not trainer.updates:
+        print(f"datarater train: every one of the {cfg.steps} meta-steps was skipped (non-finite "
+              "losses or meta-gradients): no rater was learned; lower inner_lr or meta_lr, or "
+              "check the data", file=sys.stderr)  # fmt: skip
+        return 1
     if trainer.rank == 0:  # the one process that writes it
         print(f"rater written to {out / 'rater'}")
     return 0
@@ -401,14 +406,40 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        print(f"datarater {args.command}: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        print(f"datarater {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"datarater {args.command}: interrupted; run the same command again to go on "
+              "where it stopped", file=sys.stderr)  # fmt: skip
+        return 130
+    except OSError as e:  # disk full, a read-only folder, no permission: one line
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"datarater {args.command}: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datarater", description="Meta-learned data curation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    # every command's --help shows its defaults
-    add_parser = sub.add_parser
 
-    def command(name: str, **kw) -> argparse.ArgumentParser:
-        return add_parser(name, formatter_class=_Help, **kw)
+    def command(name: str, **kw) -> argparse.ArgumentParser:  # --help shows the defaults
+        return sub.add_parser(name, formatter_class=_Help, **kw)
 
+    for add in (_demo_parser, _train_parser, _score_parser, _filter_parser, _analyze_parser,
+                _evaluate_parser):  # fmt: skip
+        add(command)
+    return parser
+
+
+def _demo_parser(command) -> None:
     demo = command("demo", help="meta-train a rater on a built-in corrupted corpus")
     demo.add_argument("--out", default="datarater-demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="a < 1 minute variant")
@@ -427,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.set_defaults(func=_demo)
 
+
+def _train_parser(command) -> None:
     train = command("train", help="meta-train a rater on your corpus")
     train.add_argument(
         "--data",
@@ -489,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
+
+def _score_parser(command) -> None:
     score = command("score", help="score a corpus with a trained rater")
     score.add_argument("--rater", required=True, help="a rater folder written by train")
     score.add_argument(
@@ -537,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_score)
 
+
+def _filter_parser(command) -> None:
     filt = command("filter", help="keep the best-scored rows of a scored corpus")
     filt.add_argument("--scored", required=True, help="a folder written by `datarater score`")
     filt.add_argument("--out", required=True, help="folder for the kept rows and stats.json")
@@ -552,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     filt.add_argument("--source-column", help="report the kept fraction per value of it")
     filt.set_defaults(func=_filter)
 
+
+def _analyze_parser(command) -> None:
     ana = command("analyze", help="what the rater learned: heuristics, extremes, stability")
     ana.add_argument("--scored", required=True, help="a folder written by `datarater score`")
     ana.add_argument("--out", required=True, help="folder for analysis.json and plots")
@@ -568,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--tokenizer", help="for --compare-rater (default: the one it recorded)")
     ana.set_defaults(func=_analyze)
 
+
+def _evaluate_parser(command) -> None:
     ev = command(
         "evaluate", help="train fresh LMs on filtered vs raw data and report the compute saved"
     )
@@ -607,17 +648,6 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--no-baselines", action="store_true", help="skip the perplexity filters")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
-
-    args = parser.parse_args(argv)
-    out = getattr(args, "out", None)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        print(f"datarater {args.command}: --out {out} is a file, not a folder", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
-        print(f"datarater {args.command}: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -25,11 +25,12 @@ import torch
 
 from .data import ByteTokenizer, Sequences, per_document
 from .evaluation.lm import train_lm
+from .io import atomic_save_png, atomic_write_text
 from .models import TransformerConfig
+from .runs import RunFolder
 from .scoring.metrics import auc, spearman
 from .scoring.score import score_texts
 from .training import TrainConfig, Trainer
-from .training.checkpoint import atomic_save_png, atomic_write_text
 
 CLEAN = "clean"
 KINDS = (
@@ -224,7 +225,7 @@ def run_demo(
     ``precision``: the inner models' compute (TrainConfig.precision)."""
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    RunFolder.claim(out, "demo")  # its training run is written into it too
     torch.manual_seed(seed)
     tok = ByteTokenizer()
     seq_len = 64
@@ -259,16 +260,7 @@ def run_demo(
         rater=small,
         precision=precision,
     )
-    # a folder holding another kind of run (`datarater train`) is not the demo's to replace;
-    # a demo's has demo.json (or, written before it existed, report.json)
-    marker = out / "demo.json"
-    if not (fresh or marker.exists() or (out / "report.json").exists()) and any(
-        (out / name).exists() for name in ("checkpoints", "log.jsonl", "rater")
-    ):
-        raise ValueError(
-            f"{out} holds a training run that is not a demo's: use another --out, or --fresh "
-            "to replace it"
-        )
+    marker = out / "demo.json"  # (a folder of another kind was refused by its claim)
     atomic_write_text(marker, json.dumps({"quick": quick, "seed": seed}))
     trainer, resumed = Trainer(cfg, pool, held, tok.vocab_size, out, tok.pad_id), False
     if not fresh:

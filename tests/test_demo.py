@@ -88,9 +88,13 @@ def test_an_interrupted_demo_resumes_and_reports_what_an_uninterrupted_one_does(
     run_demo(tmp_path, quick=True, seed=1, progress=False)  # unreadable: from scratch too
     assert started == [0]
     assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step-000060"
-    # a folder holding a run that is not a demo's is refused, not wiped
+    # a folder holding a run that is not a demo's is refused, not wiped, --fresh or not
+    from datarater.runs import RunFolder
+
     train_run = tmp_path / "train_run"
-    (train_run / "checkpoints").mkdir(parents=True)
-    with pytest.raises(ValueError, match="not a demo's: use another --out, or --fresh"):
-        run_demo(train_run, quick=True, progress=False)
+    RunFolder.claim(train_run, "train").release()
+    (train_run / "checkpoints").mkdir()
+    for fresh in (False, True):
+        with pytest.raises(ValueError, match="holds a training run, not a demo"):
+            run_demo(train_run, quick=True, progress=False, fresh=fresh)
     assert (train_run / "checkpoints").is_dir()

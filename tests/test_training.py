@@ -158,6 +158,7 @@ def test_resume_refuses_other_data_shapes_or_process_counts(tmp_path):
     two = tmp_path / "two"
     shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-0")
     shutil.copytree(tmp_path / "checkpoints", two / "checkpoints" / "rank-1")
+    shutil.copy(tmp_path / "run.json", two / "run.json")  # (copied by hand: its record too)
     with pytest.raises(ValueError, match=r"written under torchrun \(ranks \[0, 1\]\)"):
         Trainer(cfg, seqs, seqs, 258, two, 257).resume()
     # two ranks at different steps (a crash between their checkpoints): refused, not resumed
@@ -370,11 +371,7 @@ def test_atomic_writes_survive_a_read_only_umask_and_killed_writers_leave_no_lit
     import subprocess
     import sys
 
-    from datarater.training.checkpoint import (
-        atomic_write,
-        atomic_write_text,
-        remove_stale_temporaries,
-    )
+    from datarater.io import atomic_write, atomic_write_text, remove_stale_temporaries
 
     # files created without the owner's write bit: fsync must not need to open them for
     # writing (as root, permissions are not enforced and this passes either way)
@@ -387,7 +384,7 @@ def test_atomic_writes_survive_a_read_only_umask_and_killed_writers_leave_no_lit
     # a writer killed between writing and renaming leaves its temporary file behind
     code = (
         "import os, sys\n"
-        "from datarater.training.checkpoint import atomic_write\n"
+        "from datarater.io import atomic_write\n"
         "def die(tmp):\n"
         "    tmp.write_bytes(b'x' * 1000)\n"
         "    os._exit(9)\n"
@@ -431,8 +428,8 @@ def test_checkpoints_are_ordinary_files_a_team_can_read(tmp_path):
         ({"meta_clip": 0}, "meta_clip must be None or a finite number > 0"),
         ({"tau": True}, "tau must be a finite number > 0"),
         ({"micro_batch_size": 0}, "micro_batch_size must be None or an int >= 1"),
-        ({"lm": None}, "lm must be a dict of model settings"),
-        ({"rater": {"d_modle": 8}}, "rater must be a dict of model settings"),
+        ({"lm": None}, "lm must be a preset name from"),
+        ({"rater": {"d_modle": 8}}, "rater must be a preset name from"),
     ],
 )
 def test_training_settings_are_checked_for_type_and_range(setting, match):
@@ -488,3 +485,39 @@ def test_train_in_bf16_on_the_cpu(tmp_path):
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp8")
+
+
+def test_a_run_that_learned_nothing_says_so_and_fails(tmp_path, capsys):
+    """Every meta-step skipped (non-finite meta-gradients): it used to say "rater written" and
+    exit 0 with the untrained rater."""
+    data = _corpus(tmp_path / "c.jsonl", n=60)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**CONFIG, "steps": 2, "inner_lr": 1e30}))
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--config", str(config), "--seq-len", "32",
+                 "--out", str(out), "--quiet"])  # fmt: skip
+    assert code == 1
+    assert "every one of the 2 meta-steps was skipped" in capsys.readouterr().err
+    assert not (out / "rater").exists()
+
+
+def test_expected_failures_end_in_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk, a read-only folder, an interrupt: one line and a non-zero status, never a
+    traceback."""
+    import errno
+
+    import datarater.cli as cli
+
+    for error, code, said in (
+        (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")), 1,
+         "No space left on device"),
+        (KeyboardInterrupt(), 130, "interrupted; run the same command again"),
+    ):  # fmt: skip
+
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "_filter", fail)
+        assert main(["filter", "--scored", str(tmp_path), "--out", str(tmp_path / "o")]) == code
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 import datarater as dr
 from datarater.kernels import linear_weighted_cross_entropy, weighted_cross_entropy
 from datarater.meta.baseline import torch_reverse_over_reverse
-from datarater.models import CausalLM, Rater, preset, set_inference_attention
+from datarater.models import Rater, preset, set_inference_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the groups kept in files beside it
 from attention_group import bench_attention  # noqa: E402
-from meta_scale_group import bench_scale  # noqa: E402
+from meta_scale_group import bench_scale, meta_setup  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -522,16 +522,7 @@ def bench_linear_ce(device, n: int, d: int, v: int, backends: list[str]) -> None
 
 
 def bench_meta_step(device, size: str, batch: int, length: int, steps: list[int]) -> None:
-    torch.manual_seed(0)
-    cfg = preset(size, max_seq_len=length)
-    lm = CausalLM(cfg).to(device)
-    rater = Rater(preset("toy", vocab_size=cfg.vocab_size, max_seq_len=length)).to(device)
-    opt = dr.optim.Adam(1e-3, weight_decay=0.1, clip_norm=1.0)
-    state = dr.InnerState.init(lm, opt)
-
-    def batch_of():
-        return {"input_ids": torch.randint(0, cfg.vocab_size, (batch, length), device=device)}
-
+    lm, rater, opt, state, batch_of = meta_setup(device, size, batch, length)
     outer = batch_of()
     tag = dict(model=size, tokens=f"{batch}x{length}")
 

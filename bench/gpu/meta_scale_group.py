@@ -37,7 +37,8 @@ def _work_counter():
     return mod.Work
 
 
-def _setup(device, size: str, batch: int, length: int, seed: int = 0):
+def meta_setup(device, size: str, batch: int, length: int, seed: int = 0):
+    """A preset LM, the toy rater, Adam with clipping, its state, and a batch maker."""
     torch.manual_seed(seed)
     cfg = preset(size, max_seq_len=length)
     lm = CausalLM(cfg).to(device)
@@ -105,7 +106,7 @@ def _variants(lm, rater, opt, state, inner, outer, dtype, micro, remat="auto"):
 
 def bench_small(device, add, timed, size: str, batch: int, length: int, steps: list[int]):
     Work = _work_counter()
-    lm, rater, opt, state, batch_of = _setup(device, size, batch, length)
+    lm, rater, opt, state, batch_of = meta_setup(device, size, batch, length)
     outer = batch_of()
     for dtype in (None, torch.bfloat16):
         precision = "bf16" if dtype else "fp32"
@@ -122,7 +123,7 @@ def bench_small(device, add, timed, size: str, batch: int, length: int, steps: l
 def bench_large(device, add, timed, size: str, batch: int, length: int, micro: int):
     """T = 2, bf16, block remat, micro-batched: the paper's regime, and the dry run's guess."""
     Work = _work_counter()
-    lm, rater, opt, state, batch_of = _setup(device, size, batch, length)
+    lm, rater, opt, state, batch_of = meta_setup(device, size, batch, length)
     inner, outer = [batch_of(), batch_of()], batch_of()
     tags = dict(model=size, tokens=f"{batch}x{length}", precision="bf16", T=2, micro=micro)
     dtype = torch.bfloat16

@@ -19,7 +19,6 @@ settings, trains only what was left and reports what an uninterrupted run would 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -32,9 +31,10 @@ from torch import Tensor
 
 from .. import __version__
 from ..data.tokens import Sequences, overlap, per_document, split_heldout
+from ..io import atomic_save_png, atomic_write, atomic_write_text, digest
 from ..models import TransformerConfig, preset
 from ..models.transformer import PRESETS
-from ..training.checkpoint import atomic_save_png, atomic_write, atomic_write_text
+from ..runs import RunFolder
 from .lm import (
     candidates_per_batch,
     forward_flops_per_token,
@@ -241,19 +241,6 @@ class _Finished:
         return value
 
 
-def _digest(*parts) -> str:
-    """SHA-256 of tensors (their dtype, shape and bytes) and floats."""
-    h = hashlib.sha256()
-    for x in parts:
-        if isinstance(x, Tensor):
-            x = x.detach().cpu().contiguous()
-            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
-            h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-        else:
-            h.update(repr(x).encode())
-    return h.hexdigest()
-
-
 def _settings(cfg, rater_cfg, pool, scores, ref, val, given_pool, given_rho) -> dict:
     """What every run of an evaluation depends on: the configuration, the rater's shape (its
     FLOPs), the versions that compute the curves, and digests of the token sequences each run
@@ -267,10 +254,10 @@ def _settings(cfg, rater_cfg, pool, scores, ref, val, given_pool, given_rho) -> 
         "rater": asdict(rater_cfg),
         "versions": {"datarater": _source_digest(), "torch": torch.__version__},
         "data": {
-            "pool and scores": _digest(*seqs(pool), scores),
-            "reference half of the target": _digest(*seqs(ref)),
-            "validation half of the target": _digest(*seqs(val)),
-            "filtered rows": None if given_pool is None else _digest(*seqs(given_pool), given_rho),
+            "pool and scores": digest(*seqs(pool), scores),
+            "reference half of the target": digest(*seqs(ref)),
+            "validation half of the target": digest(*seqs(val)),
+            "filtered rows": None if given_pool is None else digest(*seqs(given_pool), given_rho),
         },
     }
     return json.loads(json.dumps(settings))  # as read back from settings.json
@@ -280,10 +267,9 @@ def _source_digest() -> str:
     """The version and a digest of datarater's own source: curves from other code (an upgrade,
     an edit between a crash and the rerun) are not mixed into one report."""
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:12]}"
+    files = sorted(root.rglob("*.py"))
+    parts = [x for p in files for x in (str(p.relative_to(root)), p)]  # name, then bytes
+    return f"{__version__}+{digest(*parts)[:12]}"
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -355,7 +341,7 @@ def run_evaluation(
     if given_pool is not None and len(given_pool) < cfg.batch:
         raise ValueError(f"the filtered rows give {len(given_pool)} sequences, < batch {cfg.batch}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    RunFolder.claim(out, "evaluate")  # one writer, and never a folder of another kind
     given_rho = None if given is None else given[1]
     settings = _settings(cfg, rater_cfg, pool, seq_scores, ref, val, given_pool, given_rho)
     finished = _Finished(out / "runs", settings)

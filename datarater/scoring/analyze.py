@@ -153,7 +153,7 @@ def write_report(
     says how ``other_scores`` were obtained (which rater, which options)."""
     import matplotlib
 
-    from ..training.checkpoint import atomic_save_png, atomic_write_text
+    from ..io import atomic_save_png, atomic_write_text
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

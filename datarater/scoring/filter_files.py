@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..training.checkpoint import atomic_write, atomic_write_text, remove_stale_temporaries
+from ..io import atomic_write, atomic_write_text, remove_stale_temporaries
+from ..runs import RunFolder
 from .analyze import MISSING
 from .filtering import EmpiricalCDF, accept, quantile_keep, topk_groups
 from .score import SCORE_COLUMN, _scored_parts, unfinished_inputs
@@ -70,7 +71,7 @@ def filter_files(
     everything = torch.cat(scores)
     if len(everything) == 0:
         raise ValueError(f"{scored}: the scored parts hold no rows")
-    out.mkdir(parents=True, exist_ok=True)
+    RunFolder.claim(out, "filter")  # one writer, and never a folder of another kind
     remove_stale_temporaries(out)  # parts a killed run was writing
     # stats.json marks a finished filter: gone while parts are replaced, so that a run stopped
     # half-way (old and new parts side by side) is not read as either run's rows

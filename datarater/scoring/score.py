@@ -8,7 +8,6 @@ Under torchrun each rank takes the shards ``i % world == rank``.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import time
 import warnings
@@ -27,8 +26,9 @@ from ..data.corpus import (
     saved_dataset_files,
 )
 from ..data.tokens import encode_all, get_tokenizer
+from ..io import atomic_write, atomic_write_text, digest, remove_stale_temporaries
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
-from ..training.checkpoint import atomic_write, atomic_write_text, remove_stale_temporaries
+from ..runs import RunFolder
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
@@ -386,30 +386,15 @@ def run_settings(
     """What the scores of a ``score_files`` run depend on: its output folder records them so
     that a rerun with another rater or other settings cannot mix two kinds of scores.
     ``precision="auto"`` is recorded as what it means on ``device`` (bf16 or fp32)."""
-    import hashlib
-
-    def digest(chunks) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        for c in chunks:
-            h.update(c)
-        return h.hexdigest()
-
-    weights = (  # values in order: a wrapper around the same rater is the same rater
-        part
-        for t in rater.state_dict().values()
-        for part in (
-            f"{tuple(t.shape)}{t.dtype}".encode(),
-            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
-        )
-    )
     name = str(tokenizer.name)
     if precision == "auto":
         where = torch.device(device) if device is not None else next(rater.parameters()).device
         precision = "bf16" if where.type == "cuda" else "fp32"
     return {
-        "rater_weights": digest(weights),
+        # values in order: a wrapper around the same rater is the same rater
+        "rater_weights": digest(*rater.state_dict().values()),
         "context": rater.cfg.max_seq_len,
-        "tokenizer": digest([Path(name).read_bytes()]) if Path(name).is_file() else name,
+        "tokenizer": digest(Path(name)) if Path(name).is_file() else name,
         "text_column": text_column,
         "aggregate": aggregate,
         "precision": precision,
@@ -593,7 +578,7 @@ def score_files(
     pad = padding_id(rater, tokenizer)
     settings = run_settings(rater, tokenizer, text_column, aggregate, precision, device)
     rater = scoring_copy(rater, device, pad, precision, compile, attention)  # once
-    out.mkdir(parents=True, exist_ok=True)
+    RunFolder.claim(out, "score")  # this process's rank writes it: no other writer
     remove_stale_temporaries(out)  # parts a killed run was writing
     files = _check_run(out, files, settings)  # in part order
     report = {"done": 0, "skipped": 0, "failed": {}, "rows": 0, "tokens_per_s": None}
@@ -636,7 +621,7 @@ def score_files(
 
     def prepare(path: Path):
         # the file as read (a change during the read shows at a rerun)
-        stat = {"input_stat": _stat(path), "input_sha256": _digest(path)}
+        stat = {"input_stat": _stat(path), "input_sha256": digest(path)}
         table, texts, bad = _load_shard(path, text_column, skip_bad_rows)
         return table, len(texts), bad, _windows(texts, tokenizer, seq_len, aggregate), stat
 
@@ -707,15 +692,6 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _digest(path: Path) -> str:
-    """SHA-256 of a file's bytes: what decides when only its mtime moved (a copy)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_marker(marker: Path, path: Path, i: int) -> None:
     """A finished shard's marker must be this input's, as it was when scored (markers of
     older versions record no stat and are taken as they are)."""
@@ -725,7 +701,7 @@ def _check_marker(marker: Path, path: Path, i: int) -> None:
     then, now = record.get("input_stat"), _stat(path)
     if then is None or then == now:
         return
-    if then[0] == now[0] and record.get("input_sha256") == _digest(path):
+    if then[0] == now[0] and record.get("input_sha256") == digest(path):
         return  # the same bytes with another mtime: copied, or touched
     raise ValueError(
         f"{path} changed since it was scored into part {i}: remove {marker.name} to score it "

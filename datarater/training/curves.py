@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_save_png
+from ..io import atomic_save_png
 
 
 def _running_mean(xs: list[float], k: int) -> list[float]:

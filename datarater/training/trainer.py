@@ -10,7 +10,6 @@ ends with the same rater, bit for bit on the CPU, as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -24,17 +23,12 @@ import torch
 from torch import Tensor
 
 from ..data.tokens import Sequences
+from ..io import atomic_write, atomic_write_text, digest, inside
 from ..meta import InnerState, meta_step, weighted_steps
 from ..models import PRESETS, CausalLM, Rater, TransformerConfig
 from ..optim import Adam
-from .checkpoint import (
-    atomic_write,
-    atomic_write_text,
-    flatten,
-    load_checkpoint,
-    save_checkpoint,
-    unflatten,
-)
+from ..runs import RunFolder
+from .checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
 from .curves import plot_training
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -175,8 +169,9 @@ class Trainer:
             )
         self.cfg, self.train, self.heldout = config, train, heldout
         self.out = Path(out) if out is not None else None
-        if self.out is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
+        # the folder's one writer (a command that writes a training run into its own folder,
+        # as the demo does, has claimed it already)
+        self.folder = RunFolder.join(self.out, "train") if self.out is not None else None
         seq_len = train.input_ids.shape[1]
         self.lm_cfg = _model_config(config.lm, vocab_size, seq_len)
         self.rater_cfg = _model_config(config.rater, vocab_size, seq_len)
@@ -201,6 +196,7 @@ class Trainer:
         }
         self.step = 0
         self.resets = [0] * config.population
+        self.updates = 0  # meta-steps that moved the rater (all skipped: it learned nothing)
         self.population = {p: self._fresh(p) for p in self.mine}
         n = sum(p.numel() for p in self.rater.parameters())
         self.meta_state = {
@@ -313,6 +309,7 @@ class Trainer:
         total, count = self._sum_proposals(proposals, phi)
         if count:
             self._set_rater(phi + total / count)
+            self.updates += 1
         self.step += 1
         seconds = time.perf_counter() - t0
         tokens = (  # this process's inner models, their weighted steps between included
@@ -379,7 +376,8 @@ class Trainer:
                     self.save()
         bar.close()
         if self.out is not None and self.step == self.cfg.steps and self.rank == 0:
-            self.export(self.out / "rater")
+            if self.updates:  # (a rater that never moved is not a result)
+                self.export(self.out / "rater")
         return self.rater
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -397,6 +395,7 @@ class Trainer:
             "step": self.step,
             "config": asdict(self.cfg),
             "resets": self.resets,
+            "updates": self.updates,
             "inner_steps_done": {str(p): st.step for p, st in self.population.items()},
             "lm": self.lm_cfg.to_dict(),
             "rater": self.rater_cfg.to_dict(),
@@ -446,11 +445,7 @@ class Trainer:
         """SHA-256 of the training and held-out token ids: a resumed run must read the same.
         Computed once (the data does not change during a run)."""
         if self._digest is None:
-            h = hashlib.sha256()
-            for ids in (self.train.input_ids, self.heldout.input_ids):
-                h.update(str(tuple(ids.shape)).encode())
-                h.update(memoryview(ids.detach().cpu().contiguous().numpy()))
-            self._digest = h.hexdigest()
+            self._digest = digest(self.train.input_ids, self.heldout.input_ids)
         return self._digest
 
     def _check_layout(self) -> None:
@@ -537,6 +532,7 @@ class Trainer:
                 )
         self.rater.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("rater.")})
         self.step, self.resets, self.history = meta["step"], meta["resets"], meta["history"]
+        self.updates = meta["updates"]
         for key, done in meta["inner_steps_done"].items():
             p = int(key)
             like = self._fresh(p)
@@ -659,19 +655,22 @@ def load_rater(folder: Path | str) -> Rater:
                 f"{weights}: weights do not match {cfg_path} (it was written with another "
                 "config); the two files come from different runs"
             )
-    rater = Rater(cfg, pad_id=meta.get("pad_id"))
-    tokenizer = meta.get("tokenizer", "bytes")
-    if tokenizer != "bytes" and not Path(tokenizer).is_absolute():
-        tokenizer = str(folder / tokenizer)
-    rater.tokenizer = tokenizer
-    expected = rater.state_dict()
+    with torch.device("meta"):  # the config's shapes, checked before anything is allocated
+        expected = {
+            k: v.shape for k, v in Rater(cfg, pad_id=meta.get("pad_id")).state_dict().items()
+        }
     odd = sorted(set(expected) ^ set(state))
-    odd += [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    odd += [k for k in expected if k in state and expected[k] != state[k].shape]
     if odd:
         raise ValueError(
             f"{weights}: weights do not match {cfg_path} (e.g. {odd[:3]}); "
             "the two files come from different runs or configs"
         )
+    rater = Rater(cfg, pad_id=meta.get("pad_id"))
+    tokenizer = meta.get("tokenizer", "bytes")
+    if tokenizer != "bytes":  # a file the folder ships, never one elsewhere
+        tokenizer = str(inside(folder, tokenizer, f"{cfg_path}: the tokenizer"))
+    rater.tokenizer = tokenizer
     rater.load_state_dict(state)
     return rater.eval()  # loaded to score; rater.train() to meta-train it further
 
