@@ -202,3 +202,34 @@ def test_a_crafted_rater_config_is_refused_before_anything_is_allocated(tmp_path
 
     peak, _ = peak_tensor_bytes(load)
     assert peak < 50e6, peak  # the small weights read, nothing of the vast model's size
+
+
+def test_a_part_deleted_under_its_marker_is_scored_again(tmp_path):
+    """Its marker alone used to mark the shard done: the rerun skipped it and readers were
+    one shard short without a word."""
+    from datarater.scoring.score import score_files, unfinished_inputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        (data / f"s{i}.jsonl").write_text(
+            "".join(json.dumps({"text": f"shard {i} row {j}"}) + "\n" for j in range(5))
+        )
+    out = tmp_path / "scored"
+    score_files(byte_rater(), [str(data)], "text", out, progress=False)
+    (out / "part-00001.parquet").unlink()
+    assert unfinished_inputs(out) == [str((data / "s1.jsonl").resolve())]
+    report = score_files(byte_rater(), [str(data)], "text", out, progress=False)
+    assert (report["done"], report["skipped"]) == (1, 1)
+    assert pq.read_table(out / "part-00001.parquet").num_rows == 5
+
+
+def test_readers_refuse_a_filter_folder_cut_short(tmp_path, capsys):
+    """analyze read the parts of a filter stopped half-way without a word."""
+    scored = _scored(tmp_path / "scored")
+    kept = tmp_path / "kept"
+    assert main(["filter", "--scored", str(scored), "--out", str(kept)]) == 0
+    capsys.readouterr()
+    (kept / "stats.json").unlink()  # as a filter killed while replacing its parts leaves it
+    assert main(["analyze", "--scored", str(kept), "--out", str(tmp_path / "a")]) == 2
+    assert "a filter stopped before it finished" in capsys.readouterr().err

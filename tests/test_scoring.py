@@ -841,7 +841,7 @@ def test_skip_bad_rows_leaves_out_rows_without_text_and_counts_them(tmp_path, ca
     assert part.column("meta").to_pylist() == ["1", '"x"']
 
 
-def test_score_reads_old_folders_odd_names_and_upper_case_suffixes(tmp_path, capsys):
+def test_score_reads_odd_names_and_upper_case_suffixes(tmp_path, capsys):
     _, folder = _rater(tmp_path)
     data = tmp_path / "data"
     data.mkdir()
@@ -852,12 +852,7 @@ def test_score_reads_old_folders_odd_names_and_upper_case_suffixes(tmp_path, cap
     args = ["score", "--rater", str(folder), "--data", *files, "--out", str(out), "--quiet"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 2
-    # a folder started by the version that recorded a plain list of inputs: resumed, and from
-    # then on its settings are recorded and compared
-    (out / "part-00001.done").unlink()
-    (out / "inputs.json").write_text(json.dumps([str(Path(f).resolve()) for f in files]))
-    assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["done"] == 1
+    # its settings are recorded and compared
     assert json.loads((out / "inputs.json").read_text())["settings"]["aggregate"] == "truncate"
     assert main([*args, "--aggregate", "mean"]) == 2
     assert "aggregate: 'truncate' then, 'mean' now" in capsys.readouterr().err

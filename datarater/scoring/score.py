@@ -28,7 +28,7 @@ from ..data.corpus import (
 from ..data.tokens import encode_all, get_tokenizer
 from ..io import atomic_write, atomic_write_text, digest, remove_stale_temporaries
 from ..models.transformer import ATTENTION_BACKENDS, set_inference_attention
-from ..runs import RunFolder
+from ..runs import RunFolder, kind_of
 
 AGGREGATIONS = ("truncate", "mean", "token_weighted")
 SCORE_COLUMN = "datarater_score"
@@ -415,19 +415,14 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
     inputs it adds get the next part numbers, wherever they sort (shards of a growing crawl).
     Settings may change while no shard is finished (a first run that failed on a wrong
     column can be fixed in place); ``skip_bad_rows`` is not one of them (it changes no score;
-    each shard's marker counts the rows it left out), and settings a folder's first version
-    did not record are not compared. A recorded input that never finished may be dropped (a
-    corrupt shard removed): its part number stays reserved, and its slot in the returned list
-    is None. Every rank of a torchrun job derives the same numbering."""
+    each shard's marker counts the rows it left out). A recorded input that never finished
+    may be dropped (a corrupt shard removed): its part number stays reserved, and its slot in
+    the returned list is None. Every rank of a torchrun job derives the same numbering."""
     manifest = out / "inputs.json"
     by_name = {str(f.resolve()): f for f in files}
     before = _manifest(out) or {"inputs": []}
     old = before["inputs"]
-    gone = [
-        name
-        for i, name in enumerate(old)
-        if name not in by_name and (out / f"part-{i:05d}.done").exists()
-    ]
+    gone = [name for i, name in enumerate(old) if name not in by_name and _finished(out, i)]
     if gone:
         raise ValueError(
             f"{out}: {len(gone)} of the {len(old)} input files of the run that started this "
@@ -437,12 +432,9 @@ def _check_run(out: Path, files: list[Path], settings: dict) -> list[Path]:
     recorded = set(old)
     numbered = old + [name for name in by_name if name not in recorded]
     dropped = [name for name in old if name not in by_name]  # none of them finished
-    then = before.get("settings", {})
-
-    def conflicts(key: str, now) -> bool:
-        return key in then and then[key] != now
-
-    diff = [f"{k}: {then[k]!r} then, {v!r} now" for k, v in settings.items() if conflicts(k, v)]
+    then = before.get("settings")
+    diff = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in settings.items()
+            if then is not None and then.get(k) != v]  # fmt: skip
     if diff and any(out.glob("part-*.done")):
         raise ValueError(
             f"{out} was started with another rater or other settings ({'; '.join(diff)}); "
@@ -594,7 +586,7 @@ def score_files(
         if path is None:  # an input left out (it never finished)
             continue
         marker = out / f"part-{i:05d}.done"
-        finished = marker.exists()
+        finished = _finished(out, i)
         if finished:
             _check_marker(marker, path, i)
         if i % world != rank:
@@ -692,14 +684,20 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _finished(folder: Path, i: int) -> bool:
+    """Whether part ``i`` is done: its marker and its part are both there (a part deleted
+    under its marker is scored again, and readers do not count it)."""
+    stem = folder / f"part-{i:05d}"
+    return stem.with_suffix(".done").exists() and stem.with_suffix(".parquet").exists()
+
+
 def _check_marker(marker: Path, path: Path, i: int) -> None:
-    """A finished shard's marker must be this input's, as it was when scored (markers of
-    older versions record no stat and are taken as they are)."""
+    """A finished shard's marker must be this input's, as it was when scored."""
     record = json.loads(marker.read_text())
-    if Path(record.get("input", "")).resolve() != path.resolve():
+    if Path(record["input"]).resolve() != path.resolve():
         raise ValueError(f"{marker} was written for another input than {path}")
-    then, now = record.get("input_stat"), _stat(path)
-    if then is None or then == now:
+    then, now = record["input_stat"], _stat(path)
+    if then == now:
         return
     if then[0] == now[0] and record.get("input_sha256") == digest(path):
         return  # the same bytes with another mtime: copied, or touched
@@ -710,12 +708,9 @@ def _check_marker(marker: Path, path: Path, i: int) -> None:
 
 
 def _manifest(folder: Path) -> dict | None:
-    """A ``score_files`` folder's ``inputs.json`` (the first versions wrote a bare list)."""
+    """A ``score_files`` folder's ``inputs.json``."""
     path = folder / "inputs.json"
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    return {"inputs": record} if isinstance(record, list) else record
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def unfinished_inputs(folder: Path | str) -> list[str]:
@@ -727,14 +722,20 @@ def unfinished_inputs(folder: Path | str) -> list[str]:
     return [
         name
         for i, name in enumerate(record["inputs"])
-        if name not in dropped and not (folder / f"part-{i:05d}.done").exists()
+        if name not in dropped and not _finished(folder, i)
     ]
 
 
 def _scored_parts(folder: Path | str) -> list[Path]:
     """The parts a reader takes: in a ``score_files`` folder only finished ones (a part whose
-    marker a killed run had not written yet is redone by the next run); in a filter's, all."""
+    marker a killed run had not written yet is redone by the next run); in a filter's, all,
+    once the filter has finished (stats.json, written last)."""
     folder = Path(folder)
+    if kind_of(folder) == "filter" and not (folder / "stats.json").exists():
+        raise FileNotFoundError(
+            f"{folder}: a filter stopped before it finished (no stats.json, written last): "
+            "run the same `datarater filter` again"
+        )
     parts = sorted(folder.glob("part-*.parquet"))
     if _manifest(folder) is not None:
         parts = [p for p in parts if p.with_suffix(".done").exists()]
