@@ -233,3 +233,19 @@ def test_readers_refuse_a_filter_folder_cut_short(tmp_path, capsys):
     (kept / "stats.json").unlink()  # as a filter killed while replacing its parts leaves it
     assert main(["analyze", "--scored", str(kept), "--out", str(tmp_path / "a")]) == 2
     assert "a filter stopped before it finished" in capsys.readouterr().err
+
+
+def test_an_all_garbage_shard_fails_even_with_skip_bad_rows(tmp_path, capsys):
+    """It used to end with 0 rows, an empty part and exit 0."""
+    from datarater.training import save_rater
+
+    rater_dir = tmp_path / "rater"
+    save_rater(byte_rater(), rater_dir)
+    data = tmp_path / "garbage.jsonl"
+    data.write_text("".join(json.dumps({"text": j}) + "\n" for j in range(4)))  # no strings
+    out = tmp_path / "scored"
+    args = ["score", "--rater", str(rater_dir), "--data", str(data), "--out", str(out),
+            "--quiet", "--skip-bad-rows"]  # fmt: skip
+    assert main(args) == 1
+    assert "every one of its 4 rows is bad" in capsys.readouterr().err
+    assert not list(out.glob("part-*"))

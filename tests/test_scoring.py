@@ -943,17 +943,17 @@ def test_on_the_cpu_each_shard_is_written_as_soon_as_it_is_scored(tmp_path, monk
     assert seen == [0, 1, 2]
 
 
-def test_a_shard_whose_rows_are_all_bad_gives_a_part_with_a_text_column(tmp_path):
-    """--skip-bad-rows on a shard without one text value: an empty part whose text column is
-    a string column, so that readers of the folder can read it with the others."""
+def test_a_shard_whose_rows_are_all_bad_fails_and_the_others_stand(tmp_path, capsys):
+    """--skip-bad-rows on a shard without one text value: that shard fails by name (an empty
+    part and exit 0 hid it), the good shard's part is written and read as before."""
     _, folder = _rater(tmp_path)
     data, out = tmp_path / "data", tmp_path / "scored"
     _jsonl_shards(data, 1)
     pq.write_table(pa.table({"text": [1, 2, 3], "id": [7, 8, 9]}), data / "z.parquet")
     args = ["score", "--rater", str(folder), "--data", str(data), "--quiet", "--out", str(out)]
-    assert main([*args, "--skip-bad-rows"]) == 0
-    empty = pq.read_table(out / "part-00001.parquet")
-    assert empty.num_rows == 0 and empty.schema.field("text").type == pa.string()
+    assert main([*args, "--skip-bad-rows"]) == 1
+    assert "z.parquet: ValueError: every one of its 3 rows is bad" in capsys.readouterr().err
+    assert not (out / "part-00001.parquet").exists()
     import pyarrow.dataset as ds
 
     assert ds.dataset(sorted(map(str, out.glob("part-*.parquet")))).to_table().num_rows == 20

@@ -615,6 +615,9 @@ def score_files(
         # the file as read (a change during the read shows at a rerun)
         stat = {"input_stat": _stat(path), "input_sha256": digest(path)}
         table, texts, bad = _load_shard(path, text_column, skip_bad_rows)
+        if bad and not texts:  # (--skip-bad-rows left out all of it: that is no result)
+            raise ValueError(f"every one of its {bad} rows is bad (no text, not a string or "
+                             "unparsable): nothing of it is scored")  # fmt: skip
         return table, len(texts), bad, _windows(texts, tokenizer, seq_len, aggregate), stat
 
     def finish(job) -> None:
